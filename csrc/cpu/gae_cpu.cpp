@@ -1,0 +1,172 @@
+// GAE on the CPU.  Work is split into "lanes": a lane is one environment over one chunk of the time
+// axis.  With many environments each lane is a whole column and one pass suffices (every input read
+// once).  With few environments and a long horizon (T = 1e6, N = 1) one column would be a single
+// serial dependency chain, so the time axis is cut into chunks: pass 1 composes each chunk's affine
+// map, a short serial scan over chunks gives every chunk its carry-in, and pass 2 replays each chunk.
+// Lanes are processed kLanes at a time in lockstep, so their independent chains overlap in the
+// pipeline instead of waiting on one multiply-add at a time.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "gae.h"
+
+namespace trpo_ext {
+namespace {
+
+using gae::Affine;
+
+constexpr int kLanes = 16;
+// Shortest chunk worth an extra pass over its inputs.
+constexpr int64_t kMinChunk = 256;
+
+template <typename scalar_t>
+struct Ptrs {
+  const scalar_t* rewards;      // [T, N]
+  const scalar_t* values;       // [T, N]
+  const scalar_t* next_values;  // [T, N]
+  const bool* terminated;       // [T, N]
+  const bool* done;             // [T, N]
+  scalar_t* advantages;         // [T, N]
+  scalar_t* returns;            // [T, N]
+};
+
+// Runs `count` (<= kLanes) lanes of equal length `len` backward in lockstep.  Lane k's local step i is
+// element base[k] + i * N.  kApply: start from carry[k] and write advantages and returns.  Otherwise:
+// compose the chunk's affine map into agg[k].
+template <bool kApply, typename scalar_t, typename acc_t>
+void run_lanes(const Ptrs<scalar_t>& p, const int64_t* base, int count, int64_t len, int64_t N,
+               acc_t gamma, acc_t gamma_lam, const acc_t* carry, Affine<acc_t>* agg) {
+  acc_t a[kLanes];
+  acc_t b[kLanes];
+  for (int k = 0; k < count; ++k) {
+    a[k] = kApply ? carry[k] : acc_t(0);
+    b[k] = acc_t(1);
+  }
+  for (int64_t i = len - 1; i >= 0; --i) {
+    const int64_t row = i * N;
+    for (int k = 0; k < count; ++k) {
+      const int64_t j = base[k] + row;
+      const acc_t v = static_cast<acc_t>(p.values[j]);
+      const acc_t d = gae::td_residual<acc_t>(static_cast<acc_t>(p.rewards[j]), v,
+                                              static_cast<acc_t>(p.next_values[j]),
+                                              p.terminated[j], gamma);
+      const acc_t c = gae::trace_coef<acc_t>(p.done[j], gamma_lam);
+      if (kApply) {
+        a[k] = gae::step<acc_t>(d, c, a[k]);
+        p.advantages[j] = static_cast<scalar_t>(a[k]);
+        p.returns[j] = static_cast<scalar_t>(a[k] + v);
+      } else {
+        const Affine<acc_t> f = gae::combine<acc_t>({d, c}, {a[k], b[k]});
+        a[k] = f.a;
+        b[k] = f.b;
+      }
+    }
+  }
+  if (!kApply) {
+    for (int k = 0; k < count; ++k) agg[k] = {a[k], b[k]};
+  }
+}
+
+// Visits lanes [begin, end) of the lane space (lane = c * N + n, chunk c covering rows
+// [c * L, min((c + 1) * L, T))) in groups of up to kLanes lanes of equal length.
+template <bool kApply, typename scalar_t, typename acc_t>
+void run_lane_range(const Ptrs<scalar_t>& p, int64_t begin, int64_t end, int64_t T, int64_t N,
+                    int64_t L, acc_t gamma, acc_t gamma_lam, const acc_t* carry,
+                    Affine<acc_t>* agg) {
+  int64_t base[kLanes];
+  acc_t carry_in[kLanes];
+  Affine<acc_t> out[kLanes];
+  int64_t lane = begin;
+  while (lane < end) {
+    const int64_t c = lane / N;
+    // A group never crosses a chunk boundary, so its lanes share one length.
+    const int64_t group_end = std::min({end, lane + kLanes, (c + 1) * N});
+    const int count = static_cast<int>(group_end - lane);
+    const int64_t t0 = c * L;
+    const int64_t len = std::min(L, T - t0);
+    for (int k = 0; k < count; ++k) {
+      const int64_t n = lane + k - c * N;
+      base[k] = t0 * N + n;
+      if (kApply) carry_in[k] = carry ? carry[lane + k] : acc_t(0);
+    }
+    run_lanes<kApply>(p, base, count, len, N, gamma, gamma_lam, carry_in, out);
+    if (!kApply) {
+      for (int k = 0; k < count; ++k) agg[lane + k] = out[k];
+    }
+    lane = group_end;
+  }
+}
+
+int64_t choose_num_chunks(int64_t T, int64_t N, int threads) {
+  const int64_t wanted_lanes = int64_t(kLanes) * std::max(threads, 1);
+  if (N >= wanted_lanes || T < 2 * kMinChunk) return 1;
+  const int64_t by_lanes = (wanted_lanes + N - 1) / N;
+  return std::max<int64_t>(1, std::min(by_lanes, T / kMinChunk));
+}
+
+std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
+                                           const at::Tensor& next_values,
+                                           const at::Tensor& terminated, const at::Tensor& done,
+                                           double gamma, double lam) {
+  const gae::Inputs in =
+      gae::check_inputs(rewards, values, next_values, terminated, done, gamma, lam);
+  at::Tensor advantages = at::empty_like(in.rewards);
+  at::Tensor returns = at::empty_like(in.rewards);
+  const int64_t T = in.T;
+  const int64_t N = in.N;
+  if (T == 0 || N == 0) return {advantages, returns};
+
+  int64_t C = choose_num_chunks(T, N, at::get_num_threads());
+  const int64_t L = (T + C - 1) / C;
+  C = (T + L - 1) / L;  // no empty chunk
+  const int64_t lanes = C * N;
+  // Enough lanes per task that a task holds at least ~16k elements of work.
+  const int64_t grain = std::max<int64_t>(kLanes, (int64_t(1) << 14) / L);
+
+  AT_DISPATCH_FLOATING_TYPES(in.rewards.scalar_type(), "gae_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Ptrs<scalar_t> p{in.rewards.data_ptr<scalar_t>(),
+                           in.values.data_ptr<scalar_t>(),
+                           in.next_values.data_ptr<scalar_t>(),
+                           in.terminated.data_ptr<bool>(),
+                           in.done.data_ptr<bool>(),
+                           advantages.data_ptr<scalar_t>(),
+                           returns.data_ptr<scalar_t>()};
+    const acc_t g = static_cast<acc_t>(gamma);
+    const acc_t gl = static_cast<acc_t>(gamma * lam);
+    std::vector<acc_t> carry;
+    if (C > 1) {
+      // Pass 1: the composed map of every chunk but the first (nothing flows out of chunk 0).
+      std::vector<Affine<acc_t>> agg(lanes);
+      at::parallel_for(N, lanes, grain, [&](int64_t b, int64_t e) {
+        run_lane_range<false>(p, b, e, T, N, L, g, gl, static_cast<const acc_t*>(nullptr),
+                              agg.data());
+      });
+      // carry[c, n] = A at the first row of chunk c + 1 (zero after the last chunk).
+      carry.assign(lanes, acc_t(0));
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t c = C - 2; c >= 0; --c) {
+          const Affine<acc_t> f = agg[(c + 1) * N + n];
+          carry[c * N + n] = gae::step<acc_t>(f.a, f.b, carry[(c + 1) * N + n]);
+        }
+      }
+    }
+    const acc_t* carry_ptr = carry.empty() ? nullptr : carry.data();
+    at::parallel_for(0, lanes, grain, [&](int64_t b, int64_t e) {
+      run_lane_range<true>(p, b, e, T, N, L, g, gl, carry_ptr,
+                           static_cast<Affine<acc_t>*>(nullptr));
+    });
+  });
+  return {advantages.view(rewards.sizes()), returns.view(rewards.sizes())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(trpo_ext, CPU, m) { m.impl("gae", &gae_cpu); }
+
+}  // namespace trpo_ext

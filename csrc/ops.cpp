@@ -1,0 +1,51 @@
+// The one place where every trpo_ext op schema is declared.  Backend files (csrc/cpu/*_cpu.cpp,
+// csrc/cuda/*_cuda.cu) register implementations with TORCH_LIBRARY_IMPL; the dispatcher picks the
+// backend from the tensors.  Importing the compiled module `trpo_ext._C` runs these registrations.
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#ifndef TRPO_EXT_CUDA_ARCHS
+#define TRPO_EXT_CUDA_ARCHS ""
+#endif
+#ifndef TRPO_EXT_CUDA_VERSION
+#define TRPO_EXT_CUDA_VERSION ""
+#endif
+
+TORCH_LIBRARY(trpo_ext, m) {
+  // --- GAE (gae_*) -------------------------------------------------------------------------------
+  // advantages, returns for time-major [T] or [T, N] rollouts.  Masks are bool (other dtypes are
+  // converted by the Python wrapper's caller contract: any 0/1 dtype is accepted and cast here).
+  m.def(
+      "gae(Tensor rewards, Tensor values, Tensor next_values, Tensor terminated, Tensor done, "
+      "float gamma, float lam) -> (Tensor, Tensor)");
+
+  // --- conjugate gradient (cg_*) -----------------------------------------------------------------
+
+  // --- KL divergence and surrogate (kl_*) --------------------------------------------------------
+}
+
+namespace {
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                          "trpo_ext compiled ops (registered under torch.ops.trpo_ext)", -1,
+                          nullptr};
+
+}  // namespace
+
+// The extension is imported only for its registrations and build facts; ops are reached through
+// torch.ops.trpo_ext, never through pybind functions (those would bypass fake tensors and compile).
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&module_def);
+  if (mod == nullptr) return nullptr;
+#ifdef TRPO_EXT_WITH_CUDA
+  PyModule_AddIntConstant(mod, "with_cuda", 1);
+  PyModule_AddStringConstant(mod, "cuda_version", TRPO_EXT_CUDA_VERSION);
+#else
+  PyModule_AddIntConstant(mod, "with_cuda", 0);
+#endif
+  PyModule_AddStringConstant(mod, "cuda_archs", TRPO_EXT_CUDA_ARCHS);
+  PyModule_AddIntConstant(mod, "torch_version_major", TORCH_VERSION_MAJOR);
+  PyModule_AddIntConstant(mod, "torch_version_minor", TORCH_VERSION_MINOR);
+  return mod;
+}

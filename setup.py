@@ -1,0 +1,122 @@
+"""Build script for trpo_ext: one torch extension module, ``trpo_ext._C``.
+
+CUDA is compiled when torch is a CUDA build and a CUDA toolkit is found; ``TRPO_EXT_CUDA=0`` forces a
+CPU-only build and ``TRPO_EXT_CUDA=1`` makes a missing toolkit an error.  The decision never looks at
+``torch.cuda.is_available()``: the machines that build this project have no GPU.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _fix_cuda_home():
+    # torch.utils.cpp_extension finds the toolkit from CUDA_HOME, else from the first `nvcc` on PATH.
+    # Where that nvcc is a wrapper script outside the toolkit (/usr/local/bin/nvcc here), torch would
+    # take /usr/local as the toolkit and linking could not find cudart.  Point it at a real toolkit
+    # before cpp_extension is imported, since it reads the variable at import time.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        # A shell wrapper (`exec /path/to/nvcc "$@"`): follow the path it execs.
+        try:
+            with open(nvcc, "r", errors="ignore") as f:
+                head = f.read(4096)
+            for token in head.split():
+                if token.endswith("/bin/nvcc") and os.path.isfile(token):
+                    candidates.append(os.path.dirname(os.path.dirname(token)))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for root in candidates:
+        if os.path.isfile(os.path.join(root, "bin", "nvcc")) and (
+            glob.glob(os.path.join(root, "lib64", "libcudart*"))
+            or glob.glob(os.path.join(root, "targets", "*", "lib", "libcudart*"))
+        ):
+            os.environ["CUDA_HOME"] = root
+            return
+
+
+_fix_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def _want_cuda():
+    mode = os.environ.get("TRPO_EXT_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"TRPO_EXT_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False
+    have = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if mode == "1" and not have:
+        raise SystemExit(
+            "TRPO_EXT_CUDA=1 but no CUDA build is possible: "
+            f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cpp_extension.CUDA_HOME!r}"
+        )
+    return have
+
+
+def _nvcc_version():
+    import re
+    import subprocess
+
+    out = subprocess.run(
+        [os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"), "--version"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else "unknown"
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fvisibility=hidden"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    define_macros = []
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define_macros.append(("TRPO_EXT_WITH_CUDA", "1"))
+        # sm_80 and sm_90 plus PTX for newer cards, unless the user chose.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        define_macros.append(("TRPO_EXT_CUDA_ARCHS", '"' + os.environ["TORCH_CUDA_ARCH_LIST"] + '"'))
+        define_macros.append(("TRPO_EXT_CUDA_VERSION", '"' + _nvcc_version() + '"'))
+        ext_cls = cpp_extension.CUDAExtension
+    else:
+        ext_cls = cpp_extension.CppExtension
+    return ext_cls(
+        name="trpo_ext._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc"), os.path.join(HERE, "include")],
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
+    )
+
+
+setup(
+    name="trpo_ext",
+    version="0.1.0",
+    description="Trust Region Policy Optimization with fused C++/CUDA kernels for PyTorch",
+    packages=find_packages(include=["trpo_ext", "trpo_ext.*"]),
+    package_data={"trpo_ext": ["py.typed"]},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.11", "numpy", "gymnasium>=1.0"],
+    extras_require={
+        "mujoco": ["gymnasium[mujoco]>=1.0"],
+        "log": ["tensorboard", "matplotlib", "tqdm"],
+        "test": ["pytest", "hypothesis", "scipy", "pytest-benchmark", "gymnasium[mujoco]>=1.0"],
+    },
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["trpo-ext=trpo_ext.cli:main"]},
+    zip_safe=False,
+)

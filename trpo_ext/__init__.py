@@ -1,0 +1,24 @@
+"""trpo_ext: Trust Region Policy Optimization with fused C++/CUDA kernels for PyTorch."""
+from ._build import build_info
+from .cg import CGResult, conjugate_gradient
+from .gae import gae
+from .kl import (
+    mean_kl_categorical,
+    mean_kl_diag_gaussian,
+    surrogate_kl_categorical,
+    surrogate_kl_diag_gaussian,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "build_info",
+    "gae",
+    "conjugate_gradient",
+    "CGResult",
+    "mean_kl_diag_gaussian",
+    "mean_kl_categorical",
+    "surrogate_kl_diag_gaussian",
+    "surrogate_kl_categorical",
+    "__version__",
+]
