@@ -14,9 +14,10 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timeit(fn: Callable[[], object], device="cpu", *, min_time=0.2, min_reps=3, max_reps=10_000,
+def timeit(fn: Callable[[], object], device="cpu", *, min_time=0.2, batches=5, max_reps=10_000,
            warmup=2) -> float:
-    """Median seconds per call of ``fn`` over repeated batches (after ``warmup`` calls)."""
+    """Median seconds per call of ``fn`` over ``batches`` timed batches (after ``warmup`` calls);
+    each batch repeats ``fn`` enough times to last about ``min_time / 5``."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -31,8 +32,10 @@ def timeit(fn: Callable[[], object], device="cpu", *, min_time=0.2, min_reps=3, 
         if dt >= min_time / 5 or n >= max_reps:
             break
         n = min(max_reps, n * 2 if dt == 0 else max(n + 1, int(n * (min_time / 5) / dt)))
+    if dt >= 10 * min_time:  # a single call already takes long: that measurement will do
+        return dt / n
     samples = []
-    for _ in range(max(min_reps, 5)):
+    for _ in range(batches):
         t0 = time.perf_counter()
         for _ in range(n):
             fn()

@@ -21,6 +21,8 @@ namespace {
 using gae::Affine;
 
 constexpr int kLanes = 16;
+// Environments per row-walking task.
+constexpr int64_t kRowBlock = 256;
 // Shortest chunk worth an extra pass over its inputs.
 constexpr int64_t kMinChunk = 256;
 
@@ -73,7 +75,8 @@ void run_lanes(const Ptrs<scalar_t>& p, const int64_t* base, int count, int64_t 
 }
 
 // Visits lanes [begin, end) of the lane space (lane = c * N + n, chunk c covering rows
-// [c * L, min((c + 1) * L, T))) in groups of up to kLanes lanes of equal length.
+// [c * L, min((c + 1) * L, T))) in groups of up to kLanes lanes of equal length.  Used when there are
+// fewer environments than kLanes, so that a group spans several chunks.
 template <bool kApply, typename scalar_t, typename acc_t>
 void run_lane_range(const Ptrs<scalar_t>& p, int64_t begin, int64_t end, int64_t T, int64_t N,
                     int64_t L, acc_t gamma, acc_t gamma_lam, const acc_t* carry,
@@ -81,17 +84,18 @@ void run_lane_range(const Ptrs<scalar_t>& p, int64_t begin, int64_t end, int64_t
   int64_t base[kLanes];
   acc_t carry_in[kLanes];
   Affine<acc_t> out[kLanes];
+  const int64_t C = (T + L - 1) / L;
   int64_t lane = begin;
   while (lane < end) {
-    const int64_t c = lane / N;
-    // A group never crosses a chunk boundary, so its lanes share one length.
-    const int64_t group_end = std::min({end, lane + kLanes, (c + 1) * N});
+    // A group never mixes the (shorter) last chunk with the others, so its lanes share one length.
+    const int64_t boundary = (lane < (C - 1) * N) ? (C - 1) * N : C * N;
+    const int64_t group_end = std::min({end, lane + kLanes, boundary});
     const int count = static_cast<int>(group_end - lane);
-    const int64_t t0 = c * L;
-    const int64_t len = std::min(L, T - t0);
+    const int64_t len = std::min(L, T - (lane / N) * L);
     for (int k = 0; k < count; ++k) {
+      const int64_t c = (lane + k) / N;
       const int64_t n = lane + k - c * N;
-      base[k] = t0 * N + n;
+      base[k] = c * L * N + n;
       if (kApply) carry_in[k] = carry ? carry[lane + k] : acc_t(0);
     }
     run_lanes<kApply>(p, base, count, len, N, gamma, gamma_lam, carry_in, out);
@@ -100,6 +104,83 @@ void run_lane_range(const Ptrs<scalar_t>& p, int64_t begin, int64_t end, int64_t
     }
     lane = group_end;
   }
+}
+
+// Rows [t0, t0 + len) of environments [n0, n0 + width), width <= kRowBlock, walked backward a row at
+// a time with the environments as the contiguous inner loop: every input streams through memory in
+// order, and the per-environment state stays in L1.
+template <bool kApply, typename scalar_t, typename acc_t>
+void run_rows(const Ptrs<scalar_t>& p, int64_t t0, int64_t len, int64_t n0, int64_t width,
+              int64_t N, acc_t gamma, acc_t gamma_lam, const acc_t* carry /* [width] or null */,
+              Affine<acc_t>* agg /* [width] */) {
+  acc_t a[kRowBlock];
+  acc_t b[kRowBlock];
+  for (int64_t k = 0; k < width; ++k) {
+    a[k] = (kApply && carry) ? carry[k] : acc_t(0);
+    b[k] = acc_t(1);
+  }
+  for (int64_t t = t0 + len - 1; t >= t0; --t) {
+    const int64_t row = t * N + n0;
+    const scalar_t* __restrict__ r = p.rewards + row;
+    const scalar_t* __restrict__ v = p.values + row;
+    const scalar_t* __restrict__ nv = p.next_values + row;
+    const bool* __restrict__ term = p.terminated + row;
+    const bool* __restrict__ done = p.done + row;
+    if (kApply) {
+      scalar_t* __restrict__ adv = p.advantages + row;
+      scalar_t* __restrict__ ret = p.returns + row;
+      for (int64_t k = 0; k < width; ++k) {
+        const acc_t vk = static_cast<acc_t>(v[k]);
+        const acc_t d = gae::td_residual<acc_t>(static_cast<acc_t>(r[k]), vk,
+                                                static_cast<acc_t>(nv[k]), term[k], gamma);
+        a[k] = gae::step<acc_t>(d, gae::trace_coef<acc_t>(done[k], gamma_lam), a[k]);
+        adv[k] = static_cast<scalar_t>(a[k]);
+        ret[k] = static_cast<scalar_t>(a[k] + vk);
+      }
+    } else {
+      for (int64_t k = 0; k < width; ++k) {
+        const acc_t d = gae::td_residual<acc_t>(static_cast<acc_t>(r[k]),
+                                                static_cast<acc_t>(v[k]),
+                                                static_cast<acc_t>(nv[k]), term[k], gamma);
+        const Affine<acc_t> f =
+            gae::combine<acc_t>({d, gae::trace_coef<acc_t>(done[k], gamma_lam)}, {a[k], b[k]});
+        a[k] = f.a;
+        b[k] = f.b;
+      }
+    }
+  }
+  if (!kApply) {
+    for (int64_t k = 0; k < width; ++k) agg[k] = {a[k], b[k]};
+  }
+}
+
+// One pass over the lane space, parallel over tasks.  With at least kLanes environments a task is a
+// (chunk, block of up to kRowBlock environments) walked row by row; with fewer, a task is a group of
+// lanes from different chunks run in lockstep.
+template <bool kApply, typename scalar_t, typename acc_t>
+void run_pass(const Ptrs<scalar_t>& p, int64_t first_chunk, int64_t T, int64_t N, int64_t L,
+              acc_t gamma, acc_t gamma_lam, const acc_t* carry, Affine<acc_t>* agg) {
+  const int64_t C = (T + L - 1) / L;
+  if (N < kLanes) {
+    const int64_t grain = std::max<int64_t>(kLanes, (int64_t(1) << 14) / L);
+    at::parallel_for(first_chunk * N, C * N, grain, [&](int64_t b, int64_t e) {
+      run_lane_range<kApply>(p, b, e, T, N, L, gamma, gamma_lam, carry, agg);
+    });
+    return;
+  }
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / (L * std::min(N, kRowBlock)));
+  at::parallel_for(first_chunk * blocks, C * blocks, grain, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t c = task / blocks;
+      const int64_t n0 = (task - c * blocks) * kRowBlock;
+      const int64_t width = std::min(kRowBlock, N - n0);
+      const int64_t t0 = c * L;
+      const int64_t lane0 = c * N + n0;
+      run_rows<kApply>(p, t0, std::min(L, T - t0), n0, width, N, gamma, gamma_lam,
+                       carry ? carry + lane0 : nullptr, agg ? agg + lane0 : nullptr);
+    }
+  });
 }
 
 int64_t choose_num_chunks(int64_t T, int64_t N, int threads) {
@@ -125,8 +206,6 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   const int64_t L = (T + C - 1) / C;
   C = (T + L - 1) / L;  // no empty chunk
   const int64_t lanes = C * N;
-  // Enough lanes per task that a task holds at least ~16k elements of work.
-  const int64_t grain = std::max<int64_t>(kLanes, (int64_t(1) << 14) / L);
 
   AT_DISPATCH_FLOATING_TYPES(in.rewards.scalar_type(), "gae_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -143,24 +222,18 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
     if (C > 1) {
       // Pass 1: the composed map of every chunk but the first (nothing flows out of chunk 0).
       std::vector<Affine<acc_t>> agg(lanes);
-      at::parallel_for(N, lanes, grain, [&](int64_t b, int64_t e) {
-        run_lane_range<false>(p, b, e, T, N, L, g, gl, static_cast<const acc_t*>(nullptr),
-                              agg.data());
-      });
+      run_pass<false>(p, 1, T, N, L, g, gl, static_cast<const acc_t*>(nullptr), agg.data());
       // carry[c, n] = A at the first row of chunk c + 1 (zero after the last chunk).
       carry.assign(lanes, acc_t(0));
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t c = C - 2; c >= 0; --c) {
+      for (int64_t c = C - 2; c >= 0; --c) {
+        for (int64_t n = 0; n < N; ++n) {
           const Affine<acc_t> f = agg[(c + 1) * N + n];
           carry[c * N + n] = gae::step<acc_t>(f.a, f.b, carry[(c + 1) * N + n]);
         }
       }
     }
-    const acc_t* carry_ptr = carry.empty() ? nullptr : carry.data();
-    at::parallel_for(0, lanes, grain, [&](int64_t b, int64_t e) {
-      run_lane_range<true>(p, b, e, T, N, L, g, gl, carry_ptr,
-                           static_cast<Affine<acc_t>*>(nullptr));
-    });
+    run_pass<true>(p, 0, T, N, L, g, gl, carry.empty() ? nullptr : carry.data(),
+                   static_cast<Affine<acc_t>*>(nullptr));
   });
   return {advantages.view(rewards.sizes()), returns.view(rewards.sizes())};
 }
