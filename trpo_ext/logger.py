@@ -116,9 +116,17 @@ class _TqdmBar:
     def __init__(self, tqdm_cls, total: int, initial: int, stream: TextIO):
         # tqdm's own rate is replaced by the driver's FPS in the postfix, which excludes the time spent
         # between iterations on logging and checkpoints only as much as the driver decides.
+        # A terminal that reports no size (a bare pty, some CI runners) would get no bar at all:
+        # tqdm hides bars below the screen's last row and shrinks them to its width.
+        try:
+            size = os.get_terminal_size(stream.fileno())
+            width, height = size.columns, size.lines
+        except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+            width = height = 0
         self.bar = tqdm_cls(
             total=total, initial=initial, file=stream, unit="step", unit_scale=True,
-            dynamic_ncols=True, smoothing=0.3, leave=True,
+            dynamic_ncols=width > 0, ncols=None if width > 0 else 100,
+            nrows=None if height > 0 else 24, smoothing=0.3, leave=True,
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
         )
         self.n = initial
