@@ -356,6 +356,13 @@ def _checkpoint_path(path: str) -> str:
     return path
 
 
+def _refused(path: str, exc: Exception) -> CLIError:
+    message = str(exc)
+    if path not in message:
+        message = f"cannot use checkpoint {path}: {message}"
+    return CLIError(message)
+
+
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
     n = len(values)
     if n == 0:
@@ -385,7 +392,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from .checkpoint import load_checkpoint
 
         resume = _checkpoint_path(args.resume)
-        ckpt = load_checkpoint(resume)
+        try:
+            ckpt = load_checkpoint(resume)
+        except ValueError as exc:  # CheckpointError: corrupt, truncated, foreign or too new
+            raise _refused(resume, exc) from exc
         if env is None:
             env = ckpt.get("env_id")
             if not isinstance(env, str):
@@ -440,7 +450,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     trpo_ext = _require_driver("load", "evaluate_returns")
     path = _checkpoint_path(args.checkpoint)
-    policy = trpo_ext.load(path)
+    try:
+        policy = trpo_ext.load(path)
+    except ValueError as exc:  # CheckpointError: corrupt, truncated, foreign or too new
+        raise _refused(path, exc) from exc
     env = args.env or getattr(policy, "env_id", None)
     if not env:
         raise CLIError(f"checkpoint {path!r} records no environment id: pass --env")
