@@ -114,6 +114,8 @@ def test_flags_parse_to_typed_settings():
     (["--hidden-sizes", "64,x"], "--hidden-sizes"),
     (["--steps", "0"], "--steps"),
     (["--steps", "-5"], "--steps"),
+    (["--steps", "12.5"], "--steps"),
+    (["--steps", "1e400"], "--steps"),
     (["--seed", "-1"], "--seed"),
     (["--eval-episodes", "many"], "--eval-episodes"),
     (["--no-such-setting", "1"], "--no-such-setting"),
@@ -256,6 +258,21 @@ def test_train_passes_given_settings_only(standin, capsys):
         "env": "Pendulum-v1", "total_steps": 4096, "seed": 7, "max_kl": 0.05,
         "hidden_sizes": (32,), "progress": False, "resume": None, "log_dir": "mine"}
     assert "evaluate" not in standin.calls
+
+
+def test_steps_accepts_scientific_notation():
+    parse = cli.build_parser().parse_args
+    assert parse(["train", "--steps", "1e5"]).steps == 100_000
+    assert parse(["train", "--steps", "250_000"]).steps == 250_000
+
+
+def test_unknown_environment_is_one_line(standin, capsys):
+    import gymnasium
+
+    standin.calls["train_error"] = gymnasium.error.NameNotFound("Environment `Nope` doesn't exist.")
+    rc, _, err = run_main(["train", "--env", "Nope-v0"], capsys)
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == "trpo-ext train: error: Environment `Nope` doesn't exist."
 
 
 def test_no_progress_flag(standin, capsys):

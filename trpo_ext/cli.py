@@ -200,9 +200,16 @@ def _wrap(text: str) -> str:
 def _positive_int(name: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
-            value = int(text.replace("_", ""))
+            value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected an integer, got {text!r}") from None
+            try:  # 1e6, 2.5e5: step budgets are often written so
+                as_float = float(text)
+            except ValueError:
+                as_float = math.nan
+            if not (math.isfinite(as_float) and as_float == int(as_float)):
+                raise argparse.ArgumentTypeError(
+                    f"{name}: expected an integer, got {text!r}") from None
+            value = int(as_float)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{name}: must be > 0, got {value}")
         return value
@@ -480,6 +487,12 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _user_errors() -> Tuple[type, ...]:
     errors: List[type] = [CLIError, FileNotFoundError, IsADirectoryError, PermissionError,
                           ValueError, TypeError]
+    try:  # an unknown or misconfigured environment id
+        from gymnasium.error import Error as GymnasiumError
+
+        errors.append(GymnasiumError)
+    except ImportError:
+        pass
     return tuple(errors)
 
 
