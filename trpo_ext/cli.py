@@ -448,7 +448,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"({env}, deterministic policy)")
     plot = os.path.join(run_dir, "learning_curve.png")
     print(f"learning curve: {plot if os.path.isfile(plot) else 'not drawn (is matplotlib installed?)'}")
-    checkpoint = getattr(result, "checkpoint_path", None)
+    # checkpoints/last.pt is the name to resume from; the driver's path may be the step file.
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    checkpoint = last if os.path.isfile(last) else getattr(result, "checkpoint_path", None)
     print(f"last checkpoint: {checkpoint or 'none written'}")
     print(f"logs: {run_dir} (progress.csv; TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tb')})")
     return 0
