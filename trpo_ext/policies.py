@@ -194,19 +194,33 @@ class Policy(_FlatModule):
         x = self._mlp(obs, views)
         return (x, views[-1]) if self.gaussian else (x,)
 
+    def draw_noise(self, batch_shape: Tuple[int, ...], generator: Optional[torch.Generator] = None
+                   ) -> torch.Tensor:
+        """The randomness of ``batch_shape`` draws in one call: standard normals ``[..., A]``
+        (Gaussian) or uniforms ``[..., 1]`` (categorical)."""
+        device = self.flat.device
+        if self.gaussian:
+            return torch.randn(*batch_shape, self.spec["action_dim"], generator=generator,
+                               device=device)
+        return torch.rand(*batch_shape, 1, generator=generator, device=device)
+
+    @staticmethod
+    def categorical_from_uniform(logits: torch.Tensor, u: torch.Tensor,
+                                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Inverse-CDF draw from Cat(softmax(logits)) with uniforms ``u [..., 1]``: a handful of
+        small ops where torch.multinomial costs ~100 µs a call."""
+        below = torch.softmax(logits, -1).cumsum(-1) < u
+        index = torch.sum(below, -1, out=out) if out is not None else below.sum(-1)
+        return index.clamp_(max=logits.shape[-1] - 1)
+
     def sample(self, obs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Actions drawn from π(·|obs) (no graph); Gaussian actions are not clipped."""
         params = self.distribution_params(obs)
+        noise = self.draw_noise(tuple(obs.shape[:-1]), generator)
         if self.gaussian:
             mean, log_std = params
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             return noise.mul_(log_std.exp()).add_(mean)
-        # Inverse-CDF draw: a handful of small ops where torch.multinomial costs ~100 µs a call.
-        probs = torch.softmax(params[0], -1)
-        u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device,
-                       dtype=probs.dtype)
-        index = (probs.cumsum(-1) < u).sum(-1)
-        return index.clamp_(max=probs.shape[-1] - 1)
+        return self.categorical_from_uniform(params[0], noise)
 
     def mode(self, obs: torch.Tensor) -> torch.Tensor:
         params = self.distribution_params(obs)
