@@ -165,3 +165,45 @@ def test_unsupported_spaces_are_refused_with_a_clear_error(obs_space, act_space,
 
     with pytest.raises(ValueError, match=f"unsupported {what} space"):
         trpo_ext.train(Odd, 1000, n_envs=1, n_steps=8)
+
+
+@pytest.mark.parametrize("box_actions", [True, False])
+def test_numpy_and_torch_sampling_steps_agree(box_actions):
+    # The CPU loop runs the policy in NumPy; CUDA runs the torch step.  Both from the same noise.
+    from trpo_ext.rollout import _numpy_policy_step, _torch_policy_step
+
+    env = ScriptedEnv(box_actions=box_actions)
+    env.observation_space = spaces.Box(-5, 5, (3,), np.float32)
+    spec = space_spec(env.observation_space, env.action_space)
+    gen = torch.Generator().manual_seed(0)
+    policy = Policy(spec, (8, 8), init_log_std=0.5, generator=gen)
+    with torch.no_grad():
+        policy.flat.mul_(30.0)  # sharp distributions, away from the output-layer init's uniformity
+        policy.obs_rms.update(torch.randn(50, 3, generator=gen) * 2 + 1)
+    T, N = 6, 5
+    noise = policy.draw_noise((T, N), gen)
+    raw = torch.randn(T, N, 3, generator=gen) * 3
+    outs = []
+    for make in ("numpy", "torch"):
+        obs_out = torch.empty(T, N, 3)
+        act_out = torch.empty(T, N, spec["action_dim"]) if box_actions else \
+            torch.empty(T, N, dtype=torch.long)
+        low, high = (np.full(2, -1, np.float32), np.full(2, 1, np.float32)) if box_actions \
+            else (None, None)
+        if make == "numpy":
+            step = _numpy_policy_step(policy, noise.numpy(), obs_out.numpy(), act_out.numpy(),
+                                      low, high)
+        else:
+            step = _torch_policy_step(policy, noise, obs_out, act_out, torch.device("cpu"), low,
+                                      high)
+        env_actions = [step(t, raw[t], raw.numpy()) for t in range(T)]
+        outs.append((obs_out, act_out, np.stack(env_actions)))
+    (o1, a1, e1), (o2, a2, e2) = outs
+    torch.testing.assert_close(o1, o2)
+    if box_actions:
+        torch.testing.assert_close(a1, a2)
+        np.testing.assert_allclose(e1, e2, rtol=1e-5, atol=1e-5)
+        assert np.all(np.abs(e1) <= 1) and a1.abs().max() > 1
+    else:
+        assert (a1 == a2).float().mean() > 0.9  # equal but for ties at a CDF boundary
+        np.testing.assert_array_equal(e1, a1.numpy())
