@@ -145,6 +145,7 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
             n_minibatches += 1
     t4 = clock()
 
+    # Expected improvement gᵀ(α·β·s) of the step taken, or of the last one tried if none was.
     return {
         "train/kl": kl_after,
         "train/max_kl": kl_max_after,
@@ -272,9 +273,15 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
         :class:`TrainResult` with ``policy``, ``value_fn``, ``history`` (one dict per iteration with
         the keys :data:`HISTORY_KEYS`), ``checkpoint_path`` and ``log_dir``.
 
+    Resuming (``resume=path``): parameters, optimiser, normaliser, generators, step counter and
+    history come back bit for bit; the checkpoint's seed and settings are used, and settings passed
+    explicitly override them (except ``hidden_sizes`` and ``normalize_obs``, which must match).
+    Environments start fresh episodes, seeded from the seed and the iteration.
+
     Invalid settings, an unknown env id or unsupported spaces raise before any training.  torch's
     global settings are left as found (the thread count is set only while training runs, and
-    restored).
+    restored).  On CUDA the ``time/*`` split is host time: the update does not synchronise to
+    measure it.
     """
     cfg = _make_config(settings)
     _checks.require_int(total_steps, "total_steps", 1)
