@@ -83,8 +83,9 @@ def test_layout_round_trip_and_logger_calls(tmp_path, fake_logger):
                                                                       episodes=2)
 
 
-def test_resume_restores_state_bit_identically_and_continues(tmp_path, fake_logger):
-    first = trpo_ext.train("CartPole-v1", 2 * 128, seed=5, log_dir=str(tmp_path / "a"), **SMALL)
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_resume_restores_state_bit_identically_and_continues(tmp_path, fake_logger, env_id):
+    first = trpo_ext.train(env_id, 2 * 128, seed=5, log_dir=str(tmp_path / "a"), **SMALL)
     ckpt = first.checkpoint_path
 
     # Resuming with the budget already spent: nothing runs, and every state comes back exactly.
@@ -96,7 +97,7 @@ def test_resume_restores_state_bit_identically_and_continues(tmp_path, fake_logg
     _assert_same_history(same.history, first.history)
 
     # The budget stays the total of the whole run; the history continues where it stopped.
-    r1 = trpo_ext.train("CartPole-v1", 4 * 128, resume=ckpt, log_dir=str(tmp_path / "c"))
+    r1 = trpo_ext.train(env_id, 4 * 128, resume=ckpt, log_dir=str(tmp_path / "c"))
     r2 = trpo_ext.train(None, 4 * 128, resume=ckpt, log_dir=str(tmp_path / "d"))
     assert [h["time/iteration"] for h in r1.history] == [1, 2, 3, 4]
     assert [h["time/total_steps"] for h in r1.history] == [128, 256, 384, 512]

@@ -252,6 +252,9 @@ def test_discrete_observations_and_policy_act_and_evaluate():
     assert result.policy.act(np.array([0, 5, 6])).shape == (3,)
     rets = trpo_ext.evaluate_returns(result.policy, "FrozenLake-v1", episodes=3, seed=1)
     assert len(rets) == 3 and all(r in (0.0, 1.0) for r in rets)
+    sampled = [trpo_ext.evaluate_returns(result.policy, "FrozenLake-v1", episodes=5, seed=2,
+                                         deterministic=False) for _ in range(2)]
+    assert sampled[0] == sampled[1]  # seeded: the same episodes and the same action draws
 
 
 def test_policy_act_applies_normalisation_and_clips():
