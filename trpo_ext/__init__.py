@@ -2,6 +2,9 @@
 from ._build import build_info
 from .cg import CGResult, conjugate_gradient
 from .gae import gae
+from .checkpoint import load
+from .evaluate import evaluate, evaluate_returns
+from .train import TrainResult, train
 from .kl import (
     mean_kl_categorical,
     mean_kl_diag_gaussian,
@@ -20,5 +23,10 @@ __all__ = [
     "mean_kl_categorical",
     "surrogate_kl_diag_gaussian",
     "surrogate_kl_categorical",
+    "train",
+    "TrainResult",
+    "evaluate",
+    "evaluate_returns",
+    "load",
     "__version__",
 ]

@@ -41,6 +41,7 @@ class TRPOConfig:
     vf_minibatch_size: int = _f(256, "minibatch size of the value-function fit")
     # run
     device: str = _f("cpu", "where the networks and the update run: cpu or cuda")
+    num_threads: int = _f(1, "torch CPU threads while train() runs (restored on return); 0: leave as set")
     log_dir: Optional[str] = _f(None, "directory for CSV/TensorBoard logs, plot and checkpoints")
     progress: bool = _f(False, "show a progress bar (only when attached to a terminal)")
     checkpoint_every: int = _f(10, "write a checkpoint every K iterations (and at the end); 0: end only")

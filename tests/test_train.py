@@ -1,0 +1,314 @@
+"""trpo_ext.train: invariants of real updates, the Fisher-vector product, settings, determinism,
+and (marked slow) learning with the default settings."""
+import importlib
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import trpo_ext
+from trpo_ext._reference import mean_kl_categorical_reference, mean_kl_diag_gaussian_reference
+from trpo_ext.config import TRPOConfig
+from trpo_ext.policies import Adam, Policy, ValueFunction, space_spec
+from trpo_ext.train import HISTORY_KEYS, trpo_update
+
+SMALL = dict(n_envs=2, n_steps=64)
+# The module, not the function trpo_ext.train that shadows it as a package attribute.
+train_mod = importlib.import_module("trpo_ext.train")
+
+
+def _timeless(history):
+    return [{k: v for k, v in h.items() if not k.startswith("time/") or k in
+             ("time/iteration", "time/total_steps")} for h in history]
+
+
+def _same(a, b):
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+
+# --- invariants on real updates ----------------------------------------------------------------
+
+@pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1"])
+def test_accepted_steps_respect_the_trust_region_and_improve(env):
+    result = trpo_ext.train(env, 6 * 128, seed=3, **SMALL)
+    assert len(result.history) == 6
+    for h in result.history:
+        assert set(h) == set(HISTORY_KEYS)
+        assert h["train/cg_iterations"] == 10
+        if h["train/line_search_success"]:
+            assert 0 < h["train/kl"] <= 0.01
+            assert h["train/max_kl"] >= h["train/kl"]
+            assert h["train/surrogate_improvement"] > 0
+            assert h["train/expected_improvement"] > 0
+            assert 1 <= h["train/line_search_steps"] <= 10
+        else:
+            assert h["train/kl"] == 0 and h["train/surrogate_improvement"] == 0
+    assert any(h["train/line_search_success"] for h in result.history)
+    assert [h["time/total_steps"] for h in result.history] == [128 * i for i in range(1, 7)]
+    for h in result.history:
+        for k, v in h.items():
+            assert type(v) in (int, float, bool), (k, type(v))
+
+
+def _setup(env_id="Pendulum-v1", batch=256, seed=0):
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    spec = space_spec(env.observation_space, env.action_space)
+    gen = torch.Generator().manual_seed(seed)
+    policy = Policy(spec, (16, 16), generator=gen)
+    value_fn = ValueFunction(spec["obs_dim"], (16, 16), generator=gen)
+    obs = torch.randn(batch, spec["obs_dim"], generator=gen)
+    with torch.no_grad():
+        actions = policy.sample(obs, gen)
+    advantages = torch.randn(batch, generator=gen)
+    returns = torch.randn(batch, generator=gen)
+    return policy, value_fn, obs, actions, advantages, returns
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_failed_line_search_leaves_parameters_bit_identical(env_id, monkeypatch):
+    policy, value_fn, obs, actions, adv, ret = _setup(env_id)
+    before = policy.flat.detach().clone()
+    real = Policy.surrogate_kl
+    calls = []
+
+    def never_within_the_region(self, old, new, actions, logp_old, advantages):
+        surrogate, mean_kl, max_kl = real(self, old, new, actions, logp_old, advantages)
+        if not torch.is_grad_enabled():  # a line-search trial: report a KL beyond any δ
+            calls.append(1)
+            return surrogate, mean_kl + 1.0, max_kl + 1.0
+        return surrogate, mean_kl, max_kl
+
+    monkeypatch.setattr(Policy, "surrogate_kl", never_within_the_region)
+    cfg = TRPOConfig()
+    m = trpo_update(policy, value_fn, Adam(value_fn.flat, 1e-3), obs, actions, adv, ret, cfg,
+                    torch.Generator().manual_seed(0))
+    assert len(calls) == cfg.line_search_steps
+    assert m["train/line_search_success"] is False
+    assert m["train/line_search_steps"] == cfg.line_search_steps
+    assert torch.equal(policy.flat.detach(), before)
+
+
+def test_zero_advantages_skip_the_step():
+    policy, value_fn, obs, actions, _, ret = _setup()
+    before = policy.flat.detach().clone()
+    m = trpo_update(policy, value_fn, Adam(value_fn.flat, 1e-3), obs, actions,
+                    torch.zeros(obs.shape[0]), ret, TRPOConfig(), torch.Generator().manual_seed(0))
+    # g = 0 gives s = 0 and sᵀFs = 0: no step size exists, the update is skipped.
+    assert m["train/line_search_steps"] == 0 and m["train/line_search_success"] is False
+    assert torch.equal(policy.flat.detach(), before)
+
+
+def test_line_search_writes_into_the_same_buffer():
+    policy, value_fn, obs, actions, adv, ret = _setup()
+    ptr = policy.flat.data_ptr()
+    views = {k: v.data_ptr() for k, v in policy.named_views().items()}
+    before = policy.flat.detach().clone()
+    m = trpo_update(policy, value_fn, Adam(value_fn.flat, 1e-3), obs, actions, adv, ret,
+                    TRPOConfig(), torch.Generator().manual_seed(0))
+    assert m["train/line_search_success"]
+    assert policy.flat.data_ptr() == ptr
+    assert {k: v.data_ptr() for k, v in policy.named_views().items()} == views
+    assert not torch.equal(policy.flat.detach(), before)
+    assert 0 < float(m["train/kl"]) <= 0.01
+
+
+def _reference_dist(policy, theta, obs):
+    """The policy's distribution parameters as a function of θ, re-implemented from the layout."""
+    views, i = [], 0
+    for _, shape in policy.layout:
+        n = math.prod(shape)
+        views.append(theta[i:i + n].view(shape))
+        i += n
+    x = obs
+    n_layers = len(policy.hidden_sizes) + 1
+    for k in range(n_layers):
+        x = F.linear(x, views[2 * k], views[2 * k + 1])
+        if k < n_layers - 1:
+            x = torch.tanh(x)
+    return (x, views[-1]) if policy.gaussian else (x,)
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_fisher_vector_product_is_the_hessian_of_the_mean_kl(env_id, monkeypatch):
+    policy, value_fn, obs, actions, adv, ret = _setup(env_id, batch=64)
+    theta_old = policy.flat.detach().clone()
+    seen = {}
+    real_cg = train_mod.conjugate_gradient
+
+    def spy(matvec, b, x0=None, **kw):
+        seen["kw"] = kw
+        vs = [torch.randn(b.shape, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        seen["pairs"] = [(v, matvec(v).clone()) for v in vs]
+        return real_cg(matvec, b, x0, **kw)
+
+    monkeypatch.setattr(train_mod, "conjugate_gradient", spy)
+    cfg = TRPOConfig()
+    trpo_update(policy, value_fn, Adam(value_fn.flat, 1e-3), obs, actions, adv, ret, cfg,
+                torch.Generator().manual_seed(0))
+    assert seen["kw"] == dict(maxiter=cfg.cg_iters, rtol=0.0, atol=0.0, damping=cfg.cg_damping)
+
+    old = tuple(p.detach() for p in _reference_dist(policy, theta_old, obs))
+
+    def mean_kl(theta):
+        new = _reference_dist(policy, theta, obs)
+        if policy.gaussian:
+            return mean_kl_diag_gaussian_reference(old[0], old[1], new[0], new[1])
+        return mean_kl_categorical_reference(old[0], new[0])
+
+    for v, fv in seen["pairs"]:
+        _, hv = torch.autograd.functional.hvp(mean_kl, theta_old, v)
+        torch.testing.assert_close(fv, hv, rtol=1e-4, atol=1e-6)
+        assert torch.dot(v, fv) > 0  # the Fisher matrix is positive semi-definite
+
+
+# --- settings --------------------------------------------------------------------------------
+
+class _CountingEnv:
+    """A callable env factory that counts how often it was asked for an env."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        import gymnasium as gym
+
+        self.calls += 1
+        return gym.make("CartPole-v1")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(total_steps=0), ValueError, "total_steps"),
+    (dict(total_steps=-5), ValueError, "total_steps"),
+    (dict(max_kl=0.0), ValueError, "max_kl"),
+    (dict(max_kl=-0.1), ValueError, "max_kl"),
+    (dict(gamma=1.5), ValueError, "gamma"),
+    (dict(gae_lambda=-0.1), ValueError, "gae_lambda"),
+    (dict(n_envs=0), ValueError, "n_envs"),
+    (dict(n_steps=0), ValueError, "n_steps"),
+    (dict(cg_iters=0), ValueError, "cg_iters"),
+    (dict(cg_damping=-1.0), ValueError, "cg_damping"),
+    (dict(backtrack_ratio=1.0), ValueError, "backtrack_ratio"),
+    (dict(line_search_steps=0), ValueError, "line_search_steps"),
+    (dict(hidden_sizes=(64, 0)), ValueError, "hidden_sizes"),
+    (dict(vf_lr=0.0), ValueError, "vf_lr"),
+    (dict(device="tpu"), ValueError, "device"),
+    (dict(resume="/nonexistent/ckpt.pt"), ValueError, "resume"),
+    (dict(callback=3), TypeError, "callback"),
+    (dict(max_kll=0.01), TypeError, "max_kll.*valid settings"),
+    (dict(normalize_obs="yes"), TypeError, "normalize_obs"),
+])
+def test_invalid_settings_raise_before_any_work(kwargs, error, match):
+    factory = _CountingEnv()
+    kwargs = dict(kwargs)
+    total = kwargs.pop("total_steps", 1000)
+    with pytest.raises(error, match=match):
+        trpo_ext.train(factory, total, **kwargs)
+    assert factory.calls == 0
+
+
+def test_unknown_env_id_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown gymnasium environment id 'NoSuchEnv-v0'"):
+        trpo_ext.train("NoSuchEnv-v0", 1000)
+    with pytest.raises(TypeError, match="env must be"):
+        trpo_ext.train(42, 1000)
+
+
+def test_same_seed_same_history_and_globals_untouched():
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    rng = torch.get_rng_state()
+    a = trpo_ext.train("CartPole-v1", 3 * 128, seed=7, **SMALL)
+    assert torch.get_num_threads() == threads and torch.get_default_dtype() == dtype
+    assert torch.equal(torch.get_rng_state(), rng)  # the run draws from its own generators
+    b = trpo_ext.train("CartPole-v1", 3 * 128, seed=7, **SMALL)
+    c = trpo_ext.train("CartPole-v1", 3 * 128, seed=8, **SMALL)
+    ha, hb, hc = _timeless(a.history), _timeless(b.history), _timeless(c.history)
+    assert all(_same(x[k], y[k]) for x, y in zip(ha, hb) for k in x)
+    assert torch.equal(a.policy.flat, b.policy.flat)
+    assert torch.equal(a.value_fn.flat, b.value_fn.flat)
+    assert not torch.equal(a.policy.flat, c.policy.flat)
+
+
+def test_callback_receives_each_entry_and_can_stop():
+    seen = []
+
+    def callback(metrics):
+        seen.append(metrics)
+        return False if len(seen) == 2 else None  # None (or True) continues
+
+    result = trpo_ext.train("CartPole-v1", 10 * 128, callback=callback, **SMALL)
+    assert len(result.history) == 2 and seen == result.history
+
+
+def test_discrete_observations_and_policy_act_and_evaluate():
+    result = trpo_ext.train("FrozenLake-v1", 2 * 128, **SMALL)
+    a = result.policy.act(np.int64(3))
+    assert isinstance(a.item(), int) and 0 <= a < 4
+    assert result.policy.act(np.array([0, 5, 6])).shape == (3,)
+    rets = trpo_ext.evaluate_returns(result.policy, "FrozenLake-v1", episodes=3, seed=1)
+    assert len(rets) == 3 and all(r in (0.0, 1.0) for r in rets)
+    sampled = [trpo_ext.evaluate_returns(result.policy, "FrozenLake-v1", episodes=5, seed=2,
+                                         deterministic=False) for _ in range(2)]
+    assert sampled[0] == sampled[1]  # seeded: the same episodes and the same action draws
+
+
+def test_policy_act_applies_normalisation_and_clips():
+    result = trpo_ext.train("Pendulum-v1", 2 * 128, init_log_std=2.0, **SMALL)
+    p = result.policy
+    assert p.obs_rms is not None and p.obs_rms.count.item() == 256
+    obs = np.array([0.5, -0.5, 3.0], dtype=np.float32)
+    a = p.act(obs)
+    assert a.shape == (1,)
+    x = (torch.from_numpy(obs)[None] - p.obs_rms.shift) * p.obs_rms.scale
+    with torch.no_grad():
+        expected = p.distribution_params(x.clamp(-10, 10))[0].clamp(-2, 2)
+    np.testing.assert_allclose(a, expected[0].numpy(), rtol=1e-6)
+    samples = p.act(np.repeat(obs[None], 200, 0), deterministic=False,
+                    generator=torch.Generator().manual_seed(0))
+    assert samples.max() <= 2.0 and samples.min() >= -2.0
+    assert trpo_ext.evaluate(p, "Pendulum-v1", episodes=2) < 0
+
+
+def test_no_logging_libraries_without_log_dir():
+    # torch itself may import tqdm; what matters is that train() adds none of these.
+    code = ("import sys, trpo_ext\n"
+            "names = ('trpo_ext.logger', 'tqdm', 'tensorboard', 'matplotlib', "
+            "'torch.utils.tensorboard', 'pandas', 'trpo_ext.plot')\n"
+            "before = {m for m in names if m in sys.modules}\n"
+            "trpo_ext.train('CartPole-v1', 128, n_envs=2, n_steps=64)\n"
+            "added = {m for m in names if m in sys.modules} - before\n"
+            "assert not added and 'trpo_ext.logger' not in sys.modules, added\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_async_envs_give_the_same_batches_as_sync():
+    a = trpo_ext.train("CartPole-v1", 2 * 128, seed=1, **SMALL)
+    b = trpo_ext.train("CartPole-v1", 2 * 128, seed=1, async_envs=True, **SMALL)
+    assert torch.equal(a.policy.flat, b.policy.flat)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_training_keeps_the_invariants():
+    result = trpo_ext.train("Pendulum-v1", 4 * 128, device="cuda", **SMALL)
+    assert result.policy.flat.device.type == "cuda"
+    for h in result.history:
+        if h["train/line_search_success"]:
+            assert 0 < h["train/kl"] <= 0.01 and h["train/surrogate_improvement"] > 0
+    assert trpo_ext.evaluate(result.policy, "Pendulum-v1", episodes=2) < 0
+
+
+# --- learning with the default settings ------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env_id, target", [("CartPole-v1", 475.0), ("InvertedPendulum-v5", 950.0)])
+def test_learns_with_default_settings(env_id, target):
+    scores = []
+    for seed in (0, 1):
+        result = trpo_ext.train(env_id, 100_000, seed=seed)
+        scores.append(trpo_ext.evaluate(result.policy, env_id, episodes=20, seed=1000))
+    assert np.mean(scores) >= target, scores

@@ -1,0 +1,110 @@
+"""Checkpoints: atomic writes, validated loads, and :func:`load` of a ready policy.
+
+A checkpoint is one ``torch.save`` of a dict of tensors and plain Python data, so that
+``torch.load(weights_only=True)`` reads it (a checkpoint cannot run code).  Writes go to a temporary
+file in the same directory, are flushed and fsync'ed, then renamed over the target: a crash at any
+moment leaves either the previous file or the new one, never a torn one.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from typing import Any, Dict, Iterable
+
+import torch
+
+__all__ = ["CheckpointError", "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load",
+           "write_atomic"]
+
+FORMAT = "trpo_ext.checkpoint"
+VERSION = 1
+REQUIRED_KEYS = ("format", "version", "env_id", "config", "policy_spec", "policy_state",
+                 "value_state", "optimizer_state", "total_steps_done", "iteration", "history", "rng")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable trpo_ext checkpoint of a supported version."""
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old content or the new, never a mix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    # The rename itself is durable only once the directory entry is on disk.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: Dict[str, Any], paths: Iterable[str]) -> None:
+    """Serialise ``state`` once and write it atomically to each of ``paths``."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buf)
+    data = buf.getvalue()
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, data)
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Read and validate a checkpoint written by :func:`trpo_ext.train`.
+
+    Raises :class:`CheckpointError` for a missing, truncated or foreign file, or one of another
+    format version.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist or is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            OSError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path!r} is not a readable trpo_ext checkpoint (truncated, corrupt or "
+                              f"written by something else): {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r} is not a trpo_ext checkpoint (no '{FORMAT}' format marker)")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path!r} is a trpo_ext checkpoint of format version "
+                              f"{state.get('version')!r}; this trpo_ext reads version {VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path!r} lacks the checkpoint entries {missing}")
+    return state
+
+
+def policy_from_state(state: Dict[str, Any]):
+    from .policies import Policy
+
+    cfg = state["config"]
+    policy = Policy(state["policy_spec"], hidden_sizes=cfg["hidden_sizes"],
+                    normalize_obs=cfg["normalize_obs"], env_id=state["env_id"])
+    try:
+        policy.load_state_dict(state["policy_state"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint policy does not match its recorded spec: {e}") from None
+    return policy
+
+
+def load(path: str):
+    """The policy stored in a checkpoint, ready for :func:`trpo_ext.evaluate` (CPU, eval mode);
+    ``policy.env_id`` is the environment it was trained on (None when trained on a callable)."""
+    return policy_from_state(load_checkpoint(path)).eval()

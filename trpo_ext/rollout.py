@@ -1,0 +1,239 @@
+"""Vector environments and rollout collection, time-major ``[T, N]``.
+
+The vector env runs in gymnasium's *same-step* autoreset mode: when environment i ends an episode
+at step t, ``envs.step`` already returns the first observation of the next episode and puts the
+episode's final observation in ``infos["final_obs"][i]``.  Every step is then a real transition of
+the policy (the default next-step mode would insert a step whose action is ignored), and a
+truncated step bootstraps from the value of that final observation (``next_values``).
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Callable, Deque, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+__all__ = ["Rollout", "RolloutCollector", "make_vector_env", "check_env_id"]
+
+EnvSpec = Union[str, Callable[[], "object"]]
+
+
+def check_env_id(env: EnvSpec) -> Optional[str]:
+    """The gymnasium id of ``env`` (None for a callable); an unknown id is a ValueError."""
+    import gymnasium as gym
+
+    if callable(env) and not isinstance(env, str):
+        return None
+    if not isinstance(env, str):
+        raise TypeError(f"env must be a gymnasium id (str) or a callable returning a gymnasium Env, "
+                        f"got {type(env).__name__}")
+    try:
+        gym.spec(env)
+    except gym.error.Error as e:
+        raise ValueError(f"unknown gymnasium environment id {env!r}: {e}") from None
+    return env
+
+
+def _env_factory(env: EnvSpec) -> Callable[[], "object"]:
+    import gymnasium as gym
+
+    if isinstance(env, str):
+        # The passive env checker wraps every step in Python checks; the env is a registered one.
+        return lambda: gym.make(env, disable_env_checker=True)
+    return env
+
+
+def make_vector_env(env: EnvSpec, n_envs: int, async_envs: bool = False):
+    """A gymnasium VectorEnv of ``n_envs`` copies in same-step autoreset mode."""
+    from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+
+    fns = [_env_factory(env) for _ in range(n_envs)]
+    if async_envs:
+        return AsyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
+    return SyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+@dataclass
+class Rollout:
+    """One batch, time-major.  ``obs`` are normalised features as the policy saw them."""
+    obs: torch.Tensor          # [T, N, obs_dim] float32
+    actions: torch.Tensor      # [T, N, A] float32 (Box) or [T, N] int64 (Discrete), unclipped
+    rewards: torch.Tensor      # [T, N] float32
+    terminated: torch.Tensor   # [T, N] bool
+    truncated: torch.Tensor    # [T, N] bool
+    values: torch.Tensor       # [T, N] V(s_t)
+    next_values: torch.Tensor  # [T, N] V(s_{t+1}); at a truncated step, V(final observation)
+    raw_features: torch.Tensor  # [T, N, obs_dim] float32, before normalisation (for the statistics)
+
+    @property
+    def done(self) -> torch.Tensor:
+        return self.terminated | self.truncated
+
+
+class RolloutCollector:
+    """Steps a vector env with a policy, ``n_steps`` at a time, keeping episodes running across
+    batches, and keeps the returns and lengths of the last 100 finished episodes."""
+
+    def __init__(self, envs, policy, n_steps: int, seed: int, device: torch.device):
+        self.envs = envs
+        self.n_envs = envs.num_envs
+        self.n_steps = n_steps
+        self.device = device
+        spec = policy.spec
+        self.gaussian = spec["action_kind"] == "box"
+        self.action_start = spec.get("action_start", 0)
+        if self.gaussian:
+            self.low = np.asarray(spec["action_low"], dtype=np.float32)
+            self.high = np.asarray(spec["action_high"], dtype=np.float32)
+        self.episode_returns: Deque[float] = collections.deque(maxlen=100)
+        self.episode_lengths: Deque[int] = collections.deque(maxlen=100)
+        self.episodes = 0
+        self.reset(seed)
+        T, N, D = n_steps, self.n_envs, spec["obs_dim"]
+        self._obs = torch.empty(T, N, D, device=device)
+        self._raw = torch.empty(T, N, D, device=device)
+        if self.gaussian:
+            self._actions = torch.empty(T, N, spec["action_dim"], device=device)
+        else:
+            self._actions = torch.empty(T, N, dtype=torch.long, device=device)
+
+    def reset(self, seed: int) -> None:
+        """Start fresh episodes in every environment, seeded ``seed, seed + 1, …``."""
+        self.obs, _ = self.envs.reset(seed=[seed + i for i in range(self.n_envs)])
+        self._ep_return = np.zeros(self.n_envs)
+        self._ep_length = np.zeros(self.n_envs, dtype=np.int64)
+
+    @torch.no_grad()  # not inference_mode: the update differentiates through these tensors
+    def collect(self, policy, value_fn, generator: Optional[torch.Generator]) -> Rollout:
+        T, N = self.n_steps, self.n_envs
+        rewards = np.empty((T, N), dtype=np.float32)
+        terminated = np.empty((T, N), dtype=bool)
+        truncated = np.empty((T, N), dtype=bool)
+        final_obs: List[Tuple[int, int, np.ndarray]] = []  # (t, i, final obs) of truncated steps
+        box_obs = policy.spec["obs_kind"] == "box"
+        # All of the rollout's randomness in one draw, so the loop below is only the network.
+        noise = policy.draw_noise((T, N), generator)
+        if self.device.type == "cpu":
+            # On CPU the per-step network runs in NumPy on zero-copy views of the parameter and
+            # statistics buffers: a NumPy op on an [8, 64] array costs a few µs, a torch op
+            # 2–4× that, and the loop is nothing but such ops.
+            step_fn = _numpy_policy_step(policy, noise.numpy(), self._obs.numpy(),
+                                         self._actions.numpy(), self.low if self.gaussian
+                                         else None, self.high if self.gaussian else None)
+        else:
+            step_fn = _torch_policy_step(policy, noise, self._obs, self._actions, self.device,
+                                         self.low if self.gaussian else None,
+                                         self.high if self.gaussian else None)
+        raw_np = self._raw.numpy() if self.device.type == "cpu" else None
+        for t in range(T):
+            if box_obs and raw_np is not None:
+                raw_np[t] = np.asarray(self.obs).reshape(N, -1)
+            else:
+                self._raw[t].copy_(policy.encode_obs(self.obs))
+            env_actions = step_fn(t, self._raw[t], raw_np)
+            if not self.gaussian and self.action_start:
+                env_actions = env_actions + self.action_start
+            self.obs, r, term, trunc, infos = self.envs.step(env_actions)
+            rewards[t] = r
+            terminated[t] = term
+            truncated[t] = trunc
+            self._ep_return += r
+            self._ep_length += 1
+            done = term | trunc
+            if done.any():
+                for i in np.flatnonzero(done):
+                    if trunc[i] and not term[i]:
+                        final_obs.append((t, int(i), np.array(infos["final_obs"][i])))
+                    self.episode_returns.append(float(self._ep_return[i]))
+                    self.episode_lengths.append(int(self._ep_length[i]))
+                    self.episodes += 1
+                    self._ep_return[i] = 0.0
+                    self._ep_length[i] = 0
+
+        obs = self._obs.clone()
+        # V(s_t) and V(s_{t+1}) in batched forwards after the loop rather than one per step.
+        D = obs.shape[-1]
+        last_obs = policy.normalize(policy.encode_obs(self.obs))
+        values_all = value_fn(torch.cat([obs.reshape(T * N, D), last_obs]))
+        values = values_all[: T * N].reshape(T, N)
+        next_values = torch.cat([values[1:], values_all[T * N:].unsqueeze(0)])
+        if final_obs:
+            finals = policy.encode_obs(np.stack([o for _, _, o in final_obs]))
+            v_final = value_fn(policy.normalize(finals))
+            ts = torch.tensor([t for t, _, _ in final_obs], device=self.device)
+            js = torch.tensor([i for _, i, _ in final_obs], device=self.device)
+            next_values[ts, js] = v_final
+        return Rollout(
+            obs=obs,
+            actions=self._actions.clone(),
+            rewards=torch.from_numpy(rewards).to(self.device),
+            terminated=torch.from_numpy(terminated).to(self.device),
+            truncated=torch.from_numpy(truncated).to(self.device),
+            values=values,
+            next_values=next_values,
+            raw_features=self._raw.clone(),
+        )
+
+    def close(self) -> None:
+        self.envs.close()
+
+
+def _numpy_policy_step(policy, noise, obs_out, actions_out, low, high):
+    """``step(t, raw) → env actions`` for CPU: normalise features ``raw[t]`` into ``obs_out[t]``,
+    sample into ``actions_out[t]`` (Gaussian unclipped), return what the env gets."""
+    views = [v.numpy() for v in policy._data_views()]  # shares memory with policy.flat
+    n_layers = len(policy.hidden_sizes) + 1
+    rms = policy.obs_rms
+    shift, scale = (rms.shift.numpy(), rms.scale.numpy()) if rms is not None else (None, None)
+    clip = rms.clip if rms is not None else None
+    weights_t = [views[2 * i].T for i in range(n_layers)]
+    biases = [views[2 * i + 1] for i in range(n_layers)]
+    std = np.exp(views[-1]) if policy.gaussian else None
+
+    def step(t, raw_t, raw_np):
+        x = obs_out[t]
+        if shift is not None:
+            np.subtract(raw_np[t], shift, out=x)
+            np.multiply(x, scale, out=x)
+            np.clip(x, -clip, clip, out=x)
+        else:
+            x[...] = raw_np[t]
+        for i in range(n_layers):
+            x = x @ weights_t[i]
+            x += biases[i]
+            if i < n_layers - 1:
+                np.tanh(x, out=x)
+        if std is not None:
+            a = actions_out[t]
+            np.multiply(noise[t], std, out=a)
+            a += x
+            return np.minimum(np.maximum(a, low), high)
+        # Inverse-CDF categorical draw from softmax(x).
+        x -= x.max(-1, keepdims=True)
+        np.exp(x, out=x)
+        np.cumsum(x, -1, out=x)
+        below = x < noise[t] * x[:, -1:]
+        index = np.minimum(below.sum(-1), x.shape[-1] - 1)
+        actions_out[t] = index
+        return index
+
+    return step
+
+
+def _torch_policy_step(policy, noise, obs_out, actions_out, device, low, high):
+    """The same step in torch, for CUDA (the env still needs its actions on the host)."""
+    std = policy.named_views()["log_std"].exp() if policy.gaussian else None
+    low_t = torch.as_tensor(low, device=device) if low is not None else None
+    high_t = torch.as_tensor(high, device=device) if high is not None else None
+
+    def step(t, raw_t, raw_np):
+        obs_t = policy.normalize(raw_t, out=obs_out[t])
+        params = policy.distribution_params(obs_t)
+        if std is not None:
+            actions = torch.addcmul(params[0], std, noise[t], out=actions_out[t])
+            return torch.maximum(torch.minimum(actions, high_t), low_t).cpu().numpy()
+        return policy.categorical_from_uniform(params[0], noise[t], out=actions_out[t]).cpu().numpy()
+
+    return step
