@@ -1,9 +1,10 @@
 // GAE on CUDA: a chunked scan of the linear recurrence, parallel over environments and time.
-//   host wrapper  gae_cuda          — device guard, checks (shared with the CPU), outputs, chunking
-//   launcher      launch_gae<T>     — dtype dispatch, grid from the device, current stream
-//   kernels       gae_chunk_aggregate_kernel → gae_carry_scan_kernel → gae_apply_kernel
-// With a short horizon (one chunk) only gae_apply_kernel runs: a single launch.  The per-element
-// math is gae.h's, the same the CPU kernel runs and CI tests.
+//   host wrapper  gae_cuda   — device guard, checks (shared with the CPU), outputs, chunking plan,
+//                              dtype dispatch, launches on the current stream
+//   kernels       short horizons: gae_fused_block_kernel, one launch — each block owns a few
+//                 environments and all of their time steps, scanning chunk carries in shared memory;
+//                 long horizons: gae_chunk_aggregate_kernel → gae_carry_scan_kernel → gae_apply_kernel.
+// The per-element math is gae.h's, the same the CPU kernel runs and CI tests.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,6 +22,9 @@ using gae::Affine;
 
 constexpr int kThreads = 256;
 constexpr int kScanThreads = 512;
+constexpr int kFusedThreads = 1024;
+// The one-launch path is taken while each of its threads walks at most this many steps per pass.
+constexpr int64_t kFusedMaxChunk = 64;
 // A lane (one environment over one chunk) shorter than this does too little to pay for the extra
 // aggregate pass.
 constexpr int64_t kMinChunk = 32;
@@ -130,6 +134,63 @@ __global__ void gae_apply_kernel(const scalar_t* __restrict__ rewards,      // [
   }
 }
 
+// Short horizons in one launch.  Block (E environments) × (Cb chunks): thread (x, y) owns environment
+// blockIdx.x * E + x over chunk y of length L.  Pass 1 composes each chunk's map into shared memory,
+// one thread per environment walks the Cb chunk maps backward to give every chunk its carry-in, and
+// pass 2 replays each chunk from its carry.  Inputs are read twice, from L2 the second time.
+template <typename scalar_t, typename acc_t>
+__global__ void gae_fused_block_kernel(const scalar_t* __restrict__ rewards,      // [T, N]
+                                       const scalar_t* __restrict__ values,       // [T, N]
+                                       const scalar_t* __restrict__ next_values,  // [T, N]
+                                       const bool* __restrict__ terminated,       // [T, N]
+                                       const bool* __restrict__ done,             // [T, N]
+                                       scalar_t* __restrict__ advantages,         // [T, N]
+                                       scalar_t* __restrict__ returns,            // [T, N]
+                                       int64_t T, int64_t N, int64_t L, acc_t gamma,
+                                       acc_t gamma_lam) {
+  __shared__ Affine<acc_t> maps[kFusedThreads];  // [Cb, E]
+  __shared__ acc_t carries[kFusedThreads];       // [Cb, E]
+  const int E = blockDim.x;
+  const int Cb = blockDim.y;
+  const int slot = threadIdx.y * E + threadIdx.x;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * E + threadIdx.x;
+  const int64_t t0 = static_cast<int64_t>(threadIdx.y) * L;
+  const int64_t t1 = min(t0 + L, T);
+  const bool active = n < N;
+  if (active && threadIdx.y > 0) {
+    Affine<acc_t> f = gae::identity<acc_t>();
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      acc_t v, d, k;
+      load_step(rewards, values, next_values, terminated, done, t * N + n, gamma, gamma_lam, v, d,
+                k);
+      f = gae::combine<acc_t>({d, k}, f);
+    }
+    maps[slot] = f;
+  }
+  __syncthreads();
+  if (active && threadIdx.y == 0) {
+    acc_t value = acc_t(0);
+    for (int c = Cb - 1; c >= 0; --c) {
+      carries[c * E + threadIdx.x] = value;
+      if (c > 0) {
+        const Affine<acc_t> f = maps[c * E + threadIdx.x];
+        value = gae::step<acc_t>(f.a, f.b, value);
+      }
+    }
+  }
+  __syncthreads();
+  if (!active) return;
+  acc_t a = carries[slot];
+  for (int64_t t = t1 - 1; t >= t0; --t) {
+    const int64_t j = t * N + n;
+    acc_t v, d, k;
+    load_step(rewards, values, next_values, terminated, done, j, gamma, gamma_lam, v, d, k);
+    a = gae::step<acc_t>(d, k, a);
+    advantages[j] = static_cast<scalar_t>(a);
+    returns[j] = static_cast<scalar_t>(a + v);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                             const at::Tensor& next_values,
                                             const at::Tensor& terminated, const at::Tensor& done,
@@ -143,8 +204,15 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   const int64_t N = in.N;
   if (T == 0 || N == 0) return {advantages, returns};
 
-  // Enough lanes to give every SM several resident blocks; but no chunk shorter than kMinChunk.
   const cuda::DeviceShape dev = cuda::device_shape();
+  // One-launch plan: E environments per block (8 adjacent floats fill a 32-byte sector), the rest of
+  // the block's threads spread over time.
+  const int fused_E = static_cast<int>(std::min<int64_t>(N, 8));
+  const int fused_Cb = kFusedThreads / fused_E;
+  const int64_t fused_L = (T + fused_Cb - 1) / fused_Cb;
+  const bool fused = fused_L <= kFusedMaxChunk && (N + fused_E - 1) / fused_E < (int64_t(1) << 31);
+
+  // Three-kernel plan: enough lanes to fill every SM, no chunk shorter than kMinChunk.
   const int64_t wanted_lanes = int64_t(dev.sm_count) * dev.max_threads_per_sm;
   int64_t C = 1;
   if (N < wanted_lanes && T >= 2 * kMinChunk) {
@@ -152,8 +220,8 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   }
   const int64_t L = (T + C - 1) / C;
   C = (T + L - 1) / L;
-  TORCH_CHECK(C * N / kThreads + 1 < (int64_t(1) << 31), "gae: rollout too large for one launch, ",
-              shape_str(rewards));
+  TORCH_CHECK(fused || C * N / kThreads + 1 < (int64_t(1) << 31),
+              "gae: rollout too large for one launch, ", shape_str(rewards));
   const cudaStream_t stream = cuda::current_stream();
 
   AT_DISPATCH_FLOATING_TYPES(in.rewards.scalar_type(), "gae_cuda", [&] {
@@ -165,6 +233,14 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
     const scalar_t* nv = in.next_values.data_ptr<scalar_t>();
     const bool* term = in.terminated.data_ptr<bool>();
     const bool* dn = in.done.data_ptr<bool>();
+    if (fused) {
+      gae_fused_block_kernel<scalar_t, acc_t>
+          <<<static_cast<unsigned int>((N + fused_E - 1) / fused_E), dim3(fused_E, fused_Cb), 0,
+             stream>>>(r, v, nv, term, dn, advantages.data_ptr<scalar_t>(),
+                       returns.data_ptr<scalar_t>(), T, N, fused_L, g, gl);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     at::Tensor carry;
     if (C > 1) {
       const auto acc_opts = in.rewards.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
