@@ -32,7 +32,10 @@ TRPO_HD Affine<acc_t> identity() {
 template <typename acc_t>
 TRPO_HD acc_t td_residual(acc_t reward, acc_t value, acc_t next_value, bool terminated,
                           acc_t gamma) {
-  return terminated ? reward - value : reward + gamma * next_value - value;
+  // Both arms computed, then selected: a select (not a branch) keeps the loops vectorisable, and a
+  // select, unlike a multiplication by (1 - terminated), does not propagate a NaN next_value.
+  const acc_t bootstrap = terminated ? acc_t(0) : gamma * next_value;
+  return reward + bootstrap - value;
 }
 
 // How much of A_{t+1} flows into A_t: the recursion stops at any episode end.
