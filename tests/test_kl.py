@@ -216,6 +216,29 @@ def test_reproducible_across_thread_counts():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_identical_policies(dtype, device):
+    # At θ = θ_old the KL, its maximum and its gradient are exactly zero, and the surrogate is the
+    # mean advantage when logp_old is the new policy's own log-probability.
+    mo, lo, _, _, act, _, adv = gaussian_inputs(300, 4, dtype, device)
+    mn, ln = mo.clone().requires_grad_(), lo.clone().requires_grad_()
+    logp = Independent(Normal(mo.double(), lo.double().exp().expand(mo.shape)), 1).log_prob(
+        act.double()).to(dtype)
+    s, k, m = trpo_ext.surrogate_kl_diag_gaussian(mo, lo, mn, ln, act, logp, adv)
+    assert float(k.detach()) == 0.0 and float(m) == 0.0
+    torch.testing.assert_close(s.double(), adv.double().mean(), **tol(dtype))
+    g = torch.autograd.grad(trpo_ext.mean_kl_diag_gaussian(mo, lo, mn, ln), (mn, ln))
+    assert all(bool((x == 0).all()) for x in g)
+    lo_c, _, act_c, _, adv_c = categorical_inputs(300, 6, dtype, device)
+    x = lo_c.clone().requires_grad_()
+    logp = torch.log_softmax(lo_c, -1).gather(-1, act_c[:, None]).squeeze(-1)
+    s, k, m = trpo_ext.surrogate_kl_categorical(lo_c, x, act_c, logp, adv_c)
+    assert float(k.detach()) == 0.0 and float(m) == 0.0
+    torch.testing.assert_close(s.double(), adv_c.double().mean(), **tol(dtype))
+    (g,) = torch.autograd.grad(trpo_ext.mean_kl_categorical(lo_c, x), (x,))
+    assert float(g.abs().max()) <= 4 * torch.finfo(dtype).eps / 300
+
+
 # --- gradients ------------------------------------------------------------------------------------
 
 def _gauss_fns(mo, lo, act, lp, adv):

@@ -449,10 +449,11 @@ Outputs gaussian_forward(const kl::GaussianInputs& in) {
 
 at::Tensor kl_diag_gaussian_cuda(const at::Tensor& mean_old, const at::Tensor& log_std_old,
                                  const at::Tensor& mean_new, const at::Tensor& log_std_new) {
-  const c10::cuda::CUDAGuard device_guard(mean_old.device());
   const std::optional<at::Tensor> none;
   const kl::GaussianInputs in =
       kl::check_gaussian(mean_old, log_std_old, mean_new, log_std_new, {none, none, none});
+  // Guard after the checks, so a tensor on another device gets their clear message.
+  const c10::cuda::CUDAGuard device_guard(mean_old.device());
   return gaussian_forward(in).mean_kl;
 }
 
@@ -460,10 +461,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_surrogate_diag_gaussian_cuda(
     const at::Tensor& mean_old, const at::Tensor& log_std_old, const at::Tensor& mean_new,
     const at::Tensor& log_std_new, const at::Tensor& actions, const at::Tensor& logp_old,
     const at::Tensor& advantages) {
-  const c10::cuda::CUDAGuard device_guard(mean_old.device());
   const std::optional<at::Tensor> act(actions), lp(logp_old), adv(advantages);
   const kl::GaussianInputs in =
       kl::check_gaussian(mean_old, log_std_old, mean_new, log_std_new, {act, lp, adv});
+  // Guard after the checks, so a tensor on another device gets their clear message.
+  const c10::cuda::CUDAGuard device_guard(mean_old.device());
   Outputs out = gaussian_forward(in);
   return {out.surrogate, out.mean_kl, out.max_kl};
 }
@@ -473,7 +475,6 @@ std::tuple<at::Tensor, at::Tensor> kl_diag_gaussian_backward_cuda(
     const at::Tensor& mean_old, const at::Tensor& log_std_old, const at::Tensor& mean_new,
     const at::Tensor& log_std_new, const std::optional<at::Tensor>& actions,
     const std::optional<at::Tensor>& logp_old, const std::optional<at::Tensor>& advantages) {
-  const c10::cuda::CUDAGuard device_guard(mean_old.device());
   const std::optional<at::Tensor> none;
   const bool surrogate = grad_surrogate.has_value();
   const kl::GaussianInputs in =
@@ -485,6 +486,8 @@ std::tuple<at::Tensor, at::Tensor> kl_diag_gaussian_backward_cuda(
                     "grad_surrogate needs actions, logp_old and advantages");
   kl::check_grad_scalar(grad_mean_kl, "grad_mean_kl", mean_old, "mean_old");
   if (surrogate) kl::check_grad_scalar(*grad_surrogate, "grad_surrogate", mean_old, "mean_old");
+  // Guard after the checks, so a tensor on another device gets their clear message.
+  const c10::cuda::CUDAGuard device_guard(mean_old.device());
   at::Tensor grad_mean = at::empty_like(in.mean_new);
   at::Tensor grad_log_std_rows = at::empty_like(in.mean_new);
   with_group_lanes(in.A, [&](auto g) {
@@ -555,18 +558,20 @@ Outputs categorical_forward(const kl::CategoricalInputs& in) {
 }
 
 at::Tensor kl_categorical_cuda(const at::Tensor& logits_old, const at::Tensor& logits_new) {
-  const c10::cuda::CUDAGuard device_guard(logits_old.device());
   const std::optional<at::Tensor> none;
   const kl::CategoricalInputs in = kl::check_categorical(logits_old, logits_new, {none, none, none});
+  // Guard after the checks, so a tensor on another device gets their clear message.
+  const c10::cuda::CUDAGuard device_guard(logits_old.device());
   return categorical_forward(in).mean_kl;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_surrogate_categorical_cuda(
     const at::Tensor& logits_old, const at::Tensor& logits_new, const at::Tensor& actions,
     const at::Tensor& logp_old, const at::Tensor& advantages) {
-  const c10::cuda::CUDAGuard device_guard(logits_old.device());
   const std::optional<at::Tensor> act(actions), lp(logp_old), adv(advantages);
   const kl::CategoricalInputs in = kl::check_categorical(logits_old, logits_new, {act, lp, adv});
+  // Guard after the checks, so a tensor on another device gets their clear message.
+  const c10::cuda::CUDAGuard device_guard(logits_old.device());
   Outputs out = categorical_forward(in);
   return {out.surrogate, out.mean_kl, out.max_kl};
 }
@@ -577,7 +582,6 @@ at::Tensor kl_categorical_backward_cuda(const at::Tensor& grad_mean_kl,
                                         const std::optional<at::Tensor>& actions,
                                         const std::optional<at::Tensor>& logp_old,
                                         const std::optional<at::Tensor>& advantages) {
-  const c10::cuda::CUDAGuard device_guard(logits_old.device());
   const std::optional<at::Tensor> none;
   const bool surrogate = grad_surrogate.has_value();
   const kl::CategoricalInputs in =
@@ -587,6 +591,8 @@ at::Tensor kl_categorical_backward_cuda(const at::Tensor& grad_mean_kl,
                     "grad_surrogate needs actions, logp_old and advantages");
   kl::check_grad_scalar(grad_mean_kl, "grad_mean_kl", logits_old, "logits_old");
   if (surrogate) kl::check_grad_scalar(*grad_surrogate, "grad_surrogate", logits_old, "logits_old");
+  // Guard after the checks, so a tensor on another device gets their clear message.
+  const c10::cuda::CUDAGuard device_guard(logits_old.device());
   at::Tensor grad_logits = at::empty_like(in.logits_new);
   const at::ScalarType index_type = surrogate ? in.actions.scalar_type() : at::kLong;
   with_group_lanes(in.K, [&](auto g) {
