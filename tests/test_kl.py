@@ -464,35 +464,36 @@ def test_empty_batch_is_an_error(device):
 
 # --- opcheck, compile -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("per_state", [(False, False), (True, True)])
-def test_opcheck_gaussian(per_state, device):
-    for dtype in DTYPES:
-        mo, lo, mn, ln, act, lp, adv = gaussian_inputs(13, 3, dtype, device, per_state)
-        mn.requires_grad_()
-        ln.requires_grad_()
-        ops = torch.ops.trpo_ext
-        torch.library.opcheck(ops.kl_diag_gaussian.default, (mo, lo, mn, ln))
-        torch.library.opcheck(ops.kl_surrogate_diag_gaussian.default, (mo, lo, mn, ln, act, lp, adv))
-        g = torch.tensor(0.5, dtype=dtype, device=device)
-        torch.library.opcheck(ops.kl_diag_gaussian_backward.default,
-                              (g, None, mo, lo, mn, ln, None, None, None))
-        torch.library.opcheck(ops.kl_diag_gaussian_backward.default,
-                              (g, g * 3, mo, lo, mn.detach(), ln.detach(), act, lp, adv))
+# Old log_std [A] with new [B, A] (and the reverse) covers both layouts in one call each.
+@pytest.mark.parametrize("dtype,per_state", [(torch.float32, (False, True)),
+                                             (F64, (True, False))])
+def test_opcheck_gaussian(dtype, per_state, device):
+    mo, lo, mn, ln, act, lp, adv = gaussian_inputs(13, 3, dtype, device, per_state)
+    mn.requires_grad_()
+    ln.requires_grad_()
+    ops = torch.ops.trpo_ext
+    torch.library.opcheck(ops.kl_diag_gaussian.default, (mo, lo, mn, ln))
+    torch.library.opcheck(ops.kl_surrogate_diag_gaussian.default, (mo, lo, mn, ln, act, lp, adv))
+    g = torch.tensor(0.5, dtype=dtype, device=device)
+    torch.library.opcheck(ops.kl_diag_gaussian_backward.default,
+                          (g, None, mo, lo, mn, ln, None, None, None))
+    torch.library.opcheck(ops.kl_diag_gaussian_backward.default,
+                          (g, g * 3, mo, lo, mn.detach(), ln.detach(), act, lp, adv))
 
 
-def test_opcheck_categorical(device):
-    for dtype in DTYPES:
-        for index_dtype in (torch.int64, torch.int32):
-            lo, ln, act, lp, adv = categorical_inputs(13, 5, dtype, device, index_dtype=index_dtype)
-            ln.requires_grad_()
-            ops = torch.ops.trpo_ext
-            torch.library.opcheck(ops.kl_categorical.default, (lo, ln))
-            torch.library.opcheck(ops.kl_surrogate_categorical.default, (lo, ln, act, lp, adv))
-            g = torch.tensor(0.5, dtype=dtype, device=device)
-            torch.library.opcheck(ops.kl_categorical_backward.default,
-                                  (g, None, lo, ln, None, None, None))
-            torch.library.opcheck(ops.kl_categorical_backward.default,
-                                  (g, g * 3, lo, ln.detach(), act, lp, adv))
+@pytest.mark.parametrize("dtype,index_dtype", [(torch.float32, torch.int64),
+                                               (F64, torch.int32)])
+def test_opcheck_categorical(dtype, index_dtype, device):
+    lo, ln, act, lp, adv = categorical_inputs(13, 5, dtype, device, index_dtype=index_dtype)
+    ln.requires_grad_()
+    ops = torch.ops.trpo_ext
+    torch.library.opcheck(ops.kl_categorical.default, (lo, ln))
+    torch.library.opcheck(ops.kl_surrogate_categorical.default, (lo, ln, act, lp, adv))
+    g = torch.tensor(0.5, dtype=dtype, device=device)
+    torch.library.opcheck(ops.kl_categorical_backward.default,
+                          (g, None, lo, ln, None, None, None))
+    torch.library.opcheck(ops.kl_categorical_backward.default,
+                          (g, g * 3, lo, ln.detach(), act, lp, adv))
 
 
 def test_torch_compile_fullgraph():
