@@ -23,6 +23,33 @@ TORCH_LIBRARY(trpo_ext, m) {
   // --- conjugate gradient (cg_*) -----------------------------------------------------------------
 
   // --- KL divergence and surrogate (kl_*) --------------------------------------------------------
+  // Batch means of KL(π_old ‖ π_new) summed over action dimensions (Gaussian: means [B, A],
+  // log_stds [A] or [B, A]; categorical: logits [B, K]).  Returns a 0-d tensor.
+  m.def(
+      "kl_diag_gaussian(Tensor mean_old, Tensor log_std_old, Tensor mean_new, Tensor log_std_new) "
+      "-> Tensor");
+  m.def("kl_categorical(Tensor logits_old, Tensor logits_new) -> Tensor");
+  // The line search's fused pass: (surrogate, mean_kl, max_kl), surrogate = mean over the batch of
+  // exp(log π_new(a) − logp_old) · advantages.
+  m.def(
+      "kl_surrogate_diag_gaussian(Tensor mean_old, Tensor log_std_old, Tensor mean_new, "
+      "Tensor log_std_new, Tensor actions, Tensor logp_old, Tensor advantages) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "kl_surrogate_categorical(Tensor logits_old, Tensor logits_new, Tensor actions, "
+      "Tensor logp_old, Tensor advantages) -> (Tensor, Tensor, Tensor)");
+  // Gradients with respect to the new distribution's parameters of
+  // grad_mean_kl · mean_kl + grad_surrogate · surrogate (the surrogate term only when
+  // grad_surrogate is given, which then needs actions, logp_old and advantages).  The upstream
+  // gradients are 0-d tensors read on the device.  Gaussian: (grad_mean_new, grad_log_std_new), the
+  // latter shaped like log_std_new.
+  m.def(
+      "kl_diag_gaussian_backward(Tensor grad_mean_kl, Tensor? grad_surrogate, Tensor mean_old, "
+      "Tensor log_std_old, Tensor mean_new, Tensor log_std_new, Tensor? actions, "
+      "Tensor? logp_old, Tensor? advantages) -> (Tensor, Tensor)");
+  m.def(
+      "kl_categorical_backward(Tensor grad_mean_kl, Tensor? grad_surrogate, Tensor logits_old, "
+      "Tensor logits_new, Tensor? actions, Tensor? logp_old, Tensor? advantages) -> Tensor");
 }
 
 namespace {

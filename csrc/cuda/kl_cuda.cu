@@ -1,0 +1,639 @@
+// KL and surrogate reductions on CUDA.
+//   host wrappers  kl_*_cuda            — device guard, checks (shared with the CPU), outputs
+//   launchers      launch_*<scalar_t>   — dtype dispatch, lanes per row, grid from the device
+//   kernels        kl_diag_gaussian_reduce_kernel, kl_categorical_reduce_kernel (forward),
+//                  kl_diag_gaussian_backward_kernel, kl_categorical_backward_kernel
+//
+// Forward: ONE kernel launch per call (plus a 4-byte cudaMemsetAsync of the completion counter, a
+// copy-engine operation rather than a kernel).  Each row of the batch is handled by a group of G
+// lanes of one warp (G = 1 for rows of 1-2 elements, up to 32 for wide rows such as K = 1000), so
+// that the loads of a warp are contiguous whatever the row width; a group's partial row results
+// merge by shuffles (for the categorical, the online log-sum-exp pairs of kl.h).  Rows are visited
+// by a grid-stride loop whose trip count is uniform across each warp, so every shuffle has all 32
+// lanes present.  Each block reduces its rows' (Σ KL, Σ surrogate, max KL) in a fixed tree, writes
+// them to its slot of a workspace, and the last block to finish (a __threadfence + atomic counter)
+// adds the slots in slot order and writes the three outputs: single pass, deterministic for a
+// given device, no host synchronisation.  Batch sums are in double (see kl.h).
+//
+// Out-of-range class indices cannot be reported without a host synchronisation: the row's
+// log-probability becomes NaN (no out-of-bounds read), which makes the surrogate and its gradient
+// NaN.  The CPU raises instead.
+//
+// Backward: one launch writing per-element gradients; a state-independent [A] log_std then sums
+// its [B, A] per-row terms over the batch with at::sum (a second, reduction launch).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <type_traits>
+
+#include "cuda/cuda_utils.cuh"
+#include "kl.h"
+
+namespace trpo_ext {
+namespace {
+
+using kl::CatRow;
+using kl::Sums;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Lanes per row: enough that a warp's loads cover contiguous memory, few enough that lanes are
+// not mostly idle.
+template <typename F>
+void with_group_lanes(int64_t width, const F& f) {
+  if (width <= 2) {
+    f(std::integral_constant<int, 1>{});
+  } else if (width <= 4) {
+    f(std::integral_constant<int, 4>{});
+  } else if (width <= 8) {
+    f(std::integral_constant<int, 8>{});
+  } else {
+    f(std::integral_constant<int, 32>{});
+  }
+}
+
+template <typename F>
+void dispatch_index(at::ScalarType t, const F& f) {
+  if (t == at::kInt) {
+    f(int32_t{});
+  } else {
+    f(int64_t{});
+  }
+}
+
+// Visits the rows of the batch, G lanes per row, with a loop whose trip count is the same for all
+// lanes of a warp.  body(row, valid, sub) runs on every lane; `sub` is the lane's index in its group.
+template <int G, typename Body>
+__device__ __forceinline__ void for_rows(int64_t B, const Body& body) {
+  constexpr int kRowsPerWarp = 32 / G;
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t base = warp * kRowsPerWarp; base < B; base += warps * kRowsPerWarp) {
+    const int64_t row = base + lane / G;
+    body(row, row < B, lane % G);
+  }
+}
+
+// Sum over the G lanes of a group; every lane of the group gets the total.
+template <int G, typename T>
+__device__ __forceinline__ T group_sum(T v) {
+#pragma unroll
+  for (int off = G / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ CatRow<acc_t> shfl_xor_row(const CatRow<acc_t>& r, int off) {
+  return {__shfl_xor_sync(kFullMask, r.max_old, off), __shfl_xor_sync(kFullMask, r.sum_old, off),
+          __shfl_xor_sync(kFullMask, r.cross, off), __shfl_xor_sync(kFullMask, r.max_new, off),
+          __shfl_xor_sync(kFullMask, r.sum_new, off)};
+}
+
+template <int G, typename acc_t>
+__device__ __forceinline__ CatRow<acc_t> group_merge(CatRow<acc_t> r) {
+#pragma unroll
+  for (int off = G / 2; off > 0; off >>= 1) r = kl::cat_merge(r, shfl_xor_row(r, off));
+  return r;
+}
+
+__device__ __forceinline__ Sums warp_reduce(Sums s) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    s.kl += __shfl_xor_sync(kFullMask, s.kl, off);
+    s.surrogate += __shfl_xor_sync(kFullMask, s.surrogate, off);
+    s.max_kl = kl::nan_max(s.max_kl, __shfl_xor_sync(kFullMask, s.max_kl, off));
+  }
+  return s;
+}
+
+// Fixed-order block reduction; the result is valid on thread 0.
+__device__ __forceinline__ Sums block_reduce(Sums s, Sums* scratch /* [kWarps] shared */) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  s = warp_reduce(s);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < kWarps ? scratch[lane] : kl::sums_empty();
+    s = warp_reduce(s);
+  }
+  return s;
+}
+
+// Publishes this block's partial sums; the last block to finish adds all partials in slot order
+// and writes the outputs.
+template <typename scalar_t>
+__device__ __forceinline__ void finish_reduction(Sums block_sums, Sums* __restrict__ partials,
+                                                 unsigned int* __restrict__ blocks_done, int64_t B,
+                                                 scalar_t* __restrict__ out_surrogate,
+                                                 scalar_t* __restrict__ out_mean_kl,
+                                                 scalar_t* __restrict__ out_max_kl) {
+  __shared__ Sums scratch[kWarps];
+  __shared__ bool is_last;
+  block_sums = block_reduce(block_sums, scratch);
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = block_sums;
+    __threadfence();  // the partial is visible device-wide before the counter says so
+    is_last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  Sums s = kl::sums_empty();
+  for (int64_t i = threadIdx.x; i < gridDim.x; i += blockDim.x) {
+    // __ldcg: read through L2, never a stale L1 line of another block's slot.
+    const Sums p{__ldcg(&partials[i].kl), __ldcg(&partials[i].surrogate),
+                 __ldcg(&partials[i].max_kl)};
+    s = kl::sums_merge(s, p);
+  }
+  s = block_reduce(s, scratch);
+  if (threadIdx.x == 0) {
+    const double inv_B = 1.0 / static_cast<double>(B);
+    *out_mean_kl = static_cast<scalar_t>(s.kl * inv_B);
+    if (out_surrogate != nullptr) *out_surrogate = static_cast<scalar_t>(s.surrogate * inv_B);
+    if (out_max_kl != nullptr) *out_max_kl = static_cast<scalar_t>(s.max_kl);
+  }
+}
+
+// --- diagonal Gaussian -------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t, int G, bool kSurrogate>
+__global__ void __launch_bounds__(kThreads) kl_diag_gaussian_reduce_kernel(
+    const scalar_t* __restrict__ mean_old,     // [B, A]
+    const scalar_t* __restrict__ log_std_old,  // [A] or [B, A] (row stride lo_stride)
+    const scalar_t* __restrict__ mean_new,     // [B, A]
+    const scalar_t* __restrict__ log_std_new,  // [A] or [B, A] (row stride ln_stride)
+    const scalar_t* __restrict__ actions,      // [B, A], surrogate only
+    const scalar_t* __restrict__ logp_old,     // [B], surrogate only
+    const scalar_t* __restrict__ advantages,   // [B], surrogate only
+    int64_t B, int64_t A, int64_t lo_stride, int64_t ln_stride,
+    Sums* __restrict__ partials,              // [gridDim.x]
+    unsigned int* __restrict__ blocks_done,   // [1], zero on entry
+    scalar_t* __restrict__ out_surrogate,     // [] or null
+    scalar_t* __restrict__ out_mean_kl,       // []
+    scalar_t* __restrict__ out_max_kl) {      // [] or null
+  Sums sums = kl::sums_empty();
+  for_rows<G>(B, [&](int64_t row, bool valid, int sub) {
+    acc_t kl_part = 0;
+    acc_t logp_part = 0;
+    if (valid) {
+      for (int64_t a = sub; a < A; a += G) {
+        const int64_t j = row * A + a;
+        const acc_t ln = static_cast<acc_t>(log_std_new[row * ln_stride + a]);
+        const acc_t lo = static_cast<acc_t>(log_std_old[row * lo_stride + a]);
+        const acc_t inv_std = kl::k_exp(-ln);
+        const acc_t mn = static_cast<acc_t>(mean_new[j]);
+        kl_part += kl::gaussian_kl_from_parts<acc_t>(kl::gaussian_kl_scale_term<acc_t>(lo, ln),
+                                                     inv_std, static_cast<acc_t>(mean_old[j]), mn);
+        if (kSurrogate) {
+          logp_part += kl::gaussian_log_prob_from_parts<acc_t>(static_cast<acc_t>(actions[j]), mn,
+                                                               ln, inv_std);
+        }
+      }
+    }
+    const acc_t kl_row = group_sum<G>(kl_part);
+    const acc_t logp = kSurrogate ? group_sum<G>(logp_part) : acc_t(0);
+    if (valid && sub == 0) {
+      sums.kl += static_cast<double>(kl_row);
+      sums.max_kl = kl::nan_max(sums.max_kl, static_cast<double>(kl_row));
+      if (kSurrogate) {
+        sums.surrogate += static_cast<double>(kl::surrogate_term<acc_t>(
+            logp - static_cast<acc_t>(A * kl::kHalfLog2Pi), static_cast<acc_t>(logp_old[row]),
+            static_cast<acc_t>(advantages[row])));
+      }
+    }
+  });
+  finish_reduction<scalar_t>(sums, partials, blocks_done, B, out_surrogate, out_mean_kl,
+                             out_max_kl);
+}
+
+template <typename scalar_t, typename acc_t, int G, bool kSurrogate>
+__global__ void __launch_bounds__(kThreads) kl_diag_gaussian_backward_kernel(
+    const scalar_t* __restrict__ grad_mean_kl,    // []
+    const scalar_t* __restrict__ grad_surrogate,  // [], surrogate only
+    const scalar_t* __restrict__ mean_old,        // [B, A]
+    const scalar_t* __restrict__ log_std_old,     // [A] or [B, A] (row stride lo_stride)
+    const scalar_t* __restrict__ mean_new,        // [B, A]
+    const scalar_t* __restrict__ log_std_new,     // [A] or [B, A] (row stride ln_stride)
+    const scalar_t* __restrict__ actions,         // [B, A], surrogate only
+    const scalar_t* __restrict__ logp_old,        // [B], surrogate only
+    const scalar_t* __restrict__ advantages,      // [B], surrogate only
+    scalar_t* __restrict__ grad_mean,             // [B, A]
+    scalar_t* __restrict__ grad_log_std,          // [B, A] (per-row terms)
+    int64_t B, int64_t A, int64_t lo_stride, int64_t ln_stride) {
+  const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
+  const acc_t gk = static_cast<acc_t>(*grad_mean_kl) * inv_B;
+  const acc_t gs = kSurrogate ? static_cast<acc_t>(*grad_surrogate) * inv_B : acc_t(0);
+  for_rows<G>(B, [&](int64_t row, bool valid, int sub) {
+    acc_t c = 0;
+    if (kSurrogate) {
+      acc_t logp_part = 0;
+      if (valid) {
+        for (int64_t a = sub; a < A; a += G) {
+          logp_part += kl::gaussian_log_prob_core<acc_t>(
+              static_cast<acc_t>(actions[row * A + a]), static_cast<acc_t>(mean_new[row * A + a]),
+              static_cast<acc_t>(log_std_new[row * ln_stride + a]));
+        }
+      }
+      const acc_t logp = group_sum<G>(logp_part) - static_cast<acc_t>(A * kl::kHalfLog2Pi);
+      if (valid) {
+        c = gs * kl::surrogate_term<acc_t>(logp, static_cast<acc_t>(logp_old[row]),
+                                           static_cast<acc_t>(advantages[row]));
+      }
+    }
+    if (!valid) return;
+    for (int64_t a = sub; a < A; a += G) {
+      const int64_t j = row * A + a;
+      const acc_t ln = static_cast<acc_t>(log_std_new[row * ln_stride + a]);
+      const acc_t lo = static_cast<acc_t>(log_std_old[row * lo_stride + a]);
+      const acc_t inv_std = kl::k_exp(-ln);
+      const acc_t mn = static_cast<acc_t>(mean_new[j]);
+      acc_t dm, dl;
+      kl::gaussian_kl_grad_from_parts<acc_t>(kl::gaussian_kl_grad_scale_term<acc_t>(lo, ln),
+                                             inv_std, static_cast<acc_t>(mean_old[j]), mn, dm, dl);
+      acc_t gm = gk * dm;
+      acc_t gl = gk * dl;
+      if (kSurrogate) {
+        acc_t pm, pl;
+        kl::gaussian_log_prob_grad<acc_t>(static_cast<acc_t>(actions[j]), mn, inv_std, pm, pl);
+        gm += c * pm;
+        gl += c * pl;
+      }
+      grad_mean[j] = static_cast<scalar_t>(gm);
+      grad_log_std[j] = static_cast<scalar_t>(gl);
+    }
+  });
+}
+
+// --- categorical -------------------------------------------------------------------------------
+
+// The lanes of a group build partial rows over classes sub, sub + G, ...; every lane of the group
+// ends with the merged row.
+template <int G, typename scalar_t, typename acc_t>
+__device__ __forceinline__ CatRow<acc_t> categorical_row(const scalar_t* __restrict__ logits_old,
+                                                         const scalar_t* __restrict__ logits_new,
+                                                         int64_t row, bool valid, int sub,
+                                                         int64_t K) {
+  CatRow<acc_t> r = kl::cat_empty<acc_t>();
+  if (valid) {
+    for (int64_t k = sub; k < K; k += G) {
+      kl::cat_push<acc_t>(r, static_cast<acc_t>(logits_old[row * K + k]),
+                          static_cast<acc_t>(logits_new[row * K + k]));
+    }
+  }
+  return group_merge<G>(r);
+}
+
+template <typename scalar_t, typename acc_t, typename index_t, int G, bool kSurrogate>
+__global__ void __launch_bounds__(kThreads) kl_categorical_reduce_kernel(
+    const scalar_t* __restrict__ logits_old,  // [B, K]
+    const scalar_t* __restrict__ logits_new,  // [B, K]
+    const index_t* __restrict__ actions,      // [B], surrogate only
+    const scalar_t* __restrict__ logp_old,    // [B], surrogate only
+    const scalar_t* __restrict__ advantages,  // [B], surrogate only
+    int64_t B, int64_t K,
+    Sums* __restrict__ partials,             // [gridDim.x]
+    unsigned int* __restrict__ blocks_done,  // [1], zero on entry
+    scalar_t* __restrict__ out_surrogate,    // [] or null
+    scalar_t* __restrict__ out_mean_kl,      // []
+    scalar_t* __restrict__ out_max_kl) {     // [] or null
+  Sums sums = kl::sums_empty();
+  for_rows<G>(B, [&](int64_t row, bool valid, int sub) {
+    const CatRow<acc_t> r =
+        categorical_row<G, scalar_t, acc_t>(logits_old, logits_new, row, valid, sub, K);
+    if (!valid || sub != 0) return;
+    const acc_t kl_row = kl::cat_kl(r);
+    sums.kl += static_cast<double>(kl_row);
+    sums.max_kl = kl::nan_max(sums.max_kl, static_cast<double>(kl_row));
+    if (kSurrogate) {
+      const index_t a = actions[row];
+      const acc_t logp = kl::action_in_range(a, K)
+                             ? static_cast<acc_t>(logits_new[row * K + a]) - kl::cat_lse_new(r)
+                             : std::numeric_limits<acc_t>::quiet_NaN();
+      sums.surrogate += static_cast<double>(kl::surrogate_term<acc_t>(
+          logp, static_cast<acc_t>(logp_old[row]), static_cast<acc_t>(advantages[row])));
+    }
+  });
+  finish_reduction<scalar_t>(sums, partials, blocks_done, B, out_surrogate, out_mean_kl,
+                             out_max_kl);
+}
+
+template <typename scalar_t, typename acc_t, typename index_t, int G, bool kSurrogate>
+__global__ void __launch_bounds__(kThreads) kl_categorical_backward_kernel(
+    const scalar_t* __restrict__ grad_mean_kl,    // []
+    const scalar_t* __restrict__ grad_surrogate,  // [], surrogate only
+    const scalar_t* __restrict__ logits_old,      // [B, K]
+    const scalar_t* __restrict__ logits_new,      // [B, K]
+    const index_t* __restrict__ actions,          // [B], surrogate only
+    const scalar_t* __restrict__ logp_old,        // [B], surrogate only
+    const scalar_t* __restrict__ advantages,      // [B], surrogate only
+    scalar_t* __restrict__ grad_logits,           // [B, K]
+    int64_t B, int64_t K) {
+  const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
+  const acc_t gk = static_cast<acc_t>(*grad_mean_kl) * inv_B;
+  const acc_t gs = kSurrogate ? static_cast<acc_t>(*grad_surrogate) * inv_B : acc_t(0);
+  for_rows<G>(B, [&](int64_t row, bool valid, int sub) {
+    const CatRow<acc_t> r =
+        categorical_row<G, scalar_t, acc_t>(logits_old, logits_new, row, valid, sub, K);
+    if (!valid) return;
+    const acc_t lse_old = kl::cat_lse_old(r);
+    const acc_t lse_new = kl::cat_lse_new(r);
+    acc_t c = 0;
+    int64_t action = -1;
+    if (kSurrogate) {
+      const index_t a = actions[row];
+      if (kl::action_in_range(a, K)) {
+        action = static_cast<int64_t>(a);
+        c = gs * kl::surrogate_term<acc_t>(static_cast<acc_t>(logits_new[row * K + a]) - lse_new,
+                                           static_cast<acc_t>(logp_old[row]),
+                                           static_cast<acc_t>(advantages[row]));
+      } else {
+        c = std::numeric_limits<acc_t>::quiet_NaN();
+      }
+    }
+    for (int64_t k = sub; k < K; k += G) {
+      const int64_t j = row * K + k;
+      grad_logits[j] = static_cast<scalar_t>(
+          kl::cat_grad<acc_t>(static_cast<acc_t>(logits_old[j]), static_cast<acc_t>(logits_new[j]),
+                              lse_old, lse_new, gk, c, k == action));
+    }
+  });
+}
+
+// --- host side -----------------------------------------------------------------------------------
+
+struct Launch {
+  unsigned int blocks;
+  cudaStream_t stream;
+};
+
+// Enough blocks to fill the device once (the grid-stride loop covers the rest), no more than the
+// rows need.
+Launch launch_shape(int64_t rows, int G) {
+  const cuda::DeviceShape dev = cuda::device_shape();
+  const int64_t resident = int64_t(dev.sm_count) * std::max(1, dev.max_threads_per_sm / kThreads);
+  const int64_t wanted = (rows * G + kThreads - 1) / kThreads;
+  return {static_cast<unsigned int>(std::max<int64_t>(1, std::min(resident, wanted))),
+          cuda::current_stream()};
+}
+
+// Workspace of one reduction: a Sums slot per block and the completion counter, zeroed here.
+struct Workspace {
+  at::Tensor storage;
+  Sums* partials;
+  unsigned int* blocks_done;
+};
+
+Workspace make_workspace(const at::Tensor& like, unsigned int blocks, cudaStream_t stream) {
+  const int64_t bytes = int64_t(blocks) * int64_t(sizeof(Sums)) + 16;
+  Workspace w;
+  w.storage = at::empty({bytes}, like.options().dtype(at::kByte));
+  auto* base = w.storage.data_ptr<uint8_t>();
+  w.partials = reinterpret_cast<Sums*>(base);
+  w.blocks_done = reinterpret_cast<unsigned int*>(base + int64_t(blocks) * sizeof(Sums));
+  C10_CUDA_CHECK(cudaMemsetAsync(w.blocks_done, 0, sizeof(unsigned int), stream));
+  return w;
+}
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+struct Outputs {
+  at::Tensor surrogate, mean_kl, max_kl;
+};
+
+Outputs gaussian_forward(const kl::GaussianInputs& in) {
+  Outputs out;
+  out.mean_kl = at::empty({}, in.mean_old.options());
+  out.max_kl = at::empty({}, in.mean_old.options());
+  if (in.surrogate) out.surrogate = at::empty({}, in.mean_old.options());
+  with_group_lanes(in.A, [&](auto g) {
+    constexpr int G = decltype(g)::value;
+    const Launch l = launch_shape(in.B, G);
+    const Workspace w = make_workspace(in.mean_old, l.blocks, l.stream);
+    AT_DISPATCH_FLOATING_TYPES(in.mean_old.scalar_type(), "kl_diag_gaussian_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto args = std::make_tuple(
+          in.mean_old.data_ptr<scalar_t>(), in.log_std_old.data_ptr<scalar_t>(),
+          in.mean_new.data_ptr<scalar_t>(), in.log_std_new.data_ptr<scalar_t>());
+      if (in.surrogate) {
+        kl_diag_gaussian_reduce_kernel<scalar_t, acc_t, G, true><<<l.blocks, kThreads, 0, l.stream>>>(
+            std::get<0>(args), std::get<1>(args), std::get<2>(args), std::get<3>(args),
+            in.actions.data_ptr<scalar_t>(), in.logp_old.data_ptr<scalar_t>(),
+            in.advantages.data_ptr<scalar_t>(), in.B, in.A, in.log_std_old_row_stride,
+            in.log_std_new_row_stride, w.partials, w.blocks_done,
+            out.surrogate.data_ptr<scalar_t>(), out.mean_kl.data_ptr<scalar_t>(),
+            out.max_kl.data_ptr<scalar_t>());
+      } else {
+        kl_diag_gaussian_reduce_kernel<scalar_t, acc_t, G, false><<<l.blocks, kThreads, 0, l.stream>>>(
+            std::get<0>(args), std::get<1>(args), std::get<2>(args), std::get<3>(args), nullptr,
+            nullptr, nullptr, in.B, in.A, in.log_std_old_row_stride, in.log_std_new_row_stride,
+            w.partials, w.blocks_done, nullptr, out.mean_kl.data_ptr<scalar_t>(),
+            out.max_kl.data_ptr<scalar_t>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+at::Tensor kl_diag_gaussian_cuda(const at::Tensor& mean_old, const at::Tensor& log_std_old,
+                                 const at::Tensor& mean_new, const at::Tensor& log_std_new) {
+  const std::optional<at::Tensor> none;
+  const kl::GaussianInputs in =
+      kl::check_gaussian(mean_old, log_std_old, mean_new, log_std_new, {none, none, none});
+  // Guard after the checks, so a tensor on another device gets their clear message.
+  const c10::cuda::CUDAGuard device_guard(mean_old.device());
+  return gaussian_forward(in).mean_kl;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_surrogate_diag_gaussian_cuda(
+    const at::Tensor& mean_old, const at::Tensor& log_std_old, const at::Tensor& mean_new,
+    const at::Tensor& log_std_new, const at::Tensor& actions, const at::Tensor& logp_old,
+    const at::Tensor& advantages) {
+  const std::optional<at::Tensor> act(actions), lp(logp_old), adv(advantages);
+  const kl::GaussianInputs in =
+      kl::check_gaussian(mean_old, log_std_old, mean_new, log_std_new, {act, lp, adv});
+  // Guard after the checks, so a tensor on another device gets their clear message.
+  const c10::cuda::CUDAGuard device_guard(mean_old.device());
+  Outputs out = gaussian_forward(in);
+  return {out.surrogate, out.mean_kl, out.max_kl};
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_diag_gaussian_backward_cuda(
+    const at::Tensor& grad_mean_kl, const std::optional<at::Tensor>& grad_surrogate,
+    const at::Tensor& mean_old, const at::Tensor& log_std_old, const at::Tensor& mean_new,
+    const at::Tensor& log_std_new, const std::optional<at::Tensor>& actions,
+    const std::optional<at::Tensor>& logp_old, const std::optional<at::Tensor>& advantages) {
+  const std::optional<at::Tensor> none;
+  const bool surrogate = grad_surrogate.has_value();
+  const kl::GaussianInputs in =
+      surrogate ? kl::check_gaussian(mean_old, log_std_old, mean_new, log_std_new,
+                                     {actions, logp_old, advantages})
+                : kl::check_gaussian(mean_old, log_std_old, mean_new, log_std_new,
+                                     {none, none, none});
+  TORCH_CHECK_VALUE(!surrogate || in.surrogate,
+                    "grad_surrogate needs actions, logp_old and advantages");
+  kl::check_grad_scalar(grad_mean_kl, "grad_mean_kl", mean_old, "mean_old");
+  if (surrogate) kl::check_grad_scalar(*grad_surrogate, "grad_surrogate", mean_old, "mean_old");
+  // Guard after the checks, so a tensor on another device gets their clear message.
+  const c10::cuda::CUDAGuard device_guard(mean_old.device());
+  at::Tensor grad_mean = at::empty_like(in.mean_new);
+  at::Tensor grad_log_std_rows = at::empty_like(in.mean_new);
+  with_group_lanes(in.A, [&](auto g) {
+    constexpr int G = decltype(g)::value;
+    const Launch l = launch_shape(in.B, G);
+    AT_DISPATCH_FLOATING_TYPES(in.mean_old.scalar_type(), "kl_diag_gaussian_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* gk = grad_mean_kl.data_ptr<scalar_t>();
+      if (surrogate) {
+        kl_diag_gaussian_backward_kernel<scalar_t, acc_t, G, true><<<l.blocks, kThreads, 0, l.stream>>>(
+            gk, grad_surrogate->data_ptr<scalar_t>(), in.mean_old.data_ptr<scalar_t>(),
+            in.log_std_old.data_ptr<scalar_t>(), in.mean_new.data_ptr<scalar_t>(),
+            in.log_std_new.data_ptr<scalar_t>(), in.actions.data_ptr<scalar_t>(),
+            in.logp_old.data_ptr<scalar_t>(), in.advantages.data_ptr<scalar_t>(),
+            grad_mean.data_ptr<scalar_t>(), grad_log_std_rows.data_ptr<scalar_t>(), in.B, in.A,
+            in.log_std_old_row_stride, in.log_std_new_row_stride);
+      } else {
+        kl_diag_gaussian_backward_kernel<scalar_t, acc_t, G, false><<<l.blocks, kThreads, 0, l.stream>>>(
+            gk, nullptr, in.mean_old.data_ptr<scalar_t>(), in.log_std_old.data_ptr<scalar_t>(),
+            in.mean_new.data_ptr<scalar_t>(), in.log_std_new.data_ptr<scalar_t>(), nullptr,
+            nullptr, nullptr, grad_mean.data_ptr<scalar_t>(),
+            grad_log_std_rows.data_ptr<scalar_t>(), in.B, in.A, in.log_std_old_row_stride,
+            in.log_std_new_row_stride);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  at::Tensor grad_log_std =
+      log_std_new.dim() == 1 ? grad_log_std_rows.sum(0) : grad_log_std_rows;
+  return {grad_mean, grad_log_std};
+}
+
+Outputs categorical_forward(const kl::CategoricalInputs& in) {
+  Outputs out;
+  out.mean_kl = at::empty({}, in.logits_old.options());
+  out.max_kl = at::empty({}, in.logits_old.options());
+  if (in.surrogate) out.surrogate = at::empty({}, in.logits_old.options());
+  const at::ScalarType index_type = in.surrogate ? in.actions.scalar_type() : at::kLong;
+  with_group_lanes(in.K, [&](auto g) {
+    constexpr int G = decltype(g)::value;
+    const Launch l = launch_shape(in.B, G);
+    const Workspace w = make_workspace(in.logits_old, l.blocks, l.stream);
+    AT_DISPATCH_FLOATING_TYPES(in.logits_old.scalar_type(), "kl_categorical_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      if (in.surrogate) {
+        dispatch_index(index_type, [&](auto tag) {
+          using index_t = decltype(tag);
+          kl_categorical_reduce_kernel<scalar_t, acc_t, index_t, G, true>
+              <<<l.blocks, kThreads, 0, l.stream>>>(
+                  in.logits_old.data_ptr<scalar_t>(), in.logits_new.data_ptr<scalar_t>(),
+                  in.actions.data_ptr<index_t>(), in.logp_old.data_ptr<scalar_t>(),
+                  in.advantages.data_ptr<scalar_t>(), in.B, in.K, w.partials, w.blocks_done,
+                  out.surrogate.data_ptr<scalar_t>(), out.mean_kl.data_ptr<scalar_t>(),
+                  out.max_kl.data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      } else {
+        kl_categorical_reduce_kernel<scalar_t, acc_t, int64_t, G, false>
+            <<<l.blocks, kThreads, 0, l.stream>>>(
+                in.logits_old.data_ptr<scalar_t>(), in.logits_new.data_ptr<scalar_t>(), nullptr,
+                nullptr, nullptr, in.B, in.K, w.partials, w.blocks_done, nullptr,
+                out.mean_kl.data_ptr<scalar_t>(), out.max_kl.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor kl_categorical_cuda(const at::Tensor& logits_old, const at::Tensor& logits_new) {
+  const std::optional<at::Tensor> none;
+  const kl::CategoricalInputs in = kl::check_categorical(logits_old, logits_new, {none, none, none});
+  // Guard after the checks, so a tensor on another device gets their clear message.
+  const c10::cuda::CUDAGuard device_guard(logits_old.device());
+  return categorical_forward(in).mean_kl;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_surrogate_categorical_cuda(
+    const at::Tensor& logits_old, const at::Tensor& logits_new, const at::Tensor& actions,
+    const at::Tensor& logp_old, const at::Tensor& advantages) {
+  const std::optional<at::Tensor> act(actions), lp(logp_old), adv(advantages);
+  const kl::CategoricalInputs in = kl::check_categorical(logits_old, logits_new, {act, lp, adv});
+  // Guard after the checks, so a tensor on another device gets their clear message.
+  const c10::cuda::CUDAGuard device_guard(logits_old.device());
+  Outputs out = categorical_forward(in);
+  return {out.surrogate, out.mean_kl, out.max_kl};
+}
+
+at::Tensor kl_categorical_backward_cuda(const at::Tensor& grad_mean_kl,
+                                        const std::optional<at::Tensor>& grad_surrogate,
+                                        const at::Tensor& logits_old, const at::Tensor& logits_new,
+                                        const std::optional<at::Tensor>& actions,
+                                        const std::optional<at::Tensor>& logp_old,
+                                        const std::optional<at::Tensor>& advantages) {
+  const std::optional<at::Tensor> none;
+  const bool surrogate = grad_surrogate.has_value();
+  const kl::CategoricalInputs in =
+      surrogate ? kl::check_categorical(logits_old, logits_new, {actions, logp_old, advantages})
+                : kl::check_categorical(logits_old, logits_new, {none, none, none});
+  TORCH_CHECK_VALUE(!surrogate || in.surrogate,
+                    "grad_surrogate needs actions, logp_old and advantages");
+  kl::check_grad_scalar(grad_mean_kl, "grad_mean_kl", logits_old, "logits_old");
+  if (surrogate) kl::check_grad_scalar(*grad_surrogate, "grad_surrogate", logits_old, "logits_old");
+  // Guard after the checks, so a tensor on another device gets their clear message.
+  const c10::cuda::CUDAGuard device_guard(logits_old.device());
+  at::Tensor grad_logits = at::empty_like(in.logits_new);
+  const at::ScalarType index_type = surrogate ? in.actions.scalar_type() : at::kLong;
+  with_group_lanes(in.K, [&](auto g) {
+    constexpr int G = decltype(g)::value;
+    const Launch l = launch_shape(in.B, G);
+    AT_DISPATCH_FLOATING_TYPES(in.logits_old.scalar_type(), "kl_categorical_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* gk = grad_mean_kl.data_ptr<scalar_t>();
+      if (surrogate) {
+        dispatch_index(index_type, [&](auto tag) {
+          using index_t = decltype(tag);
+          kl_categorical_backward_kernel<scalar_t, acc_t, index_t, G, true>
+              <<<l.blocks, kThreads, 0, l.stream>>>(
+                  gk, grad_surrogate->data_ptr<scalar_t>(), in.logits_old.data_ptr<scalar_t>(),
+                  in.logits_new.data_ptr<scalar_t>(), in.actions.data_ptr<index_t>(),
+                  in.logp_old.data_ptr<scalar_t>(), in.advantages.data_ptr<scalar_t>(),
+                  grad_logits.data_ptr<scalar_t>(), in.B, in.K);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      } else {
+        kl_categorical_backward_kernel<scalar_t, acc_t, int64_t, G, false>
+            <<<l.blocks, kThreads, 0, l.stream>>>(
+                gk, nullptr, in.logits_old.data_ptr<scalar_t>(),
+                in.logits_new.data_ptr<scalar_t>(), nullptr, nullptr, nullptr,
+                grad_logits.data_ptr<scalar_t>(), in.B, in.K);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  });
+  return grad_logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(trpo_ext, CUDA, m) {
+  m.impl("kl_diag_gaussian", &kl_diag_gaussian_cuda);
+  m.impl("kl_surrogate_diag_gaussian", &kl_surrogate_diag_gaussian_cuda);
+  m.impl("kl_diag_gaussian_backward", &kl_diag_gaussian_backward_cuda);
+  m.impl("kl_categorical", &kl_categorical_cuda);
+  m.impl("kl_surrogate_categorical", &kl_surrogate_categorical_cuda);
+  m.impl("kl_categorical_backward", &kl_categorical_backward_cuda);
+}
+
+}  // namespace trpo_ext

@@ -1,0 +1,415 @@
+// KL(π_old ‖ π_new) and the TRPO surrogate for diagonal-Gaussian and categorical policies: the
+// per-element math that the CPU and CUDA kernels share, and the input checks both backends run.
+//
+// Diagonal Gaussian, per action dimension (μ means, ℓ = log σ):
+//   KL = ℓ_new − ℓ_old + (σ_old² + (μ_old − μ_new)²) / (2 σ_new²) − ½
+//      = ½ (eˣ − 1 − x) + ½ z²,   x = 2 (ℓ_old − ℓ_new),  z = (μ_old − μ_new) e^{−ℓ_new}
+// The second form keeps the KL of nearby distributions (the line search's regime, KL ~ 1e-3) free of
+// the cancellation in "var_ratio − 1 − log var_ratio".
+//   log π_new(a) = Σ_a [ −½ ((a − μ_new) e^{−ℓ_new})² − ℓ_new − ½ log 2π ]
+// Categorical (logits ℓ, K classes):
+//   KL = Σ_k p_old,k (ℓ_old,k − ℓ_new,k) − LSE(ℓ_old) + LSE(ℓ_new)
+// computed with running (max, Σ exp) pairs — an online log-sum-exp — so that large logits never
+// overflow and so that a row can be split across GPU lanes and merged.
+//
+// Batch sums (mean KL, surrogate) accumulate in double for both dtypes: with float32 and B = 1e6 a
+// float32 running sum loses several digits, and one double add per row costs nothing next to the
+// loads.  Per-element math runs in at::opmath_type<scalar_t>.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+#include "common.h"
+
+namespace trpo_ext {
+namespace kl {
+
+constexpr double kHalfLog2Pi = 0.91893853320467274178;
+
+// Overloads so the same expression picks the float or double libm/CUDA function on both sides.
+TRPO_HD float k_exp(float x) { return ::expf(x); }
+TRPO_HD double k_exp(double x) { return ::exp(x); }
+TRPO_HD float k_expm1(float x) { return ::expm1f(x); }
+TRPO_HD double k_expm1(double x) { return ::expm1(x); }
+TRPO_HD float k_log(float x) { return ::logf(x); }
+TRPO_HD double k_log(double x) { return ::log(x); }
+TRPO_HD float k_abs(float x) { return ::fabsf(x); }
+TRPO_HD double k_abs(double x) { return ::fabs(x); }
+
+template <typename T>
+TRPO_HD T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// max that propagates NaN from either side, like torch.max.
+template <typename T>
+TRPO_HD T nan_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// eˣ − 1 − x without cancellation near 0 (where it is ≈ x²/2): a Taylor series for |x| < 1/4,
+// expm1 beyond.  Eleven terms put the truncation error below 1e-17 relative for double.
+template <typename acc_t>
+TRPO_HD acc_t expm1_minus_x(acc_t x) {
+  if (k_abs(x) < acc_t(0.25)) {
+    // x²/2! + x³/3! + ... + x¹²/12!, Horner from the top.
+    acc_t s = acc_t(1) / acc_t(479001600);
+    s = acc_t(1) / acc_t(39916800) + x * s;
+    s = acc_t(1) / acc_t(3628800) + x * s;
+    s = acc_t(1) / acc_t(362880) + x * s;
+    s = acc_t(1) / acc_t(40320) + x * s;
+    s = acc_t(1) / acc_t(5040) + x * s;
+    s = acc_t(1) / acc_t(720) + x * s;
+    s = acc_t(1) / acc_t(120) + x * s;
+    s = acc_t(1) / acc_t(24) + x * s;
+    s = acc_t(1) / acc_t(6) + x * s;
+    s = acc_t(1) / acc_t(2) + x * s;
+    return x * x * s;
+  }
+  return k_expm1(x) - x;
+}
+
+// --- diagonal Gaussian -------------------------------------------------------------------------
+
+// The part of one dimension's KL that depends on the standard deviations only: ½ (eˣ − 1 − x).
+// With a state-independent log_std it is one number per dimension, which the CPU hoists out of the
+// batch loop.
+template <typename acc_t>
+TRPO_HD acc_t gaussian_kl_scale_term(acc_t log_std_old, acc_t log_std_new) {
+  return acc_t(0.5) * expm1_minus_x(acc_t(2) * (log_std_old - log_std_new));
+}
+
+// KL of one action dimension from its scale term and 1/σ_new.  Scaling by 1/σ_new before squaring
+// keeps z² finite for tiny σ_new where 1/σ_new² alone would not be.
+template <typename acc_t>
+TRPO_HD acc_t gaussian_kl_from_parts(acc_t scale_term, acc_t inv_std_new, acc_t mean_old,
+                                     acc_t mean_new) {
+  const acc_t z = (mean_old - mean_new) * inv_std_new;
+  return scale_term + acc_t(0.5) * z * z;
+}
+
+// KL of one action dimension.
+template <typename acc_t>
+TRPO_HD acc_t gaussian_kl(acc_t mean_old, acc_t log_std_old, acc_t mean_new, acc_t log_std_new) {
+  return gaussian_kl_from_parts(gaussian_kl_scale_term(log_std_old, log_std_new),
+                                k_exp(-log_std_new), mean_old, mean_new);
+}
+
+// log N(a; μ, σ²) of one action dimension without the −½ log 2π constant (added once per row).
+template <typename acc_t>
+TRPO_HD acc_t gaussian_log_prob_from_parts(acc_t action, acc_t mean, acc_t log_std, acc_t inv_std) {
+  const acc_t z = (action - mean) * inv_std;
+  return acc_t(-0.5) * z * z - log_std;
+}
+
+template <typename acc_t>
+TRPO_HD acc_t gaussian_log_prob_core(acc_t action, acc_t mean, acc_t log_std) {
+  return gaussian_log_prob_from_parts(action, mean, log_std, k_exp(-log_std));
+}
+
+// ∂KL/∂ℓ_new = 1 − σ_old²/σ_new² − z²: its scale part, −expm1(x), per dimension.
+template <typename acc_t>
+TRPO_HD acc_t gaussian_kl_grad_scale_term(acc_t log_std_old, acc_t log_std_new) {
+  return -k_expm1(acc_t(2) * (log_std_old - log_std_new));
+}
+
+// ∂KL/∂μ_new and ∂KL/∂ℓ_new of one action dimension from its parts.
+template <typename acc_t>
+TRPO_HD void gaussian_kl_grad_from_parts(acc_t grad_scale_term, acc_t inv_std_new, acc_t mean_old,
+                                         acc_t mean_new, acc_t& d_mean, acc_t& d_log_std) {
+  const acc_t z = (mean_old - mean_new) * inv_std_new;
+  d_mean = -z * inv_std_new;
+  d_log_std = grad_scale_term - z * z;
+}
+
+template <typename acc_t>
+TRPO_HD void gaussian_kl_grad(acc_t mean_old, acc_t log_std_old, acc_t mean_new, acc_t log_std_new,
+                              acc_t& d_mean, acc_t& d_log_std) {
+  gaussian_kl_grad_from_parts(gaussian_kl_grad_scale_term(log_std_old, log_std_new),
+                              k_exp(-log_std_new), mean_old, mean_new, d_mean, d_log_std);
+}
+
+// ∂ log π_new(a)/∂μ_new and ∂/∂ℓ_new of one action dimension.
+template <typename acc_t>
+TRPO_HD void gaussian_log_prob_grad(acc_t action, acc_t mean, acc_t inv_std, acc_t& d_mean,
+                                    acc_t& d_log_std) {
+  const acc_t z = (action - mean) * inv_std;
+  d_mean = z * inv_std;
+  d_log_std = z * z - acc_t(1);
+}
+
+// --- categorical -------------------------------------------------------------------------------
+
+// A partial row: running maxima and Σ exp(ℓ − max) for old and new logits, and
+// t = Σ exp(ℓ_old − max_old) (ℓ_old − ℓ_new).  Partials over disjoint column sets merge exactly.
+template <typename acc_t>
+struct CatRow {
+  acc_t max_old;
+  acc_t sum_old;
+  acc_t cross;
+  acc_t max_new;
+  acc_t sum_new;
+};
+
+template <typename acc_t>
+TRPO_HD CatRow<acc_t> cat_empty() {
+  return {neg_inf<acc_t>(), acc_t(0), acc_t(0), neg_inf<acc_t>(), acc_t(0)};
+}
+
+template <typename acc_t>
+TRPO_HD void cat_push(CatRow<acc_t>& r, acc_t logit_old, acc_t logit_new) {
+  const acc_t diff = logit_old - logit_new;
+  if (logit_old > r.max_old) {
+    // exp(−inf) = 0 on the first element, so the empty partial needs no special case.
+    const acc_t scale = k_exp(r.max_old - logit_old);
+    r.sum_old = r.sum_old * scale + acc_t(1);
+    r.cross = r.cross * scale + diff;
+    r.max_old = logit_old;
+  } else {
+    const acc_t e = k_exp(logit_old - r.max_old);
+    r.sum_old += e;
+    r.cross += e * diff;
+  }
+  if (logit_new > r.max_new) {
+    r.sum_new = r.sum_new * k_exp(r.max_new - logit_new) + acc_t(1);
+    r.max_new = logit_new;
+  } else {
+    r.sum_new += k_exp(logit_new - r.max_new);
+  }
+}
+
+template <typename acc_t>
+TRPO_HD CatRow<acc_t> cat_merge(const CatRow<acc_t>& a, const CatRow<acc_t>& b) {
+  // An empty side carries max = −inf; skipping it avoids exp(−inf − (−inf)) = NaN.
+  CatRow<acc_t> r;
+  if (b.sum_old == acc_t(0)) {
+    r.max_old = a.max_old, r.sum_old = a.sum_old, r.cross = a.cross;
+  } else if (a.sum_old == acc_t(0)) {
+    r.max_old = b.max_old, r.sum_old = b.sum_old, r.cross = b.cross;
+  } else {
+    r.max_old = a.max_old > b.max_old ? a.max_old : b.max_old;
+    const acc_t sa = k_exp(a.max_old - r.max_old);
+    const acc_t sb = k_exp(b.max_old - r.max_old);
+    r.sum_old = a.sum_old * sa + b.sum_old * sb;
+    r.cross = a.cross * sa + b.cross * sb;
+  }
+  if (b.sum_new == acc_t(0)) {
+    r.max_new = a.max_new, r.sum_new = a.sum_new;
+  } else if (a.sum_new == acc_t(0)) {
+    r.max_new = b.max_new, r.sum_new = b.sum_new;
+  } else {
+    r.max_new = a.max_new > b.max_new ? a.max_new : b.max_new;
+    r.sum_new = a.sum_new * k_exp(a.max_new - r.max_new) + b.sum_new * k_exp(b.max_new - r.max_new);
+  }
+  return r;
+}
+
+template <typename acc_t>
+TRPO_HD acc_t cat_lse_old(const CatRow<acc_t>& r) {
+  return r.max_old + k_log(r.sum_old);
+}
+
+template <typename acc_t>
+TRPO_HD acc_t cat_lse_new(const CatRow<acc_t>& r) {
+  return r.max_new + k_log(r.sum_new);
+}
+
+// KL of a finished row.  Identical old and new rows give exactly 0 (the same operations on the
+// same values).
+template <typename acc_t>
+TRPO_HD acc_t cat_kl(const CatRow<acc_t>& r) {
+  return r.cross / r.sum_old - cat_lse_old(r) + cat_lse_new(r);
+}
+
+// ∂/∂ℓ_new,k of (g_kl · KL + c · log π_new(a)) for one class, given the row's two log-sum-exps:
+//   g_kl (p_new,k − p_old,k) + c ([k = a] − p_new,k).
+template <typename acc_t>
+TRPO_HD acc_t cat_grad(acc_t logit_old, acc_t logit_new, acc_t lse_old, acc_t lse_new,
+                       acc_t grad_kl, acc_t c, bool is_action) {
+  const acc_t p_new = k_exp(logit_new - lse_new);
+  const acc_t p_old = k_exp(logit_old - lse_old);
+  return grad_kl * (p_new - p_old) + c * ((is_action ? acc_t(1) : acc_t(0)) - p_new);
+}
+
+// Class indices outside [0, K) are refused on the CPU; on the GPU (no host synchronisation) the
+// row's log-probability becomes NaN instead, which poisons the surrogate and its gradient.
+template <typename index_t>
+TRPO_HD bool action_in_range(index_t a, int64_t K) {
+  return a >= 0 && static_cast<int64_t>(a) < K;
+}
+
+// --- per-row surrogate term and batch sums ------------------------------------------------------
+
+// exp(log π_new(a) − logp_old) · A.
+template <typename acc_t>
+TRPO_HD acc_t surrogate_term(acc_t logp_new, acc_t logp_old, acc_t advantage) {
+  return k_exp(logp_new - logp_old) * advantage;
+}
+
+// Batch partial sums: Σ KL, Σ surrogate terms (double, see the file comment) and max KL.
+struct Sums {
+  double kl;
+  double surrogate;
+  double max_kl;
+};
+
+TRPO_HD Sums sums_empty() { return {0.0, 0.0, neg_inf<double>()}; }
+
+TRPO_HD Sums sums_merge(const Sums& a, const Sums& b) {
+  return {a.kl + b.kl, a.surrogate + b.surrogate, nan_max(a.max_kl, b.max_kl)};
+}
+
+// --- input checks (both backends) ---------------------------------------------------------------
+
+// Optional surrogate inputs: actions, logp_old, advantages.
+struct SurrogateArgs {
+  const std::optional<at::Tensor>& actions;
+  const std::optional<at::Tensor>& logp_old;
+  const std::optional<at::Tensor>& advantages;
+};
+
+struct GaussianInputs {
+  at::Tensor mean_old, log_std_old, mean_new, log_std_new;  // [B, A], [A] | [B, A], ...
+  at::Tensor actions, logp_old, advantages;                 // [B, A], [B], [B] (surrogate only)
+  int64_t B = 0;
+  int64_t A = 0;
+  int64_t log_std_old_row_stride = 0;  // 0 for a state-independent [A] log_std, else A
+  int64_t log_std_new_row_stride = 0;
+  bool surrogate = false;
+};
+
+struct CategoricalInputs {
+  at::Tensor logits_old, logits_new;        // [B, K]
+  at::Tensor actions, logp_old, advantages;  // [B] int64|int32, [B], [B] (surrogate only)
+  int64_t B = 0;
+  int64_t K = 0;
+  bool surrogate = false;
+};
+
+inline void check_batch_nonempty(int64_t B, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(B > 0, name, " has an empty batch (shape ", shape_str(t),
+                    "): the batch mean of an empty batch is undefined");
+}
+
+inline void check_log_std(const at::Tensor& log_std, const char* name, const at::Tensor& mean,
+                          const char* mean_name) {
+  check_float_tensor(log_std, name);
+  const int64_t B = mean.size(0);
+  const int64_t A = mean.size(1);
+  const bool state_independent = log_std.dim() == 1 && log_std.size(0) == A;
+  const bool per_state = log_std.dim() == 2 && log_std.size(0) == B && log_std.size(1) == A;
+  TORCH_CHECK_VALUE(state_independent || per_state, name, " must be [A] = [", A, "] or [B, A] = [",
+                    B, ", ", A, "] to match ", mean_name, " ", shape_str(mean), ", got ",
+                    shape_str(log_std));
+  check_same_dtype(mean, mean_name, log_std, name);
+  check_same_device(mean, mean_name, log_std, name);
+}
+
+inline void check_batch_vector(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                               const char* ref_name) {
+  check_float_tensor(t, name);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == ref.size(0), name, " must be [B] = [",
+                    ref.size(0), "] (the batch of ", ref_name, " ", shape_str(ref), "), got ",
+                    shape_str(t));
+  check_same_dtype(ref, ref_name, t, name);
+  check_same_device(ref, ref_name, t, name);
+}
+
+inline bool check_surrogate_presence(const SurrogateArgs& s) {
+  const int given = int(s.actions.has_value()) + int(s.logp_old.has_value()) +
+                    int(s.advantages.has_value());
+  TORCH_CHECK_VALUE(given == 0 || given == 3,
+                    "actions, logp_old and advantages must be given together or not at all");
+  return given == 3;
+}
+
+inline GaussianInputs check_gaussian(const at::Tensor& mean_old, const at::Tensor& log_std_old,
+                                     const at::Tensor& mean_new, const at::Tensor& log_std_new,
+                                     const SurrogateArgs& s) {
+  check_float_tensor(mean_old, "mean_old");
+  TORCH_CHECK_VALUE(mean_old.dim() == 2, "mean_old must be [B, A], got shape ", shape_str(mean_old));
+  check_float_tensor(mean_new, "mean_new");
+  check_same_shape(mean_old, "mean_old", mean_new, "mean_new");
+  check_same_dtype(mean_old, "mean_old", mean_new, "mean_new");
+  check_same_device(mean_old, "mean_old", mean_new, "mean_new");
+  check_log_std(log_std_old, "log_std_old", mean_old, "mean_old");
+  check_log_std(log_std_new, "log_std_new", mean_old, "mean_old");
+  check_batch_nonempty(mean_old.size(0), mean_old, "mean_old");
+  TORCH_CHECK_VALUE(mean_old.size(1) > 0, "mean_old has no action dimensions (shape ",
+                    shape_str(mean_old), ")");
+  GaussianInputs in;
+  in.B = mean_old.size(0);
+  in.A = mean_old.size(1);
+  in.mean_old = mean_old.contiguous();
+  in.mean_new = mean_new.contiguous();
+  in.log_std_old = log_std_old.contiguous();
+  in.log_std_new = log_std_new.contiguous();
+  in.log_std_old_row_stride = log_std_old.dim() == 2 ? in.A : 0;
+  in.log_std_new_row_stride = log_std_new.dim() == 2 ? in.A : 0;
+  in.surrogate = check_surrogate_presence(s);
+  if (in.surrogate) {
+    const at::Tensor& actions = *s.actions;
+    check_float_tensor(actions, "actions");
+    check_same_shape(mean_old, "mean_old", actions, "actions");
+    check_same_dtype(mean_old, "mean_old", actions, "actions");
+    check_same_device(mean_old, "mean_old", actions, "actions");
+    check_batch_vector(*s.logp_old, "logp_old", mean_old, "mean_old");
+    check_batch_vector(*s.advantages, "advantages", mean_old, "mean_old");
+    in.actions = actions.contiguous();
+    in.logp_old = s.logp_old->contiguous();
+    in.advantages = s.advantages->contiguous();
+  }
+  return in;
+}
+
+inline CategoricalInputs check_categorical(const at::Tensor& logits_old,
+                                           const at::Tensor& logits_new, const SurrogateArgs& s) {
+  check_float_tensor(logits_old, "logits_old");
+  TORCH_CHECK_VALUE(logits_old.dim() == 2, "logits_old must be [B, K], got shape ",
+                    shape_str(logits_old));
+  check_float_tensor(logits_new, "logits_new");
+  check_same_shape(logits_old, "logits_old", logits_new, "logits_new");
+  check_same_dtype(logits_old, "logits_old", logits_new, "logits_new");
+  check_same_device(logits_old, "logits_old", logits_new, "logits_new");
+  check_batch_nonempty(logits_old.size(0), logits_old, "logits_old");
+  TORCH_CHECK_VALUE(logits_old.size(1) > 0, "logits_old has no classes (shape ",
+                    shape_str(logits_old), ")");
+  CategoricalInputs in;
+  in.B = logits_old.size(0);
+  in.K = logits_old.size(1);
+  in.logits_old = logits_old.contiguous();
+  in.logits_new = logits_new.contiguous();
+  in.surrogate = check_surrogate_presence(s);
+  if (in.surrogate) {
+    const at::Tensor& actions = *s.actions;
+    TORCH_CHECK_TYPE(actions.defined(), "actions must be a tensor");
+    TORCH_CHECK_TYPE(actions.scalar_type() == at::kLong || actions.scalar_type() == at::kInt,
+                     "actions must be int64 or int32 class indices, got ", actions.scalar_type());
+    TORCH_CHECK_VALUE(actions.dim() == 1 && actions.size(0) == in.B, "actions must be [B] = [",
+                      in.B, "] (the batch of logits_old ", shape_str(logits_old), "), got ",
+                      shape_str(actions));
+    check_same_device(logits_old, "logits_old", actions, "actions");
+    check_batch_vector(*s.logp_old, "logp_old", logits_old, "logits_old");
+    check_batch_vector(*s.advantages, "advantages", logits_old, "logits_old");
+    in.actions = actions.contiguous();
+    in.logp_old = s.logp_old->contiguous();
+    in.advantages = s.advantages->contiguous();
+  }
+  return in;
+}
+
+// Upstream gradients of the backward ops: 0-d tensors of the inputs' dtype and device, read by the
+// kernels on the device (never copied to the host).
+inline void check_grad_scalar(const at::Tensor& g, const char* name, const at::Tensor& ref,
+                              const char* ref_name) {
+  check_float_tensor(g, name);
+  TORCH_CHECK_VALUE(g.numel() == 1, name, " must hold one value, got shape ", shape_str(g));
+  check_same_dtype(ref, ref_name, g, name);
+  check_same_device(ref, ref_name, g, name);
+}
+
+}  // namespace kl
+}  // namespace trpo_ext
