@@ -48,12 +48,11 @@ constexpr int64_t kPartials = kNumScalars;
 constexpr int64_t kStateSize = kNumScalars + 2 * kMaxBlocks;
 
 // Values of state[kStatus].  A solve still running after maxiter iterations reports "maxiter".
-enum Status : int {
-  kRunning = 0,
-  kConverged = 1,
-  kNonpositiveCurvature = 2,
-  kNonfinite = 3,
-};
+// (Plain ints rather than an enum: they are compared with the float64 state.)
+constexpr int kRunning = 0;
+constexpr int kConverged = 1;
+constexpr int kNonpositiveCurvature = 2;
+constexpr int kNonfinite = 3;
 
 // No std::isfinite on the device and no fast math anywhere: inf − inf and NaN − NaN are NaN.
 TRPO_HD bool is_finite(double v) { return v - v == 0.0; }

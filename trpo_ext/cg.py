@@ -167,6 +167,11 @@ def conjugate_gradient(
         float64.
     """
     require_tensor(b, "b")
+    # The op checks b too; checking here first gives the same messages before matvec is looked at.
+    if b.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"b must be float32 or float64, got {b.dtype}")
+    if b.dim() != 1:
+        raise ValueError(f"b must be a 1-D tensor, got shape {list(b.shape)}")
     op = _as_operator(matvec, b)
     if x0 is not None:
         require_tensor(x0, "x0")
@@ -260,7 +265,13 @@ def _cg_init_fake(b, x0, Ax0, damping, rtol, atol):
 
 @torch.library.register_fake("trpo_ext::cg_step")
 def _cg_step_fake(x, r, p, Ap, state, damping):
-    torch._check(Ap.shape == r.shape, lambda: "matvec(p) must have the shape of b")
+    # The same refusals as the kernels' checks (cg.h): a meta or fake matvec result lands here.
+    if Ap.dtype != r.dtype:
+        raise TypeError(f"matvec(p) must have the dtype of b ({r.dtype}), got {Ap.dtype}")
+    if Ap.device != r.device:
+        raise ValueError(f"matvec(p) must be on the device of b ({r.device}), got {Ap.device}")
+    if Ap.shape != r.shape:
+        raise ValueError(f"matvec(p) must have the shape of b {list(r.shape)}, got {list(Ap.shape)}")
     return None
 
 
