@@ -89,7 +89,7 @@ def _apply(op, v: torch.Tensor, what: str) -> torch.Tensor:
     out = op(v)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{what} must return a torch.Tensor, got {type(out).__name__}")
-    return out.detach()
+    return out.detach() if out.requires_grad else out
 
 
 def _solve(op, b, x0, maxiter, rtol, atol, damping, check_every, poll):
@@ -97,7 +97,7 @@ def _solve(op, b, x0, maxiter, rtol, atol, damping, check_every, poll):
     every ``check_every`` iterations (False: never, all ``maxiter`` iterations are queued)."""
     init, step, finish = (torch.ops.trpo_ext.cg_init.default, torch.ops.trpo_ext.cg_step.default,
                           torch.ops.trpo_ext.cg_finish.default)
-    b = b.detach()
+    b = b.detach().contiguous()  # once, rather than in every op that reads it
     if x0 is None:
         x = torch.zeros(b.shape, dtype=b.dtype, device=b.device)
         r, p, state = init(b, None, None, damping, rtol, atol)
