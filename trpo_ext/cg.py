@@ -103,7 +103,7 @@ def _solve(op, b, x0, maxiter, rtol, atol, damping, check_every, poll):
         r, p, state = init(b, None, None, damping, rtol, atol)
     else:
         x = x0.detach().clone(memory_format=torch.contiguous_format)
-        r, p, state = init(b, x0, _apply(op, x, "matvec"), damping, rtol, atol)
+        r, p, state = init(b, x, _apply(op, x, "matvec"), damping, rtol, atol)
     if b.device.type == "cpu":
         # The state shares memory with this array: reading a status costs no dispatch.
         flags = state.numpy()
