@@ -7,7 +7,7 @@ iteration's vector work is 11 n elements (read p, Ap for pᵀAp; read r, Ap, p f
 read and write x and p, read r' for the update); our kernels move 12 n (the residual pass does not
 store r', the update pass recomputes it, so a breakdown can keep the last good x).
 
-    PYTHONPATH=. python benchmarks/bench_cg.py [--device cpu|cuda] [--sizes 1e4,1e5,1e6,1e7]
+    PYTHONPATH=. python benchmarks/bench_cg.py [--device cpu|cuda] [--sizes 1e4,1e5,1e6,1e7] [--threads N]
 """
 from __future__ import annotations
 
@@ -84,7 +84,11 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", default="1e4,1e5,1e6,1e7")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for both solvers (default: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     dtype = getattr(torch, args.dtype)
     sizes = [int(float(s)) for s in args.sizes.split(",")]
