@@ -102,9 +102,43 @@ def _extension():
     )
 
 
+VERSION = "0.1.0"
+
+# The C++ embedding shipped inside the Python package (trpo_ext/share/, `trpo_ext.cmake_prefix_path`):
+# a CMake package config that builds the solver from these sources in the consumer's project.
+_SHIPPED_SOURCES = ["include/trpo_ext/cg.h", "csrc/common.h", "csrc/cg.h", "csrc/cg_solver.cpp",
+                    "csrc/cpu/cg_cpu.cpp", "csrc/cuda/cg_cuda.cu", "csrc/cuda/cuda_utils.cuh"]
+
+
+def _ship_cmake_package(package_dir):
+    share = os.path.join(package_dir, "share")
+    cmake_dir = os.path.join(share, "cmake", "trpo_ext")
+    os.makedirs(cmake_dir, exist_ok=True)
+    shutil.copyfile(os.path.join(HERE, "cmake", "python", "trpo_extConfig.cmake"),
+                    os.path.join(cmake_dir, "trpo_extConfig.cmake"))
+    with open(os.path.join(HERE, "cmake", "python", "trpo_extConfigVersion.cmake")) as f:
+        version_file = f.read().replace("@TRPO_EXT_VERSION@", VERSION)
+    with open(os.path.join(cmake_dir, "trpo_extConfigVersion.cmake"), "w") as f:
+        f.write(version_file)
+    for rel in _SHIPPED_SOURCES:
+        # include/... keeps its path; csrc/... goes to src/...
+        dest_rel = rel if rel.startswith("include/") else "src/" + rel[len("csrc/"):]
+        dest = os.path.join(share, "trpo_ext", dest_rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(os.path.join(HERE, rel), dest)
+
+
+class _BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    def run(self):
+        super().run()
+        _ship_cmake_package(os.path.join(self.build_lib, "trpo_ext"))
+        if self.inplace or getattr(self, "editable_mode", False):
+            _ship_cmake_package(os.path.join(HERE, "trpo_ext"))
+
+
 setup(
     name="trpo_ext",
-    version="0.1.0",
+    version=VERSION,
     description="Trust Region Policy Optimization with fused C++/CUDA kernels for PyTorch",
     packages=find_packages(include=["trpo_ext", "trpo_ext.*"]),
     package_data={"trpo_ext": ["py.typed"]},
@@ -116,7 +150,7 @@ setup(
         "test": ["pytest", "hypothesis", "scipy", "pytest-benchmark", "gymnasium[mujoco]>=1.0"],
     },
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt},
     entry_points={"console_scripts": ["trpo-ext=trpo_ext.cli:main"]},
     zip_safe=False,
 )

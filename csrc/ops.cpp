@@ -21,6 +21,18 @@ TORCH_LIBRARY(trpo_ext, m) {
       "float gamma, float lam) -> (Tensor, Tensor)");
 
   // --- conjugate gradient (cg_*) -----------------------------------------------------------------
+  // Solves (A + damping·I) x = b with the operator applied by the caller between steps (see cg.h).
+  // cg_init: (r, p, state) for the start x0 (zero when absent; then Ax0 = matvec(x0) is required).
+  m.def(
+      "cg_init(Tensor b, Tensor? x0, Tensor? Ax0, float damping, float rtol, float atol) "
+      "-> (Tensor, Tensor, Tensor)");
+  // cg_step: one iteration given Ap = matvec(p); x, r, p and state are updated in place, and the step
+  // does nothing once state says the solve has stopped.
+  m.def(
+      "cg_step(Tensor(a!) x, Tensor(b!) r, Tensor(c!) p, Tensor Ap, Tensor(d!) state, "
+      "float damping) -> ()");
+  // cg_finish: xᵀ(b − r) = xᵀ(A + damping·I)x as a 0-d tensor of b's dtype (also kept in state).
+  m.def("cg_finish(Tensor b, Tensor x, Tensor r, Tensor(a!) state) -> Tensor");
 
   // --- KL divergence and surrogate (kl_*) --------------------------------------------------------
   // Batch means of KL(π_old ‖ π_new) summed over action dimensions (Gaussian: means [B, A],

@@ -1,6 +1,6 @@
 """trpo_ext: Trust Region Policy Optimization with fused C++/CUDA kernels for PyTorch."""
 from ._build import build_info
-from .cg import CGResult, conjugate_gradient
+from .cg import CGGraph, CGResult, cmake_prefix_path, conjugate_gradient
 from .gae import gae
 from .checkpoint import load
 from .evaluate import evaluate, evaluate_returns
@@ -19,6 +19,8 @@ __all__ = [
     "gae",
     "conjugate_gradient",
     "CGResult",
+    "CGGraph",
+    "cmake_prefix_path",
     "mean_kl_diag_gaussian",
     "mean_kl_categorical",
     "surrogate_kl_diag_gaussian",

@@ -94,6 +94,27 @@ def conjugate_gradient_reference(matvec, b, x0=None, *, maxiter=10, rtol=1e-10, 
     return x, it, float(rr) ** 0.5, status, xAx
 
 
+def conjugate_gradient_baseline(f_Ax, b, cg_iters=10, residual_tol=1e-10):
+    """CG as TRPO libraries write it (e.g. the PyTorch ports of the original TRPO code): tensor
+    scalars on b's device, the loop in Python, and one host read per iteration (the comparison of
+    rᵀr with ``residual_tol``).  ``f_Ax`` includes any damping.  The baseline the benchmarks time."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = b.clone()
+    rdotr = torch.dot(r, r)
+    for _ in range(cg_iters):
+        Ap = f_Ax(p)
+        alpha = rdotr / torch.dot(p, Ap)
+        x += alpha * p
+        r -= alpha * Ap
+        new_rdotr = torch.dot(r, r)
+        p = r + (new_rdotr / rdotr) * p
+        rdotr = new_rdotr
+        if rdotr < residual_tol:
+            break
+    return x
+
+
 # --- KL divergence and surrogate ----------------------------------------------------------------
 
 _LOG_2PI = 1.8378770664093453
