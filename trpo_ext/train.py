@@ -94,8 +94,10 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
         return torch.autograd.grad(grad_kl, flat, grad_outputs=v, retain_graph=True)[0]
 
+    # sync=False: x and xAx stay on the device; the CG's counters are read after the line search,
+    # whose decisions are the update's only host synchronisations.
     cg = conjugate_gradient(fisher_vector_product, g, maxiter=cfg.cg_iters, rtol=0.0, atol=0.0,
-                            damping=cfg.cg_damping)
+                            damping=cfg.cg_damping, sync=False)
     s = cg.x
     del grad_kl, new  # free the double-backward graph before the line search
     t2 = clock()
@@ -128,6 +130,7 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
                 break
         if not accepted:
             flat.copy_(theta_old)  # θ_old restored bit for bit
+    cg = cg.synced()
     t3 = clock()
 
     # 7. Value-function regression on the returns, minibatched Adam.
