@@ -80,7 +80,11 @@ def _nvcc_version():
 def _extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself
+    # is compiled with OpenMP (the runtime is torch's own libgomp, already loaded).
+    # -fno-trapping-math: lets the vectoriser evaluate both arms of a select (GAE's bootstrap); it
+    # changes no result, unlike fast math, which stays off.
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math"]
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     define_macros = []
     if with_cuda:
@@ -99,6 +103,7 @@ def _extension():
         include_dirs=[os.path.join(HERE, "csrc"), os.path.join(HERE, "include")],
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
+        extra_link_args=["-fopenmp"],
     )
 
 

@@ -20,9 +20,11 @@ namespace {
 
 using gae::Affine;
 
-constexpr int kLanes = 16;
-// Environments per row-walking task.
-constexpr int64_t kRowBlock = 256;
+constexpr int kLanes = 4;
+// From this many environments on, a task walks whole rows of environments instead of lanes.
+constexpr int64_t kRowModeMinEnvs = 16;
+// Most environments per row-walking task (the state of each stays in L1).
+constexpr int64_t kRowBlock = 2048;
 // Shortest chunk worth an extra pass over its inputs.
 constexpr int64_t kMinChunk = 256;
 
@@ -31,8 +33,9 @@ struct Ptrs {
   const scalar_t* rewards;      // [T, N]
   const scalar_t* values;       // [T, N]
   const scalar_t* next_values;  // [T, N]
-  const bool* terminated;       // [T, N]
-  const bool* done;             // [T, N]
+  // Masks read as bytes: the vectoriser widens uint8 lanes but gives up on bool loads.
+  const uint8_t* terminated;    // [T, N]
+  const uint8_t* done;          // [T, N]
   scalar_t* advantages;         // [T, N]
   scalar_t* returns;            // [T, N]
 };
@@ -56,8 +59,8 @@ void run_lanes(const Ptrs<scalar_t>& p, const int64_t* base, int count, int64_t 
       const acc_t v = static_cast<acc_t>(p.values[j]);
       const acc_t d = gae::td_residual<acc_t>(static_cast<acc_t>(p.rewards[j]), v,
                                               static_cast<acc_t>(p.next_values[j]),
-                                              p.terminated[j], gamma);
-      const acc_t c = gae::trace_coef<acc_t>(p.done[j], gamma_lam);
+                                              p.terminated[j] != 0, gamma);
+      const acc_t c = gae::trace_coef<acc_t>(p.done[j] != 0, gamma_lam);
       if (kApply) {
         a[k] = gae::step<acc_t>(d, c, a[k]);
         p.advantages[j] = static_cast<scalar_t>(a[k]);
@@ -76,7 +79,7 @@ void run_lanes(const Ptrs<scalar_t>& p, const int64_t* base, int count, int64_t 
 
 // Visits lanes [begin, end) of the lane space (lane = c * N + n, chunk c covering rows
 // [c * L, min((c + 1) * L, T))) in groups of up to kLanes lanes of equal length.  Used when there are
-// fewer environments than kLanes, so that a group spans several chunks.
+// fewer than kRowModeMinEnvs environments, so that a group spans several chunks.
 template <bool kApply, typename scalar_t, typename acc_t>
 void run_lane_range(const Ptrs<scalar_t>& p, int64_t begin, int64_t end, int64_t T, int64_t N,
                     int64_t L, acc_t gamma, acc_t gamma_lam, const acc_t* carry,
@@ -106,6 +109,41 @@ void run_lane_range(const Ptrs<scalar_t>& p, int64_t begin, int64_t end, int64_t
   }
 }
 
+// One row of the backward recursion over `width` adjacent environments, state in a[k].  Written as
+// plain loops over restrict pointers so that the compiler vectorises them (with -fno-trapping-math,
+// which lets it evaluate both arms of a select; results are unchanged).
+template <typename scalar_t, typename acc_t>
+void apply_row(const scalar_t* __restrict__ r, const scalar_t* __restrict__ v,
+               const scalar_t* __restrict__ nv, const uint8_t* __restrict__ term,
+               const uint8_t* __restrict__ done, scalar_t* __restrict__ adv,
+               scalar_t* __restrict__ ret, acc_t* __restrict__ a, int64_t width, acc_t gamma,
+               acc_t gamma_lam) {
+  for (int64_t k = 0; k < width; ++k) {
+    const acc_t vk = static_cast<acc_t>(v[k]);
+    const acc_t d = gae::td_residual<acc_t>(static_cast<acc_t>(r[k]), vk,
+                                            static_cast<acc_t>(nv[k]), term[k] != 0, gamma);
+    const acc_t ak = gae::step<acc_t>(d, gae::trace_coef<acc_t>(done[k] != 0, gamma_lam), a[k]);
+    a[k] = ak;
+    adv[k] = static_cast<scalar_t>(ak);
+    ret[k] = static_cast<scalar_t>(ak + vk);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void compose_row(const scalar_t* __restrict__ r, const scalar_t* __restrict__ v,
+                 const scalar_t* __restrict__ nv, const uint8_t* __restrict__ term,
+                 const uint8_t* __restrict__ done, acc_t* __restrict__ a, acc_t* __restrict__ b,
+                 int64_t width, acc_t gamma, acc_t gamma_lam) {
+  for (int64_t k = 0; k < width; ++k) {
+    const acc_t d = gae::td_residual<acc_t>(static_cast<acc_t>(r[k]), static_cast<acc_t>(v[k]),
+                                            static_cast<acc_t>(nv[k]), term[k] != 0, gamma);
+    const Affine<acc_t> f =
+        gae::combine<acc_t>({d, gae::trace_coef<acc_t>(done[k] != 0, gamma_lam)}, {a[k], b[k]});
+    a[k] = f.a;
+    b[k] = f.b;
+  }
+}
+
 // Rows [t0, t0 + len) of environments [n0, n0 + width), width <= kRowBlock, walked backward a row at
 // a time with the environments as the contiguous inner loop: every input streams through memory in
 // order, and the per-environment state stays in L1.
@@ -121,32 +159,12 @@ void run_rows(const Ptrs<scalar_t>& p, int64_t t0, int64_t len, int64_t n0, int6
   }
   for (int64_t t = t0 + len - 1; t >= t0; --t) {
     const int64_t row = t * N + n0;
-    const scalar_t* __restrict__ r = p.rewards + row;
-    const scalar_t* __restrict__ v = p.values + row;
-    const scalar_t* __restrict__ nv = p.next_values + row;
-    const bool* __restrict__ term = p.terminated + row;
-    const bool* __restrict__ done = p.done + row;
     if (kApply) {
-      scalar_t* __restrict__ adv = p.advantages + row;
-      scalar_t* __restrict__ ret = p.returns + row;
-      for (int64_t k = 0; k < width; ++k) {
-        const acc_t vk = static_cast<acc_t>(v[k]);
-        const acc_t d = gae::td_residual<acc_t>(static_cast<acc_t>(r[k]), vk,
-                                                static_cast<acc_t>(nv[k]), term[k], gamma);
-        a[k] = gae::step<acc_t>(d, gae::trace_coef<acc_t>(done[k], gamma_lam), a[k]);
-        adv[k] = static_cast<scalar_t>(a[k]);
-        ret[k] = static_cast<scalar_t>(a[k] + vk);
-      }
+      apply_row(p.rewards + row, p.values + row, p.next_values + row, p.terminated + row,
+                p.done + row, p.advantages + row, p.returns + row, a, width, gamma, gamma_lam);
     } else {
-      for (int64_t k = 0; k < width; ++k) {
-        const acc_t d = gae::td_residual<acc_t>(static_cast<acc_t>(r[k]),
-                                                static_cast<acc_t>(v[k]),
-                                                static_cast<acc_t>(nv[k]), term[k], gamma);
-        const Affine<acc_t> f =
-            gae::combine<acc_t>({d, gae::trace_coef<acc_t>(done[k], gamma_lam)}, {a[k], b[k]});
-        a[k] = f.a;
-        b[k] = f.b;
-      }
+      compose_row(p.rewards + row, p.values + row, p.next_values + row, p.terminated + row,
+                  p.done + row, a, b, width, gamma, gamma_lam);
     }
   }
   if (!kApply) {
@@ -154,27 +172,33 @@ void run_rows(const Ptrs<scalar_t>& p, int64_t t0, int64_t len, int64_t n0, int6
   }
 }
 
-// One pass over the lane space, parallel over tasks.  With at least kLanes environments a task is a
+// One pass over the lane space, parallel over tasks.  With kRowModeMinEnvs environments or more a task is a
 // (chunk, block of up to kRowBlock environments) walked row by row; with fewer, a task is a group of
 // lanes from different chunks run in lockstep.
 template <bool kApply, typename scalar_t, typename acc_t>
 void run_pass(const Ptrs<scalar_t>& p, int64_t first_chunk, int64_t T, int64_t N, int64_t L,
               acc_t gamma, acc_t gamma_lam, const acc_t* carry, Affine<acc_t>* agg) {
   const int64_t C = (T + L - 1) / L;
-  if (N < kLanes) {
+  if (N < kRowModeMinEnvs) {
     const int64_t grain = std::max<int64_t>(kLanes, (int64_t(1) << 14) / L);
     at::parallel_for(first_chunk * N, C * N, grain, [&](int64_t b, int64_t e) {
       run_lane_range<kApply>(p, b, e, T, N, L, gamma, gamma_lam, carry, agg);
     });
     return;
   }
-  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / (L * std::min(N, kRowBlock)));
+  // Wide blocks: each task streams long contiguous row segments, which the prefetchers follow (short
+  // segments with a jump back of a whole row between them measured several times slower).  One block
+  // per thread when the environments alone are the parallelism.
+  const int64_t threads = std::max(at::get_num_threads(), 1);
+  const int64_t per_thread = C > 1 ? N : (N + threads - 1) / threads;
+  const int64_t block = std::min(kRowBlock, std::max(kRowModeMinEnvs, (per_thread + 15) / 16 * 16));
+  const int64_t blocks = (N + block - 1) / block;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / (L * std::min(N, block)));
   at::parallel_for(first_chunk * blocks, C * blocks, grain, [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t c = task / blocks;
-      const int64_t n0 = (task - c * blocks) * kRowBlock;
-      const int64_t width = std::min(kRowBlock, N - n0);
+      const int64_t n0 = (task - c * blocks) * block;
+      const int64_t width = std::min(block, N - n0);
       const int64_t t0 = c * L;
       const int64_t lane0 = c * N + n0;
       run_rows<kApply>(p, t0, std::min(L, T - t0), n0, width, N, gamma, gamma_lam,
@@ -184,7 +208,8 @@ void run_pass(const Ptrs<scalar_t>& p, int64_t first_chunk, int64_t T, int64_t N
 }
 
 int64_t choose_num_chunks(int64_t T, int64_t N, int threads) {
-  const int64_t wanted_lanes = int64_t(kLanes) * std::max(threads, 1);
+  const int64_t wanted_lanes =
+      (N < kRowModeMinEnvs ? int64_t(kLanes) : kRowModeMinEnvs) * std::max(threads, 1);
   if (N >= wanted_lanes || T < 2 * kMinChunk) return 1;
   const int64_t by_lanes = (wanted_lanes + N - 1) / N;
   return std::max<int64_t>(1, std::min(by_lanes, T / kMinChunk));
@@ -212,8 +237,8 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
     const Ptrs<scalar_t> p{in.rewards.data_ptr<scalar_t>(),
                            in.values.data_ptr<scalar_t>(),
                            in.next_values.data_ptr<scalar_t>(),
-                           in.terminated.data_ptr<bool>(),
-                           in.done.data_ptr<bool>(),
+                           reinterpret_cast<const uint8_t*>(in.terminated.data_ptr<bool>()),
+                           reinterpret_cast<const uint8_t*>(in.done.data_ptr<bool>()),
                            advantages.data_ptr<scalar_t>(),
                            returns.data_ptr<scalar_t>()};
     const acc_t g = static_cast<acc_t>(gamma);
