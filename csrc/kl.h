@@ -411,5 +411,42 @@ inline void check_grad_scalar(const at::Tensor& g, const char* name, const at::T
   check_same_device(ref, ref_name, g, name);
 }
 
+// The checks of the backward ops, shared by both backends: the forward's checks (with the surrogate
+// inputs only when grad_surrogate is given) plus the upstream gradients.
+inline GaussianInputs check_gaussian_backward(
+    const at::Tensor& grad_mean_kl, const std::optional<at::Tensor>& grad_surrogate,
+    const at::Tensor& mean_old, const at::Tensor& log_std_old, const at::Tensor& mean_new,
+    const at::Tensor& log_std_new, const std::optional<at::Tensor>& actions,
+    const std::optional<at::Tensor>& logp_old, const std::optional<at::Tensor>& advantages) {
+  const std::optional<at::Tensor> none;
+  const bool surrogate = grad_surrogate.has_value();
+  GaussianInputs in =
+      surrogate ? check_gaussian(mean_old, log_std_old, mean_new, log_std_new,
+                                 {actions, logp_old, advantages})
+                : check_gaussian(mean_old, log_std_old, mean_new, log_std_new, {none, none, none});
+  TORCH_CHECK_VALUE(!surrogate || in.surrogate,
+                    "grad_surrogate needs actions, logp_old and advantages");
+  check_grad_scalar(grad_mean_kl, "grad_mean_kl", mean_old, "mean_old");
+  if (surrogate) check_grad_scalar(*grad_surrogate, "grad_surrogate", mean_old, "mean_old");
+  return in;
+}
+
+inline CategoricalInputs check_categorical_backward(
+    const at::Tensor& grad_mean_kl, const std::optional<at::Tensor>& grad_surrogate,
+    const at::Tensor& logits_old, const at::Tensor& logits_new,
+    const std::optional<at::Tensor>& actions, const std::optional<at::Tensor>& logp_old,
+    const std::optional<at::Tensor>& advantages) {
+  const std::optional<at::Tensor> none;
+  const bool surrogate = grad_surrogate.has_value();
+  CategoricalInputs in =
+      surrogate ? check_categorical(logits_old, logits_new, {actions, logp_old, advantages})
+                : check_categorical(logits_old, logits_new, {none, none, none});
+  TORCH_CHECK_VALUE(!surrogate || in.surrogate,
+                    "grad_surrogate needs actions, logp_old and advantages");
+  check_grad_scalar(grad_mean_kl, "grad_mean_kl", logits_old, "logits_old");
+  if (surrogate) check_grad_scalar(*grad_surrogate, "grad_surrogate", logits_old, "logits_old");
+  return in;
+}
+
 }  // namespace kl
 }  // namespace trpo_ext

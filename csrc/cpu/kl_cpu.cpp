@@ -276,17 +276,10 @@ std::tuple<at::Tensor, at::Tensor> kl_diag_gaussian_backward_cpu(
     const at::Tensor& mean_old, const at::Tensor& log_std_old, const at::Tensor& mean_new,
     const at::Tensor& log_std_new, const std::optional<at::Tensor>& actions,
     const std::optional<at::Tensor>& logp_old, const std::optional<at::Tensor>& advantages) {
-  const std::optional<at::Tensor> none;
   const bool surrogate = grad_surrogate.has_value();
   const kl::GaussianInputs in =
-      surrogate ? kl::check_gaussian(mean_old, log_std_old, mean_new, log_std_new,
-                                     {actions, logp_old, advantages})
-                : kl::check_gaussian(mean_old, log_std_old, mean_new, log_std_new,
-                                     {none, none, none});
-  TORCH_CHECK_VALUE(!surrogate || in.surrogate,
-                    "grad_surrogate needs actions, logp_old and advantages");
-  kl::check_grad_scalar(grad_mean_kl, "grad_mean_kl", mean_old, "mean_old");
-  if (surrogate) kl::check_grad_scalar(*grad_surrogate, "grad_surrogate", mean_old, "mean_old");
+      kl::check_gaussian_backward(grad_mean_kl, grad_surrogate, mean_old, log_std_old, mean_new,
+                                  log_std_new, actions, logp_old, advantages);
   at::Tensor grad_mean = at::empty_like(in.mean_new);
   // A state-independent log_std's gradient sums the per-row terms over the batch.
   at::Tensor grad_log_std_rows = at::empty_like(in.mean_new);
@@ -463,18 +456,10 @@ at::Tensor kl_categorical_backward_cpu(const at::Tensor& grad_mean_kl,
                                        const std::optional<at::Tensor>& actions,
                                        const std::optional<at::Tensor>& logp_old,
                                        const std::optional<at::Tensor>& advantages) {
-  const std::optional<at::Tensor> none;
   const bool surrogate = grad_surrogate.has_value();
-  const kl::CategoricalInputs in =
-      surrogate ? kl::check_categorical(logits_old, logits_new, {actions, logp_old, advantages})
-                : kl::check_categorical(logits_old, logits_new, {none, none, none});
-  TORCH_CHECK_VALUE(!surrogate || in.surrogate,
-                    "grad_surrogate needs actions, logp_old and advantages");
-  kl::check_grad_scalar(grad_mean_kl, "grad_mean_kl", logits_old, "logits_old");
-  if (surrogate) {
-    kl::check_grad_scalar(*grad_surrogate, "grad_surrogate", logits_old, "logits_old");
-    check_actions_in_range(in);
-  }
+  const kl::CategoricalInputs in = kl::check_categorical_backward(
+      grad_mean_kl, grad_surrogate, logits_old, logits_new, actions, logp_old, advantages);
+  if (surrogate) check_actions_in_range(in);
   at::Tensor grad_logits = at::empty_like(in.logits_new);
   const at::ScalarType index_type = surrogate ? in.actions.scalar_type() : at::kLong;
   AT_DISPATCH_FLOATING_TYPES(in.logits_old.scalar_type(), "kl_categorical_backward_cpu", [&] {
