@@ -313,3 +313,13 @@ def test_learns_with_default_settings(env_id, target):
         result = trpo_ext.train(env_id, 100_000, seed=seed)
         scores.append(trpo_ext.evaluate(result.policy, env_id, episodes=20, seed=1000))
     assert np.mean(scores) >= target, scores
+
+
+def test_log_dir_config_names_the_task_and_seed(tmp_path):
+    # `trpo-ext plot` groups runs of one task across seeds by these two keys of config.json.
+    import json
+
+    trpo_ext.train("CartPole-v1", 2048, seed=3, log_dir=str(tmp_path), n_envs=2, n_steps=64)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["env_id"] == "CartPole-v1" and config["seed"] == 3
+    assert config["total_steps"] == 2048 and config["max_kl"] == 0.01

@@ -361,7 +361,9 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
     if cfg.log_dir is not None or cfg.progress:
         from .logger import RunLogger  # imported only when asked for: it pulls logging libraries
 
-        logger = RunLogger(cfg.log_dir, cfg.progress, total_steps, _config_dict(cfg),
+        # env_id and seed let `trpo-ext plot` group the runs of one task across seeds.
+        run_config = {**_config_dict(cfg), "env_id": env_id, "seed": seed, "total_steps": total_steps}
+        logger = RunLogger(cfg.log_dir, cfg.progress, total_steps, run_config,
                            start_steps=steps_done, resumed=ckpt is not None)
     checkpoint_path = None
     samples_per_update = cfg.n_envs * cfg.n_steps
