@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 # extension is compiled against the torch that will import it.
 "$PY" -m pip install --quiet "torch==2.14.1" ninja numpy "setuptools>=64" wheel
 "$PY" -m pip install --quiet "gymnasium[mujoco]>=1.0" scipy pytest hypothesis pytest-benchmark \
-  matplotlib tensorboard tqdm
+  matplotlib tensorboard tqdm sb3-contrib
 MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install --quiet --no-build-isolation -e .
 "$PY" -c "import trpo_ext; print('trpo_ext built:', trpo_ext.build_info())"
