@@ -14,8 +14,8 @@
 
 TORCH_LIBRARY(trpo_ext, m) {
   // --- GAE (gae_*) -------------------------------------------------------------------------------
-  // advantages, returns for time-major [T] or [T, N] rollouts.  Masks are bool (other dtypes are
-  // converted by the Python wrapper's caller contract: any 0/1 dtype is accepted and cast here).
+  // advantages, returns for time-major [T] or [T, N] rollouts.  Masks are bool, or 0/1 values of any
+  // integer or floating dtype (converted to bool by the shared checks in gae.h).
   m.def(
       "gae(Tensor rewards, Tensor values, Tensor next_values, Tensor terminated, Tensor done, "
       "float gamma, float lam) -> (Tensor, Tensor)");
