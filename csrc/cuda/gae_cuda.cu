@@ -42,6 +42,40 @@ __device__ __forceinline__ void load_step(const scalar_t* __restrict__ rewards,
   c = gae::trace_coef<acc_t>(done[j], gamma_lam);
 }
 
+// The composed map of rows [t0, t1) of environment n (the chunk's aggregate).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ Affine<acc_t> compose_chunk(
+    const scalar_t* __restrict__ rewards, const scalar_t* __restrict__ values,
+    const scalar_t* __restrict__ next_values, const bool* __restrict__ terminated,
+    const bool* __restrict__ done, int64_t t0, int64_t t1, int64_t N, int64_t n, acc_t gamma,
+    acc_t gamma_lam) {
+  Affine<acc_t> f = gae::identity<acc_t>();
+  for (int64_t t = t1 - 1; t >= t0; --t) {
+    acc_t v, d, k;
+    load_step(rewards, values, next_values, terminated, done, t * N + n, gamma, gamma_lam, v, d, k);
+    f = gae::combine<acc_t>({d, k}, f);
+  }
+  return f;
+}
+
+// The recursion over rows [t0, t1) of environment n from carry-in a, writing both outputs.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void replay_chunk(
+    const scalar_t* __restrict__ rewards, const scalar_t* __restrict__ values,
+    const scalar_t* __restrict__ next_values, const bool* __restrict__ terminated,
+    const bool* __restrict__ done, scalar_t* __restrict__ advantages,
+    scalar_t* __restrict__ returns, int64_t t0, int64_t t1, int64_t N, int64_t n, acc_t a,
+    acc_t gamma, acc_t gamma_lam) {
+  for (int64_t t = t1 - 1; t >= t0; --t) {
+    const int64_t j = t * N + n;
+    acc_t v, d, k;
+    load_step(rewards, values, next_values, terminated, done, j, gamma, gamma_lam, v, d, k);
+    a = gae::step<acc_t>(d, k, a);
+    advantages[j] = static_cast<scalar_t>(a);
+    returns[j] = static_cast<scalar_t>(a + v);
+  }
+}
+
 // One thread per lane (chunk c >= 1, environment n); n is fastest so that a warp reads one row.
 template <typename scalar_t, typename acc_t>
 __global__ void gae_chunk_aggregate_kernel(const scalar_t* __restrict__ rewards,      // [T, N]
@@ -58,13 +92,8 @@ __global__ void gae_chunk_aggregate_kernel(const scalar_t* __restrict__ rewards,
   const int64_t n = lane - c * N;
   const int64_t t0 = c * L;
   const int64_t t1 = min(t0 + L, T);
-  Affine<acc_t> f = gae::identity<acc_t>();
-  for (int64_t t = t1 - 1; t >= t0; --t) {
-    acc_t v, d, k;
-    load_step(rewards, values, next_values, terminated, done, t * N + n, gamma, gamma_lam, v, d, k);
-    f = gae::combine<acc_t>({d, k}, f);
-  }
-  agg[lane] = f;
+  agg[lane] = compose_chunk(rewards, values, next_values, terminated, done, t0, t1, N, n, gamma,
+                            gamma_lam);
 }
 
 // One block per environment: carry[c, n] = A at the first row of chunk c + 1, i.e. the composition
@@ -123,15 +152,8 @@ __global__ void gae_apply_kernel(const scalar_t* __restrict__ rewards,      // [
   const int64_t n = lane - c * N;
   const int64_t t0 = c * L;
   const int64_t t1 = min(t0 + L, T);
-  acc_t a = carry ? carry[lane] : acc_t(0);
-  for (int64_t t = t1 - 1; t >= t0; --t) {
-    const int64_t j = t * N + n;
-    acc_t v, d, k;
-    load_step(rewards, values, next_values, terminated, done, j, gamma, gamma_lam, v, d, k);
-    a = gae::step<acc_t>(d, k, a);
-    advantages[j] = static_cast<scalar_t>(a);
-    returns[j] = static_cast<scalar_t>(a + v);
-  }
+  replay_chunk(rewards, values, next_values, terminated, done, advantages, returns, t0, t1, N, n,
+               carry ? carry[lane] : acc_t(0), gamma, gamma_lam);
 }
 
 // Short horizons in one launch.  Block (E environments) × (Cb chunks): thread (x, y) owns environment
@@ -158,14 +180,8 @@ __global__ void gae_fused_block_kernel(const scalar_t* __restrict__ rewards,    
   const int64_t t1 = min(t0 + L, T);
   const bool active = n < N;
   if (active && threadIdx.y > 0) {
-    Affine<acc_t> f = gae::identity<acc_t>();
-    for (int64_t t = t1 - 1; t >= t0; --t) {
-      acc_t v, d, k;
-      load_step(rewards, values, next_values, terminated, done, t * N + n, gamma, gamma_lam, v, d,
-                k);
-      f = gae::combine<acc_t>({d, k}, f);
-    }
-    maps[slot] = f;
+    maps[slot] = compose_chunk(rewards, values, next_values, terminated, done, t0, t1, N, n,
+                               gamma, gamma_lam);
   }
   __syncthreads();
   if (active && threadIdx.y == 0) {
@@ -180,15 +196,8 @@ __global__ void gae_fused_block_kernel(const scalar_t* __restrict__ rewards,    
   }
   __syncthreads();
   if (!active) return;
-  acc_t a = carries[slot];
-  for (int64_t t = t1 - 1; t >= t0; --t) {
-    const int64_t j = t * N + n;
-    acc_t v, d, k;
-    load_step(rewards, values, next_values, terminated, done, j, gamma, gamma_lam, v, d, k);
-    a = gae::step<acc_t>(d, k, a);
-    advantages[j] = static_cast<scalar_t>(a);
-    returns[j] = static_cast<scalar_t>(a + v);
-  }
+  replay_chunk(rewards, values, next_values, terminated, done, advantages, returns, t0, t1, N, n,
+               carries[slot], gamma, gamma_lam);
 }
 
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
