@@ -89,45 +89,49 @@ inline acc_t cat_row_kl(acc_t max_old, acc_t sum_old, acc_t cross, acc_t max_new
 }
 
 // Batch partial sums of one block, kept in kLanes lanes so that the row loop vectorises; folded
-// in lane order at the end.
+// in lane order at the end.  The maxima stay in acc_t: the max of acc_t values is one of them.
+template <typename acc_t>
 struct LaneSums {
   double kl[kLanes];
   double surrogate[kLanes];
-  double max_kl[kLanes];
+  acc_t max_kl[kLanes];
 };
 
-inline void lanes_init(LaneSums& s) {
+template <typename acc_t>
+inline void lanes_init(LaneSums<acc_t>& s) {
   for (int j = 0; j < kLanes; ++j) {
     s.kl[j] = 0.0;
     s.surrogate[j] = 0.0;
-    s.max_kl[j] = kl::neg_inf<double>();
+    s.max_kl[j] = kl::neg_inf<acc_t>();
   }
 }
 
 // Adds n per-row values (surrogate terms only when kSurrogate) to the lanes: row i goes to lane
 // i % kLanes, counted from the start of the block (tiles hold a multiple of kLanes rows).
 template <typename acc_t, bool kSurrogate>
-inline void lanes_add(LaneSums& s, const acc_t* kl_rows, const acc_t* surrogate_rows, int n) {
+inline void lanes_add(LaneSums<acc_t>& __restrict s, const acc_t* __restrict kl_rows,
+                      const acc_t* __restrict surrogate_rows, int n) {
   int i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const double v = static_cast<double>(kl_rows[i + j]);
-      s.kl[j] += v;
-      s.max_kl[j] = kl::nan_max(s.max_kl[j], v);
-      if (kSurrogate) s.surrogate[j] += static_cast<double>(surrogate_rows[i + j]);
+    for (int j = 0; j < kLanes; ++j) s.kl[j] += static_cast<double>(kl_rows[i + j]);
+    for (int j = 0; j < kLanes; ++j) s.max_kl[j] = kl::nan_max(s.max_kl[j], kl_rows[i + j]);
+    if (kSurrogate) {
+      for (int j = 0; j < kLanes; ++j) s.surrogate[j] += static_cast<double>(surrogate_rows[i + j]);
     }
   }
   for (int j = 0; i + j < n; ++j) {
-    const double v = static_cast<double>(kl_rows[i + j]);
-    s.kl[j] += v;
-    s.max_kl[j] = kl::nan_max(s.max_kl[j], v);
+    s.kl[j] += static_cast<double>(kl_rows[i + j]);
+    s.max_kl[j] = kl::nan_max(s.max_kl[j], kl_rows[i + j]);
     if (kSurrogate) s.surrogate[j] += static_cast<double>(surrogate_rows[i + j]);
   }
 }
 
-inline Sums lanes_fold(const LaneSums& s) {
+template <typename acc_t>
+inline Sums lanes_fold(const LaneSums<acc_t>& s) {
   Sums t = kl::sums_empty();
-  for (int j = 0; j < kLanes; ++j) t = kl::sums_merge(t, {s.kl[j], s.surrogate[j], s.max_kl[j]});
+  for (int j = 0; j < kLanes; ++j) {
+    t = kl::sums_merge(t, {s.kl[j], s.surrogate[j], static_cast<double>(s.max_kl[j])});
+  }
   return t;
 }
 
@@ -222,7 +226,7 @@ Sums cat_forward_tiles(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r
   Tile<acc_t> t;
   acc_t kl_rows[kTileRows], surrogate_rows[kTileRows];
   acc_t logit_action[kTileRows], logp_old[kTileRows], advantage[kTileRows];
-  LaneSums s;
+  LaneSums<acc_t> s;
   lanes_init(s);
   for (int64_t row0 = r0; row0 < r1; row0 += kTileRows) {
     const int n = static_cast<int>(std::min<int64_t>(kTileRows, r1 - row0));
@@ -294,6 +298,56 @@ void cat_backward_tiles(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl, acc_t
       for (int64_t k = 0; k < K; ++k) dst[i * K + k] = static_cast<scalar_t>(lo[k * kTileRows + i]);
     }
   }
+}
+
+// --- two classes ---------------------------------------------------------------------------------
+//
+// With K = 2 everything follows from the logit differences d = ℓ₁ − ℓ₀:
+//   log p₀ = −softplus(d), log p₁ = −softplus(−d),  softplus(x) = max(x, 0) + log(1 + e^{−|x|}),
+// so a row costs two exponentials and one log (two with the surrogate) where the general tile
+// path spends four and two, and the [B, 2] rows are read in place.  Terms with p_old = 0 add
+// nothing (as in torch.distributions); identical rows give exactly 0.
+template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
+Sums cat_forward_binary(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1) {
+  acc_t kl_rows[kTileRows], surrogate_rows[kTileRows];
+  acc_t logit_action[kTileRows], logp_old[kTileRows], advantage[kTileRows];
+  LaneSums<acc_t> s;
+  lanes_init(s);
+  for (int64_t row0 = r0; row0 < r1; row0 += kTileRows) {
+    const int n = static_cast<int>(std::min<int64_t>(kTileRows, r1 - row0));
+    const scalar_t* __restrict lo = p.logits_old + row0 * 2;
+    const scalar_t* __restrict ln = p.logits_new + row0 * 2;
+    if (kSurrogate) {
+      tile_surrogate_inputs<scalar_t, acc_t, index_t>(p, row0, n, logit_action, logp_old,
+                                                      advantage);
+    }
+    for (int i = 0; i < n; ++i) {
+      const acc_t lo0 = static_cast<acc_t>(lo[2 * i]), lo1 = static_cast<acc_t>(lo[2 * i + 1]);
+      const acc_t ln0 = static_cast<acc_t>(ln[2 * i]), ln1 = static_cast<acc_t>(ln[2 * i + 1]);
+      const acc_t d_old = lo1 - lo0;
+      const acc_t d_new = ln1 - ln0;
+      const acc_t e_old = vexp(-std::abs(d_old));
+      const acc_t e_new = vexp(-std::abs(d_new));
+      const acc_t one_old = acc_t(1) + e_old;
+      const acc_t one_new = acc_t(1) + e_new;
+      const acc_t inv_old = acc_t(1) / one_old;
+      const acc_t p1 = d_old >= acc_t(0) ? inv_old : e_old * inv_old;
+      const acc_t p0 = d_old >= acc_t(0) ? e_old * inv_old : inv_old;
+      // log p_k − log q_k = (max(±d_new, 0) − max(±d_old, 0)) + log((1 + e_new) / (1 + e_old))
+      // (a quotient, not one_new · inv_old: equal rows must give exactly log 1 = 0)
+      const acc_t log_ratio = vlog(one_new / one_old);
+      const acc_t r0_ = (std::max(d_new, acc_t(0)) - std::max(d_old, acc_t(0))) + log_ratio;
+      const acc_t r1_ = (std::max(-d_new, acc_t(0)) - std::max(-d_old, acc_t(0))) + log_ratio;
+      kl_rows[i] = (p0 == acc_t(0) ? acc_t(0) : p0 * r0_) + (p1 == acc_t(0) ? acc_t(0) : p1 * r1_);
+      if (kSurrogate) {
+        // log π_new(a) = ℓ_new,a − max(ℓ_new) − log(1 + e_new)
+        const acc_t logp = (logit_action[i] - std::max(ln0, ln1)) - vlog(one_new);
+        surrogate_rows[i] = vexp(logp - logp_old[i]) * advantage[i];
+      }
+    }
+    lanes_add<acc_t, kSurrogate>(s, kl_rows, surrogate_rows, n);
+  }
+  return lanes_fold(s);
 }
 
 // --- long rows (K > kTileMaxK) -------------------------------------------------------------------
@@ -420,7 +474,7 @@ void cat_backward_long(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl, acc_t 
 
 template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
 Sums cat_forward_rows(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1) {
-  if (p.K == 2) return cat_forward_tiles<2, scalar_t, acc_t, index_t, kSurrogate>(p, r0, r1);
+  if (p.K == 2) return cat_forward_binary<scalar_t, acc_t, index_t, kSurrogate>(p, r0, r1);
   if (p.K <= kTileMaxK) return cat_forward_tiles<0, scalar_t, acc_t, index_t, kSurrogate>(p, r0, r1);
   return cat_forward_long<scalar_t, acc_t, index_t, kSurrogate>(p, r0, r1);
 }
