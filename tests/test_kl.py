@@ -418,6 +418,112 @@ def test_constant_inputs_must_not_require_grad(index, name):
         trpo_ext.surrogate_kl_diag_gaussian(*args)
 
 
+# --- the CPU kernel's code paths: two classes, tiles of short rows, long rows ----------------------
+# K = 2 has its own closed form, 3 <= K <= 32 runs in tiles of 64 rows, K > 32 along each row;
+# batch sizes straddle the 64-row tiles and the 8 partial-sum lanes.
+
+CAT_PATH_K = [1, 2, 3, 18, 32, 33, 1000]
+
+
+def _cat_expected(lo, ln, act, lp, adv):
+    # float64 log-softmax formulas (trpo_ext._reference), independent of the kernels
+    return surrogate_kl_categorical_reference(*(t.cpu().double() if t.is_floating_point() else t.cpu()
+                                                for t in (lo, ln, act, lp, adv)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", CAT_PATH_K)
+@pytest.mark.parametrize("B", [1, 7, 64, 65, 300])
+def test_categorical_paths_match_reference(B, K, dtype, device):
+    lo, ln, act, lp, adv = categorical_inputs(B, K, dtype, device, seed=K + B)
+    expected = _cat_expected(lo, ln, act, lp, adv)
+    got = trpo_ext.surrogate_kl_categorical(lo, ln, act, lp, adv)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.cpu().double(), e, **tol(dtype))
+    torch.testing.assert_close(trpo_ext.mean_kl_categorical(lo, ln).cpu().double(), expected[1],
+                               **tol(dtype))
+    # gradients of surrogate + KL against autograd through the float64 reference
+    x = ln.clone().requires_grad_()
+    s, k, _ = trpo_ext.surrogate_kl_categorical(lo, x, act, lp, adv)
+    (got_g,) = torch.autograd.grad(s + 0.7 * k, (x,))
+    y = ln.cpu().double().requires_grad_()
+    s, k, _ = surrogate_kl_categorical_reference(lo.cpu().double(), y, act.cpu(),
+                                                 lp.cpu().double(), adv.cpu().double())
+    (ref_g,) = torch.autograd.grad(s + 0.7 * k, (y,))
+    torch.testing.assert_close(got_g.cpu().double(), ref_g, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [2, 3, 18, 1000])
+@pytest.mark.parametrize("scale", [1e4, -1e4])
+def test_categorical_paths_large_logits(K, scale, dtype, device):
+    # Logits around ±1e4 (one shared offset plus O(1) spread): the maxima must cancel exactly.
+    lo, ln, act, lp, adv = categorical_inputs(130, K, F64, device, seed=3)
+    lo, ln = lo + scale, ln + scale
+    lo, ln, lp, adv = (t.to(dtype) for t in (lo, ln, lp, adv))
+    expected = _cat_expected(lo, ln, act, lp, adv)
+    got = trpo_ext.surrogate_kl_categorical(lo, ln, act, lp, adv)
+    # the logits' own rounding (eps · 1e4) is the error floor, as for log_softmax
+    eps = torch.finfo(dtype).eps
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.cpu().double(), e, rtol=1e-6, atol=50 * eps * abs(scale))
+    assert float(trpo_ext.mean_kl_categorical(lo, lo)) == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [2, 3, 18, 1000])
+@pytest.mark.parametrize("masked", [-1e30, float("-inf")])
+def test_categorical_paths_masked_classes(K, masked, dtype, device):
+    # Huge negative (or −inf) logits at the same classes of old and new, as for invalid actions:
+    # those classes have probability 0 and add nothing, as in torch.distributions.
+    lo, ln, act, lp, adv = categorical_inputs(97, K, F64, device, seed=5)
+    mask = torch.zeros(97, K, dtype=torch.bool, device=device)
+    mask[:, 0] = True
+    mask[::3, K - 1] = K > 2
+    act = torch.where(act == 0, torch.ones_like(act), act) if K > 1 else act
+    act = torch.where(mask.gather(1, act[:, None]).squeeze(1), torch.full_like(act, 1), act)
+    lo = lo.masked_fill(mask, masked)
+    ln = ln.masked_fill(mask, masked)
+    lp = torch.log_softmax(lo, -1).gather(-1, act[:, None]).squeeze(-1)
+    kl_rows = kl_divergence(Categorical(logits=lo.cpu()), Categorical(logits=ln.cpu()))
+    lo, ln, lp, adv = (t.to(dtype) for t in (lo, ln, lp, adv))
+    kl = trpo_ext.mean_kl_categorical(lo, ln)
+    torch.testing.assert_close(kl.cpu().double(), kl_rows.mean(), **tol(dtype))
+    s, k, m = trpo_ext.surrogate_kl_categorical(lo, ln, act, lp, adv)
+    torch.testing.assert_close(k.cpu().double(), kl_rows.mean(), **tol(dtype))
+    torch.testing.assert_close(m.cpu().double(), kl_rows.max(), **tol(dtype))
+    ratio = torch.exp(Categorical(logits=ln.cpu().double()).log_prob(act.cpu()) - lp.cpu().double())
+    torch.testing.assert_close(s.cpu().double(), (ratio * adv.cpu().double()).mean(), **tol(dtype))
+
+
+@pytest.mark.parametrize("K", [2, 18, 1000])
+def test_categorical_paths_non_contiguous(K, device):
+    lo, ln, act, lp, adv = categorical_inputs(50, K, torch.float32, device)
+    t = lambda x: x.t().contiguous().t()  # noqa: E731  same values, column-major
+    assert not t(lo).is_contiguous()
+    for a, b in zip(trpo_ext.surrogate_kl_categorical(t(lo), t(ln), act, lp, adv),
+                    trpo_ext.surrogate_kl_categorical(lo, ln, act, lp, adv)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("K", [2, 18, 1000])
+def test_categorical_reproducible_across_thread_counts(K):
+    args = categorical_inputs(400_000 // K, K, torch.float32, "cpu")
+    x = args[1].clone().requires_grad_()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            out = trpo_ext.surrogate_kl_categorical(args[0], x, *args[2:])
+            (g,) = torch.autograd.grad(out[0] + out[1], (x,))
+            results.append([o.detach() for o in out] + [g])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 # --- layouts, sizes ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)

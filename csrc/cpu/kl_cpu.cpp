@@ -10,6 +10,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -18,7 +21,6 @@
 namespace trpo_ext {
 namespace {
 
-using kl::CatRow;
 using kl::Sums;
 
 // Elements per block of rows, and the least work worth a thread.
@@ -348,41 +350,55 @@ void check_actions_in_range(const kl::CategoricalInputs& in) {
   });
 }
 
-// One row's online log-sum-exp state.  Taking the maxima first means cat_push never rescales, so
-// the loop is branch-predictable; the result is the same state the GPU builds lane by lane.
-template <typename scalar_t, typename acc_t>
-inline CatRow<acc_t> categorical_row(const scalar_t* lo, const scalar_t* ln, int64_t K) {
-  acc_t max_old = kl::neg_inf<acc_t>();
-  acc_t max_new = kl::neg_inf<acc_t>();
-  for (int64_t k = 0; k < K; ++k) {
-    max_old = std::max(max_old, static_cast<acc_t>(lo[k]));
-    max_new = std::max(max_new, static_cast<acc_t>(ln[k]));
-  }
-  CatRow<acc_t> r{max_old, acc_t(0), acc_t(0), max_new, acc_t(0)};
-  for (int64_t k = 0; k < K; ++k) {
-    kl::cat_push<acc_t>(r, static_cast<acc_t>(lo[k]), static_cast<acc_t>(ln[k]));
-  }
-  return r;
+// The row kernels (kl_cpu_kernels.h), compiled twice: for the x86-64 baseline and for AVX2 + FMA,
+// chosen once at run time.  Each copy lives in its own namespace and has internal linkage (we are
+// inside an anonymous namespace), so the two never meet at link time.  AVX2 machines and others
+// may differ in the last bits (FMA contraction); on one machine results are reproducible.
+namespace isa_base {
+#include "kl_cpu_kernels.h"
+}  // namespace isa_base
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TRPO_KL_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#include "kl_cpu_kernels.h"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#endif
+
+bool use_avx2() {
+#ifdef TRPO_KL_HAVE_AVX2
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
 }
 
 template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
 Sums categorical_forward_rows(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1) {
-  Sums s = kl::sums_empty();
-  const int64_t K = p.K;
-  const index_t* actions = static_cast<const index_t*>(p.actions);
-  for (int64_t row = r0; row < r1; ++row) {
-    const scalar_t* ln = p.logits_new + row * K;
-    const CatRow<acc_t> r = categorical_row<scalar_t, acc_t>(p.logits_old + row * K, ln, K);
-    const acc_t kl_row = kl::cat_kl(r);
-    s.kl += static_cast<double>(kl_row);
-    s.max_kl = kl::nan_max(s.max_kl, static_cast<double>(kl_row));
-    if (kSurrogate) {
-      const acc_t logp = static_cast<acc_t>(ln[actions[row]]) - kl::cat_lse_new(r);
-      s.surrogate += static_cast<double>(kl::surrogate_term<acc_t>(
-          logp, static_cast<acc_t>(p.logp_old[row]), static_cast<acc_t>(p.advantages[row])));
-    }
+#ifdef TRPO_KL_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::cat_forward_rows<scalar_t, acc_t, index_t, kSurrogate>(p, r0, r1);
+#endif
+  return isa_base::cat_forward_rows<scalar_t, acc_t, index_t, kSurrogate>(p, r0, r1);
+}
+
+template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
+void categorical_backward_rows(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl,
+                               acc_t grad_surrogate, scalar_t* grad_logits, int64_t r0,
+                               int64_t r1) {
+  // grad_logits: [B, K]; grad_kl and grad_surrogate already carry the 1/B of the mean.
+#ifdef TRPO_KL_HAVE_AVX2
+  if (use_avx2()) {
+    isa_avx2::cat_backward_rows<scalar_t, acc_t, index_t, kSurrogate>(p, grad_kl, grad_surrogate,
+                                                                      grad_logits, r0, r1);
+    return;
   }
-  return s;
+#endif
+  isa_base::cat_backward_rows<scalar_t, acc_t, index_t, kSurrogate>(p, grad_kl, grad_surrogate,
+                                                                    grad_logits, r0, r1);
 }
 
 template <bool kSurrogate>
@@ -419,35 +435,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_surrogate_categorical_cpu(
   const double B = static_cast<double>(in.B);
   return {scalar_like(logits_old, s.surrogate / B), scalar_like(logits_old, s.kl / B),
           scalar_like(logits_old, s.max_kl)};
-}
-
-template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
-void categorical_backward_rows(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl,
-                               acc_t grad_surrogate, scalar_t* grad_logits, int64_t r0,
-                               int64_t r1) {
-  // grad_logits: [B, K]; grad_kl and grad_surrogate already carry the 1/B of the mean.
-  const int64_t K = p.K;
-  const index_t* actions = static_cast<const index_t*>(p.actions);
-  for (int64_t row = r0; row < r1; ++row) {
-    const scalar_t* lo = p.logits_old + row * K;
-    const scalar_t* ln = p.logits_new + row * K;
-    const CatRow<acc_t> r = categorical_row<scalar_t, acc_t>(lo, ln, K);
-    const acc_t lse_old = kl::cat_lse_old(r);
-    const acc_t lse_new = kl::cat_lse_new(r);
-    acc_t c = 0;
-    int64_t action = -1;
-    if (kSurrogate) {
-      action = static_cast<int64_t>(actions[row]);
-      c = grad_surrogate * kl::surrogate_term<acc_t>(static_cast<acc_t>(ln[action]) - lse_new,
-                                                     static_cast<acc_t>(p.logp_old[row]),
-                                                     static_cast<acc_t>(p.advantages[row]));
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      grad_logits[row * K + k] = static_cast<scalar_t>(
-          kl::cat_grad<acc_t>(static_cast<acc_t>(lo[k]), static_cast<acc_t>(ln[k]), lse_old,
-                              lse_new, grad_kl, c, k == action));
-    }
-  }
 }
 
 at::Tensor kl_categorical_backward_cpu(const at::Tensor& grad_mean_kl,

@@ -1,0 +1,495 @@
+// Categorical KL / surrogate row kernels for the CPU, written so that GCC's auto-vectoriser turns
+// every inner loop into SIMD code.  This file is included twice by kl_cpu.cpp: once plainly (the
+// x86-64 baseline, SSE2) and once under `#pragma GCC target("avx2,fma")`, each time inside its own
+// namespace, so that one source gives both instruction sets and kl_cpu.cpp picks one at run time.
+// It therefore has no include guard and includes nothing itself.
+//
+// Why these helpers are CPU-only and not in kl.h: the GPU computes one element per lane with the
+// accurate libdevice expf/logf, which costs it nothing next to the loads.  A CPU core instead needs
+// the exponentials of 8 elements in one instruction stream, which the scalar libm functions (calls
+// the vectoriser cannot look into) forbid.  The same formula for the KL as kl::cat_kl is used,
+// rearranged (see cat_row_kl below).
+//
+// Layout: for K <= kTileMaxK a tile of up to kTileRows rows is transposed into class-major scratch
+// ([K][rows]), so that every loop runs across rows and is full-width whatever K is (K = 2 would
+// otherwise give 2-wide loops).  Wider rows are walked along the row with kLanes partial sums.
+// Partial sums are combined in a fixed order, so results do not depend on the thread count.
+
+constexpr int kTileRows = 64;
+constexpr int64_t kTileMaxK = 32;
+constexpr int kLanes = 8;
+
+// --- exp and log for float, branch-free ---------------------------------------------------------
+//
+// vexp: Cody–Waite reduction x = n ln2 + r, |r| <= ln2/2, with ln2 split into a 9-bit head (n·head
+// is exact for |n| < 2^15) and a tail; exp(r) by its Taylor series to r⁷ (truncation < 5e-9
+// relative, below float's 6e-8 rounding); 2ⁿ built in the exponent bits.  Inputs below −87 give
+// 0 (the true value is < 1.7e-38, at the bottom of float's normal range; it only ever enters sums
+// that hold a 1), above 88 give +inf, NaN gives NaN.
+inline float vexp(float x) {
+  const float magic = 12582912.0f;  // 1.5·2²³: adding it rounds to an integer in the low bits
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);  // NaN passes through both
+  const float kn = xc * 1.44269504088896341f + magic;
+  const int32_t n = std::bit_cast<int32_t>(kn) - std::bit_cast<int32_t>(magic);
+  const float fn = kn - magic;
+  const float r = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float scale = std::bit_cast<float>((n + 127) << 23);
+  const float y = p * scale;
+  return x < -87.0f ? 0.0f : (x > 88.0f ? std::numeric_limits<float>::infinity() : y);
+}
+
+// vlog for positive normal floats (here: sums of exponentials, >= 1 in every row that holds a
+// finite logit); NaN gives NaN.  x = 2ᵉ m with m in [√½, √2); log m = 2 atanh(s), s = (m−1)/(m+1),
+// |s| <= 0.172, by its series to s¹¹ (truncation < 1e-9 relative).
+inline float vlog(float x) {
+  const int32_t bits = std::bit_cast<int32_t>(x);
+  int32_t e = ((bits >> 23) & 0xff) - 127;
+  float m = std::bit_cast<float>((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const bool big = m > 1.41421356f;
+  m = big ? 0.5f * m : m;
+  e = big ? e + 1 : e;
+  const float f = m - 1.0f;  // exact (Sterbenz)
+  const float s = f / (2.0f + f);
+  const float s2 = s * s;
+  float q = 2.0f / 11.0f;
+  q = q * s2 + 2.0f / 9.0f;
+  q = q * s2 + 2.0f / 7.0f;
+  q = q * s2 + 2.0f / 5.0f;
+  q = q * s2 + 2.0f / 3.0f;
+  q = q * s2 + 2.0f;
+  const float fe = static_cast<float>(e);
+  // ln2 = 0.693359375 − 2.12194440e-4: the head times e is exact.
+  const float y = fe * 0.693359375f + (s * q - fe * 2.12194440e-4f);
+  return x != x ? x : y;
+}
+
+// float64 keeps the accurate libm functions: its results are held to 1e-10 relative.
+inline double vexp(double x) { return std::exp(x); }
+inline double vlog(double x) { return std::log(x); }
+
+// --- per-row statistics -------------------------------------------------------------------------
+
+// KL of a row from its statistics: with p_old = e_old / sum_old,
+//   KL = Σ p_old (ℓ_old − ℓ_new) − LSE(ℓ_old) + LSE(ℓ_new)
+//      = cross / sum_old + (max_new − max_old) + (log sum_new − log sum_old),
+// kl::cat_kl's formula with the maxima taken out of the logs, so large logits cancel exactly first.
+// Identical rows give exactly 0: cross = 0 and the other two terms are differences of equal values.
+template <typename acc_t>
+inline acc_t cat_row_kl(acc_t max_old, acc_t sum_old, acc_t cross, acc_t max_new, acc_t sum_new,
+                        acc_t log_sum_old, acc_t log_sum_new) {
+  return cross / sum_old + (max_new - max_old) + (log_sum_new - log_sum_old);
+}
+
+// Batch partial sums of one block, kept in kLanes lanes so that the row loop vectorises; folded
+// in lane order at the end.  The maxima stay in acc_t: the max of acc_t values is one of them.
+template <typename acc_t>
+struct LaneSums {
+  double kl[kLanes];
+  double surrogate[kLanes];
+  acc_t max_kl[kLanes];
+};
+
+template <typename acc_t>
+inline void lanes_init(LaneSums<acc_t>& s) {
+  for (int j = 0; j < kLanes; ++j) {
+    s.kl[j] = 0.0;
+    s.surrogate[j] = 0.0;
+    s.max_kl[j] = kl::neg_inf<acc_t>();
+  }
+}
+
+// Adds n per-row values (surrogate terms only when kSurrogate) to the lanes: row i goes to lane
+// i % kLanes, counted from the start of the block (tiles hold a multiple of kLanes rows).
+template <typename acc_t, bool kSurrogate>
+inline void lanes_add(LaneSums<acc_t>& __restrict s, const acc_t* __restrict kl_rows,
+                      const acc_t* __restrict surrogate_rows, int n) {
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) s.kl[j] += static_cast<double>(kl_rows[i + j]);
+    for (int j = 0; j < kLanes; ++j) s.max_kl[j] = kl::nan_max(s.max_kl[j], kl_rows[i + j]);
+    if (kSurrogate) {
+      for (int j = 0; j < kLanes; ++j) s.surrogate[j] += static_cast<double>(surrogate_rows[i + j]);
+    }
+  }
+  for (int j = 0; i + j < n; ++j) {
+    s.kl[j] += static_cast<double>(kl_rows[i + j]);
+    s.max_kl[j] = kl::nan_max(s.max_kl[j], kl_rows[i + j]);
+    if (kSurrogate) s.surrogate[j] += static_cast<double>(surrogate_rows[i + j]);
+  }
+}
+
+template <typename acc_t>
+inline Sums lanes_fold(const LaneSums<acc_t>& s) {
+  Sums t = kl::sums_empty();
+  for (int j = 0; j < kLanes; ++j) {
+    t = kl::sums_merge(t, {s.kl[j], s.surrogate[j], static_cast<double>(s.max_kl[j])});
+  }
+  return t;
+}
+
+// --- tiles of short rows (K <= kTileMaxK) --------------------------------------------------------
+
+// Statistics of the n rows of a tile, class-major: x_old[k * kTileRows + i] is row i's class k.
+template <typename acc_t>
+struct Tile {
+  acc_t max_old[kTileRows], sum_old[kTileRows], cross[kTileRows];
+  acc_t max_new[kTileRows], sum_new[kTileRows];
+  acc_t log_sum_old[kTileRows], log_sum_new[kTileRows];
+};
+
+// Copies rows [row0, row0 + n) of a [B, K] matrix into class-major scratch.  KC is K when it is a
+// compile-time constant (the copy then vectorises as a de-interleave), else 0.
+template <int KC, typename scalar_t, typename acc_t>
+inline void tile_load(const scalar_t* x, int64_t K_runtime, int64_t row0, int n, acc_t* out) {
+  const int64_t K = KC > 0 ? KC : K_runtime;
+  const scalar_t* src = x + row0 * K;
+  for (int i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < K; ++k) out[k * kTileRows + i] = static_cast<acc_t>(src[i * K + k]);
+  }
+  // A short last tile: the rows past n are computed (full-width loops) but never used; zeros keep
+  // that arithmetic on defined values.
+  for (int64_t k = 0; k < K && n < kTileRows; ++k) {
+    for (int i = n; i < kTileRows; ++i) out[k * kTileRows + i] = acc_t(0);
+  }
+}
+
+// Row maxima, then Σ exp(ℓ − max) and Σ exp(ℓ_old − max_old)(ℓ_old − ℓ_new), then the logs of the
+// sums.  Two passes over the (cache-resident) tile instead of an online log-sum-exp: no rescaling,
+// no branches.  A class with p_old = 0 (a −inf old logit) adds nothing to the cross term, as in
+// torch.distributions, rather than 0 · ∞ = NaN.
+template <typename acc_t>
+inline void tile_stats(const acc_t* __restrict lo, const acc_t* __restrict ln, int64_t K,
+                       Tile<acc_t>& __restrict t) {
+  // Local copies and __restrict: without them GCC cannot rule out that the scratch and the
+  // statistics overlap and falls back to scalar code for the maxima.
+  acc_t mo[kTileRows], mn[kTileRows], so[kTileRows], cr[kTileRows], sn[kTileRows];
+  for (int i = 0; i < kTileRows; ++i) {
+    mo[i] = lo[i];
+    mn[i] = ln[i];
+  }
+  for (int64_t k = 1; k < K; ++k) {
+    const acc_t* __restrict a = lo + k * kTileRows;
+    const acc_t* __restrict b = ln + k * kTileRows;
+    for (int i = 0; i < kTileRows; ++i) {
+      mo[i] = a[i] > mo[i] ? a[i] : mo[i];
+      mn[i] = b[i] > mn[i] ? b[i] : mn[i];
+    }
+  }
+  for (int i = 0; i < kTileRows; ++i) so[i] = cr[i] = sn[i] = acc_t(0);
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t* __restrict a = lo + k * kTileRows;
+    const acc_t* __restrict b = ln + k * kTileRows;
+    for (int i = 0; i < kTileRows; ++i) {
+      const acc_t e = vexp(a[i] - mo[i]);
+      so[i] += e;
+      cr[i] += e == acc_t(0) ? acc_t(0) : e * (a[i] - b[i]);
+      sn[i] += vexp(b[i] - mn[i]);
+    }
+  }
+  for (int i = 0; i < kTileRows; ++i) {
+    t.max_old[i] = mo[i];
+    t.max_new[i] = mn[i];
+    t.sum_old[i] = so[i];
+    t.cross[i] = cr[i];
+    t.sum_new[i] = sn[i];
+    t.log_sum_old[i] = vlog(so[i]);
+    t.log_sum_new[i] = vlog(sn[i]);
+  }
+}
+
+// Per-row surrogate inputs of a tile: ℓ_new of the taken action, logp_old, advantage.
+template <typename scalar_t, typename acc_t, typename index_t>
+inline void tile_surrogate_inputs(const CategoricalPtrs<scalar_t>& p, int64_t row0, int n,
+                                  acc_t* logit_action, acc_t* logp_old, acc_t* advantage) {
+  const index_t* actions = static_cast<const index_t*>(p.actions);
+  for (int i = 0; i < n; ++i) {
+    const int64_t row = row0 + i;
+    logit_action[i] = static_cast<acc_t>(p.logits_new[row * p.K + actions[row]]);
+    logp_old[i] = static_cast<acc_t>(p.logp_old[row]);
+    advantage[i] = static_cast<acc_t>(p.advantages[row]);
+  }
+}
+
+// Forward over rows [r0, r1) of one block.
+template <int KC, typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
+Sums cat_forward_tiles(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1) {
+  const int64_t K = KC > 0 ? KC : p.K;
+  acc_t lo[kTileMaxK * kTileRows], ln[kTileMaxK * kTileRows];
+  Tile<acc_t> t;
+  acc_t kl_rows[kTileRows], surrogate_rows[kTileRows];
+  acc_t logit_action[kTileRows], logp_old[kTileRows], advantage[kTileRows];
+  LaneSums<acc_t> s;
+  lanes_init(s);
+  for (int64_t row0 = r0; row0 < r1; row0 += kTileRows) {
+    const int n = static_cast<int>(std::min<int64_t>(kTileRows, r1 - row0));
+    tile_load<KC>(p.logits_old, K, row0, n, lo);
+    tile_load<KC>(p.logits_new, K, row0, n, ln);
+    tile_stats(lo, ln, K, t);
+    for (int i = 0; i < kTileRows; ++i) {
+      kl_rows[i] = cat_row_kl(t.max_old[i], t.sum_old[i], t.cross[i], t.max_new[i], t.sum_new[i],
+                              t.log_sum_old[i], t.log_sum_new[i]);
+    }
+    if (kSurrogate) {
+      tile_surrogate_inputs<scalar_t, acc_t, index_t>(p, row0, n, logit_action, logp_old,
+                                                      advantage);
+      // exp(log π_new(a) − logp_old) · A, as kl::surrogate_term.
+      for (int i = 0; i < n; ++i) {
+        const acc_t logp = (logit_action[i] - t.max_new[i]) - t.log_sum_new[i];
+        surrogate_rows[i] = vexp(logp - logp_old[i]) * advantage[i];
+      }
+    }
+    lanes_add<acc_t, kSurrogate>(s, kl_rows, surrogate_rows, n);
+  }
+  return lanes_fold(s);
+}
+
+// Backward over rows [r0, r1): grad[k] = g_kl (p_new,k − p_old,k) + c ([k = a] − p_new,k), the
+// formula of kl::cat_grad, with c = g_surrogate · exp(log π_new(a) − logp_old) · A.
+template <int KC, typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
+void cat_backward_tiles(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl, acc_t grad_surrogate,
+                        scalar_t* grad_logits, int64_t r0, int64_t r1) {
+  const int64_t K = KC > 0 ? KC : p.K;
+  acc_t lo[kTileMaxK * kTileRows], ln[kTileMaxK * kTileRows];
+  Tile<acc_t> t;
+  acc_t inv_old[kTileRows], inv_new[kTileRows], c[kTileRows];
+  acc_t logit_action[kTileRows], logp_old[kTileRows], advantage[kTileRows];
+  const index_t* actions = static_cast<const index_t*>(p.actions);
+  for (int64_t row0 = r0; row0 < r1; row0 += kTileRows) {
+    const int n = static_cast<int>(std::min<int64_t>(kTileRows, r1 - row0));
+    tile_load<KC>(p.logits_old, K, row0, n, lo);
+    tile_load<KC>(p.logits_new, K, row0, n, ln);
+    tile_stats(lo, ln, K, t);
+    for (int i = 0; i < kTileRows; ++i) {
+      inv_old[i] = acc_t(1) / t.sum_old[i];
+      inv_new[i] = acc_t(1) / t.sum_new[i];
+      c[i] = 0;
+    }
+    if (kSurrogate) {
+      tile_surrogate_inputs<scalar_t, acc_t, index_t>(p, row0, n, logit_action, logp_old,
+                                                      advantage);
+      for (int i = 0; i < n; ++i) {
+        const acc_t logp = (logit_action[i] - t.max_new[i]) - t.log_sum_new[i];
+        c[i] = grad_surrogate * vexp(logp - logp_old[i]) * advantage[i];
+      }
+    }
+    // The gradient, class-major, over the scratch of the old logits.
+    for (int64_t k = 0; k < K; ++k) {
+      acc_t* a = lo + k * kTileRows;
+      const acc_t* b = ln + k * kTileRows;
+      for (int i = 0; i < kTileRows; ++i) {
+        const acc_t p_new = vexp(b[i] - t.max_new[i]) * inv_new[i];
+        const acc_t p_old = vexp(a[i] - t.max_old[i]) * inv_old[i];
+        a[i] = grad_kl * (p_new - p_old) - c[i] * p_new;
+      }
+    }
+    if (kSurrogate) {
+      for (int i = 0; i < n; ++i) lo[actions[row0 + i] * kTileRows + i] += c[i];
+    }
+    scalar_t* dst = grad_logits + row0 * K;
+    for (int i = 0; i < n; ++i) {
+      for (int64_t k = 0; k < K; ++k) dst[i * K + k] = static_cast<scalar_t>(lo[k * kTileRows + i]);
+    }
+  }
+}
+
+// --- two classes ---------------------------------------------------------------------------------
+//
+// With K = 2 everything follows from the logit differences d = ℓ₁ − ℓ₀:
+//   log p₀ = −softplus(d), log p₁ = −softplus(−d),  softplus(x) = max(x, 0) + log(1 + e^{−|x|}),
+// so a row costs two exponentials and one log (two with the surrogate) where the general tile
+// path spends four and two, and the [B, 2] rows are read in place.  Terms with p_old = 0 add
+// nothing (as in torch.distributions); identical rows give exactly 0.
+template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
+Sums cat_forward_binary(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1) {
+  acc_t kl_rows[kTileRows], surrogate_rows[kTileRows];
+  acc_t logit_action[kTileRows], logp_old[kTileRows], advantage[kTileRows];
+  LaneSums<acc_t> s;
+  lanes_init(s);
+  for (int64_t row0 = r0; row0 < r1; row0 += kTileRows) {
+    const int n = static_cast<int>(std::min<int64_t>(kTileRows, r1 - row0));
+    const scalar_t* __restrict lo = p.logits_old + row0 * 2;
+    const scalar_t* __restrict ln = p.logits_new + row0 * 2;
+    if (kSurrogate) {
+      tile_surrogate_inputs<scalar_t, acc_t, index_t>(p, row0, n, logit_action, logp_old,
+                                                      advantage);
+    }
+    for (int i = 0; i < n; ++i) {
+      const acc_t lo0 = static_cast<acc_t>(lo[2 * i]), lo1 = static_cast<acc_t>(lo[2 * i + 1]);
+      const acc_t ln0 = static_cast<acc_t>(ln[2 * i]), ln1 = static_cast<acc_t>(ln[2 * i + 1]);
+      const acc_t d_old = lo1 - lo0;
+      const acc_t d_new = ln1 - ln0;
+      const acc_t e_old = vexp(-std::abs(d_old));
+      const acc_t e_new = vexp(-std::abs(d_new));
+      const acc_t one_old = acc_t(1) + e_old;
+      const acc_t one_new = acc_t(1) + e_new;
+      const acc_t inv_old = acc_t(1) / one_old;
+      const acc_t p1 = d_old >= acc_t(0) ? inv_old : e_old * inv_old;
+      const acc_t p0 = d_old >= acc_t(0) ? e_old * inv_old : inv_old;
+      // log p_k − log q_k = (max(±d_new, 0) − max(±d_old, 0)) + log((1 + e_new) / (1 + e_old))
+      // (a quotient, not one_new · inv_old: equal rows must give exactly log 1 = 0)
+      const acc_t log_ratio = vlog(one_new / one_old);
+      const acc_t r0_ = (std::max(d_new, acc_t(0)) - std::max(d_old, acc_t(0))) + log_ratio;
+      const acc_t r1_ = (std::max(-d_new, acc_t(0)) - std::max(-d_old, acc_t(0))) + log_ratio;
+      kl_rows[i] = (p0 == acc_t(0) ? acc_t(0) : p0 * r0_) + (p1 == acc_t(0) ? acc_t(0) : p1 * r1_);
+      if (kSurrogate) {
+        // log π_new(a) = ℓ_new,a − max(ℓ_new) − log(1 + e_new)
+        const acc_t logp = (logit_action[i] - std::max(ln0, ln1)) - vlog(one_new);
+        surrogate_rows[i] = vexp(logp - logp_old[i]) * advantage[i];
+      }
+    }
+    lanes_add<acc_t, kSurrogate>(s, kl_rows, surrogate_rows, n);
+  }
+  return lanes_fold(s);
+}
+
+// --- long rows (K > kTileMaxK) -------------------------------------------------------------------
+
+template <typename acc_t>
+struct RowStats {
+  acc_t max_old, sum_old, cross, max_new, sum_new, log_sum_old, log_sum_new;
+};
+
+template <typename acc_t>
+inline acc_t lanes_max(const acc_t* m) {
+  acc_t r = m[0];
+  for (int j = 1; j < kLanes; ++j) r = std::max(r, m[j]);
+  return r;
+}
+
+template <typename acc_t>
+inline acc_t lanes_sum(const acc_t* m) {
+  acc_t r = m[0];
+  for (int j = 1; j < kLanes; ++j) r += m[j];
+  return r;
+}
+
+// One row's statistics, element k in lane k % kLanes, lanes folded in order.
+template <typename scalar_t, typename acc_t>
+inline RowStats<acc_t> long_row_stats(const scalar_t* lo, const scalar_t* ln, int64_t K) {
+  acc_t mo[kLanes], mn[kLanes];
+  for (int j = 0; j < kLanes; ++j) mo[j] = mn[j] = kl::neg_inf<acc_t>();
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      mo[j] = std::max(mo[j], static_cast<acc_t>(lo[k + j]));
+      mn[j] = std::max(mn[j], static_cast<acc_t>(ln[k + j]));
+    }
+  }
+  for (int j = 0; k + j < K; ++j) {
+    mo[j] = std::max(mo[j], static_cast<acc_t>(lo[k + j]));
+    mn[j] = std::max(mn[j], static_cast<acc_t>(ln[k + j]));
+  }
+  RowStats<acc_t> r;
+  r.max_old = lanes_max(mo);
+  r.max_new = lanes_max(mn);
+  acc_t so[kLanes], cr[kLanes], sn[kLanes];
+  for (int j = 0; j < kLanes; ++j) so[j] = cr[j] = sn[j] = 0;
+  k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t a = static_cast<acc_t>(lo[k + j]);
+      const acc_t b = static_cast<acc_t>(ln[k + j]);
+      const acc_t e = vexp(a - r.max_old);
+      so[j] += e;
+      cr[j] += e == acc_t(0) ? acc_t(0) : e * (a - b);
+      sn[j] += vexp(b - r.max_new);
+    }
+  }
+  for (int j = 0; k + j < K; ++j) {
+    const acc_t a = static_cast<acc_t>(lo[k + j]);
+    const acc_t b = static_cast<acc_t>(ln[k + j]);
+    const acc_t e = vexp(a - r.max_old);
+    so[j] += e;
+    cr[j] += e == acc_t(0) ? acc_t(0) : e * (a - b);
+    sn[j] += vexp(b - r.max_new);
+  }
+  r.sum_old = lanes_sum(so);
+  r.cross = lanes_sum(cr);
+  r.sum_new = lanes_sum(sn);
+  r.log_sum_old = vlog(r.sum_old);
+  r.log_sum_new = vlog(r.sum_new);
+  return r;
+}
+
+template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
+Sums cat_forward_long(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1) {
+  const int64_t K = p.K;
+  const index_t* actions = static_cast<const index_t*>(p.actions);
+  Sums s = kl::sums_empty();
+  for (int64_t row = r0; row < r1; ++row) {
+    const scalar_t* ln = p.logits_new + row * K;
+    const RowStats<acc_t> r = long_row_stats<scalar_t, acc_t>(p.logits_old + row * K, ln, K);
+    const acc_t kl_row = cat_row_kl(r.max_old, r.sum_old, r.cross, r.max_new, r.sum_new,
+                                    r.log_sum_old, r.log_sum_new);
+    s.kl += static_cast<double>(kl_row);
+    s.max_kl = kl::nan_max(s.max_kl, static_cast<double>(kl_row));
+    if (kSurrogate) {
+      const acc_t logp = (static_cast<acc_t>(ln[actions[row]]) - r.max_new) - r.log_sum_new;
+      s.surrogate += static_cast<double>(
+          vexp(logp - static_cast<acc_t>(p.logp_old[row])) * static_cast<acc_t>(p.advantages[row]));
+    }
+  }
+  return s;
+}
+
+template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
+void cat_backward_long(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl, acc_t grad_surrogate,
+                       scalar_t* grad_logits, int64_t r0, int64_t r1) {
+  const int64_t K = p.K;
+  const index_t* actions = static_cast<const index_t*>(p.actions);
+  for (int64_t row = r0; row < r1; ++row) {
+    const scalar_t* lo = p.logits_old + row * K;
+    const scalar_t* ln = p.logits_new + row * K;
+    const RowStats<acc_t> r = long_row_stats<scalar_t, acc_t>(lo, ln, K);
+    acc_t c = 0;
+    if (kSurrogate) {
+      const acc_t logp = (static_cast<acc_t>(ln[actions[row]]) - r.max_new) - r.log_sum_new;
+      c = grad_surrogate * vexp(logp - static_cast<acc_t>(p.logp_old[row])) *
+          static_cast<acc_t>(p.advantages[row]);
+    }
+    const acc_t inv_old = acc_t(1) / r.sum_old;
+    const acc_t inv_new = acc_t(1) / r.sum_new;
+    scalar_t* g = grad_logits + row * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t p_new = vexp(static_cast<acc_t>(ln[k]) - r.max_new) * inv_new;
+      const acc_t p_old = vexp(static_cast<acc_t>(lo[k]) - r.max_old) * inv_old;
+      g[k] = static_cast<scalar_t>(grad_kl * (p_new - p_old) - c * p_new);
+    }
+    if (kSurrogate) {
+      const int64_t a = static_cast<int64_t>(actions[row]);
+      g[a] = static_cast<scalar_t>(static_cast<acc_t>(g[a]) + c);
+    }
+  }
+}
+
+// --- entry points ----------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
+Sums cat_forward_rows(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1) {
+  if (p.K == 2) return cat_forward_binary<scalar_t, acc_t, index_t, kSurrogate>(p, r0, r1);
+  if (p.K <= kTileMaxK) return cat_forward_tiles<0, scalar_t, acc_t, index_t, kSurrogate>(p, r0, r1);
+  return cat_forward_long<scalar_t, acc_t, index_t, kSurrogate>(p, r0, r1);
+}
+
+template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
+void cat_backward_rows(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl, acc_t grad_surrogate,
+                       scalar_t* grad_logits, int64_t r0, int64_t r1) {
+  if (p.K == 2) {
+    cat_backward_tiles<2, scalar_t, acc_t, index_t, kSurrogate>(p, grad_kl, grad_surrogate,
+                                                                grad_logits, r0, r1);
+  } else if (p.K <= kTileMaxK) {
+    cat_backward_tiles<0, scalar_t, acc_t, index_t, kSurrogate>(p, grad_kl, grad_surrogate,
+                                                                grad_logits, r0, r1);
+  } else {
+    cat_backward_long<scalar_t, acc_t, index_t, kSurrogate>(p, grad_kl, grad_surrogate,
+                                                            grad_logits, r0, r1);
+  }
+}
