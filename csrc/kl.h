@@ -403,6 +403,48 @@ inline CategoricalInputs check_categorical(const at::Tensor& logits_old,
   return in;
 }
 
+// --- Fisher metric: the Hessian of the batch-mean KL(old ‖ new) at new = old ----------------------
+// The closed-form Fisher-vector product F v = Jᵀ (M (J v)) needs M, the metric of the distribution
+// in its own parameters.  Per batch element (the batch mean adds a factor 1/B):
+//   Gaussian:    ∂²KL/∂μ_new² = e^{−2ℓ} per dimension, ∂²KL/∂ℓ_new² = 2, no cross term;
+//   categorical: ∂²KL/∂ℓ_new∂ℓ_newᵀ = diag(p) − p pᵀ (p = softmax of the logits), so
+//                M u = p ⊙ (u − pᵀu).
+
+template <typename acc_t>
+TRPO_HD acc_t gaussian_metric_mean(acc_t u, acc_t log_std) {
+  return u * k_exp(acc_t(-2) * log_std);
+}
+
+constexpr double kGaussianMetricLogStd = 2.0;
+
+template <typename acc_t>
+TRPO_HD acc_t cat_metric(acc_t p, acc_t u, acc_t p_dot_u) {
+  return p * (u - p_dot_u);
+}
+
+inline void check_metric_gaussian(const at::Tensor& log_std, const at::Tensor& u_mean,
+                                  const at::Tensor& u_log_std) {
+  check_float_tensor(u_mean, "u_mean");
+  TORCH_CHECK_VALUE(u_mean.dim() == 2, "u_mean must be [B, A], got shape ", shape_str(u_mean));
+  check_batch_nonempty(u_mean.size(0), u_mean, "u_mean");
+  check_log_std(log_std, "log_std", u_mean, "u_mean");
+  check_float_tensor(u_log_std, "u_log_std");
+  check_same_shape(log_std, "log_std", u_log_std, "u_log_std");
+  check_same_dtype(log_std, "log_std", u_log_std, "u_log_std");
+  check_same_device(log_std, "log_std", u_log_std, "u_log_std");
+}
+
+inline void check_metric_categorical(const at::Tensor& logits, const at::Tensor& u) {
+  check_float_tensor(logits, "logits");
+  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be [B, K], got shape ", shape_str(logits));
+  check_batch_nonempty(logits.size(0), logits, "logits");
+  TORCH_CHECK_VALUE(logits.size(1) > 0, "logits has no classes (shape ", shape_str(logits), ")");
+  check_float_tensor(u, "u");
+  check_same_shape(logits, "logits", u, "u");
+  check_same_dtype(logits, "logits", u, "u");
+  check_same_device(logits, "logits", u, "u");
+}
+
 // Upstream gradients of the backward ops: 0-d tensors of the inputs' dtype and device, read by the
 // kernels on the device (never copied to the host).
 inline void check_grad_scalar(const at::Tensor& g, const char* name, const at::Tensor& ref,

@@ -59,6 +59,12 @@ TORCH_LIBRARY(trpo_ext, m) {
       "kl_diag_gaussian_backward(Tensor grad_mean_kl, Tensor? grad_surrogate, Tensor mean_old, "
       "Tensor log_std_old, Tensor mean_new, Tensor log_std_new, Tensor? actions, "
       "Tensor? logp_old, Tensor? advantages) -> (Tensor, Tensor)");
+  // The Fisher metric products (kl.h): the Hessian of the batch-mean KL at new = old applied to
+  // directions in the distribution's parameters.  Gaussian: (M u_mean [B, A], M u_log_std shaped
+  // like log_std); categorical: M u [B, K].
+  m.def(
+      "kl_metric_diag_gaussian(Tensor log_std, Tensor u_mean, Tensor u_log_std) -> (Tensor, Tensor)");
+  m.def("kl_metric_categorical(Tensor logits, Tensor u) -> Tensor");
   m.def(
       "kl_categorical_backward(Tensor grad_mean_kl, Tensor? grad_surrogate, Tensor logits_old, "
       "Tensor logits_new, Tensor? actions, Tensor? logp_old, Tensor? advantages) -> Tensor");

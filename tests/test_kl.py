@@ -333,6 +333,87 @@ def test_categorical_hvp_matches_reference(at_old, device):
     torch.testing.assert_close(hvp_op, hvp_ref, rtol=1e-10, atol=1e-12)
 
 
+# --- the Fisher metric ops: Hessians of the textbook KL at new = old -------------------------------
+
+def _hvp_at_old(kl_fn, params, v):
+    _, h = torch.autograd.functional.hvp(kl_fn, params, v)
+    return h
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_state", [False, True])
+@pytest.mark.parametrize("B,A", [(1, 1), (64, 5), (300, 17)])
+def test_gaussian_metric_is_the_kl_hessian(B, A, per_state, dtype, device):
+    mo, lo, *_ = gaussian_inputs(B, A, F64, device, (per_state, per_state))
+    u = (torch.randn_like(mo), torch.randn_like(lo))
+    # Independent reference: torch.distributions' KL, its Hessian at new = old by autograd.
+    ref = _hvp_at_old(
+        lambda m, l: kl_divergence(Independent(Normal(mo, lo.exp().expand_as(mo)), 1),
+                                   Independent(Normal(m, l.exp().expand_as(m)), 1)).mean(),
+        (mo.clone(), lo.clone()), u)
+    got = trpo_ext.fisher_metric_diag_gaussian(lo.to(dtype), u[0].to(dtype), u[1].to(dtype))
+    assert got[0].shape == mo.shape and got[1].shape == lo.shape and got[0].dtype == dtype
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,K", [(1, 1), (1, 2), (64, 7), (33, 1000)])
+def test_categorical_metric_is_the_kl_hessian(B, K, dtype, device):
+    lo, *_ = categorical_inputs(B, K, F64, device)
+    lo = lo * 3.0
+    u = torch.randn_like(lo)
+    ref = _hvp_at_old(lambda a: kl_divergence(Categorical(logits=lo), Categorical(logits=a)).mean(),
+                      lo.clone(), u)
+    got = trpo_ext.fisher_metric_categorical(lo.to(dtype), u.to(dtype))
+    assert got.shape == lo.shape and got.dtype == dtype
+    torch.testing.assert_close(got.double(), ref, **tol(dtype))
+
+
+def test_categorical_metric_large_and_masked_logits(device):
+    lo = torch.tensor([[1e4, 1e4 - 1.0, float("-inf")], [-1e4, -1e4, -1e4]], dtype=F64,
+                      device=device)
+    u = torch.tensor([[0.3, -1.0, 2.0], [1.0, 2.0, 3.0]], dtype=F64, device=device)
+    got = trpo_ext.fisher_metric_categorical(lo, u)
+    p = torch.softmax(lo, -1)
+    expected = p * (u - (p * u).sum(-1, keepdim=True)) / 2
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_metric_ops_opcheck(device):
+    for dtype in DTYPES:
+        mo, lo, *_ = gaussian_inputs(9, 3, dtype, device)
+        torch.library.opcheck(torch.ops.trpo_ext.kl_metric_diag_gaussian.default,
+                              (lo, torch.randn_like(mo), torch.randn_like(lo)))
+        mo, lo, *_ = gaussian_inputs(9, 3, dtype, device, (True, True))
+        torch.library.opcheck(torch.ops.trpo_ext.kl_metric_diag_gaussian.default,
+                              (lo, torch.randn_like(mo), torch.randn_like(lo)))
+        lg, *_ = categorical_inputs(9, 5, dtype, device)
+        torch.library.opcheck(torch.ops.trpo_ext.kl_metric_categorical.default,
+                              (lg, torch.randn_like(lg)))
+
+
+def test_metric_ops_bad_input(device):
+    mo, lo, *_ = gaussian_inputs(9, 3, F64, device)
+    with pytest.raises(ValueError, match="log_std must be"):
+        trpo_ext.fisher_metric_diag_gaussian(lo[:2], torch.randn_like(mo), torch.randn_like(lo[:2]))
+    with pytest.raises(ValueError, match="u_log_std"):
+        trpo_ext.fisher_metric_diag_gaussian(lo, torch.randn_like(mo), torch.randn(4, dtype=F64,
+                                                                                  device=device))
+    with pytest.raises(ValueError, match="u_mean must be"):
+        trpo_ext.fisher_metric_diag_gaussian(lo, torch.randn(3, dtype=F64, device=device), lo)
+    with pytest.raises(TypeError, match="dtype"):
+        trpo_ext.fisher_metric_diag_gaussian(lo, torch.randn_like(mo).float(), torch.randn_like(lo))
+    lg, *_ = categorical_inputs(9, 5, F64, device)
+    with pytest.raises(ValueError, match="u must have"):
+        trpo_ext.fisher_metric_categorical(lg, torch.randn(9, 4, dtype=F64, device=device))
+    with pytest.raises(ValueError, match="empty batch"):
+        trpo_ext.fisher_metric_categorical(lg[:0], lg[:0])
+    with pytest.raises(TypeError, match="u must be a torch.Tensor"):
+        trpo_ext.fisher_metric_categorical(lg, 1.0)
+
+
 @pytest.mark.parametrize("discrete", [False, True])
 def test_fisher_vector_product_through_a_network(discrete, device):
     # The driver's FVP: double backward of the mean KL at θ_old through a policy network,

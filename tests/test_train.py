@@ -11,7 +11,12 @@ import torch
 import torch.nn.functional as F
 
 import trpo_ext
-from trpo_ext._reference import mean_kl_categorical_reference, mean_kl_diag_gaussian_reference
+from trpo_ext._reference import (
+    mean_kl_categorical_reference,
+    mean_kl_diag_gaussian_reference,
+    surrogate_kl_categorical_reference,
+    surrogate_kl_diag_gaussian_reference,
+)
 from trpo_ext.config import TRPOConfig
 from trpo_ext.policies import Adam, Policy, ValueFunction, space_spec
 from trpo_ext.train import HISTORY_KEYS, trpo_update
@@ -166,6 +171,37 @@ def test_fisher_vector_product_is_the_hessian_of_the_mean_kl(env_id, monkeypatch
         _, hv = torch.autograd.functional.hvp(mean_kl, theta_old, v)
         torch.testing.assert_close(fv, hv, rtol=1e-4, atol=1e-6)
         assert torch.dot(v, fv) > 0  # the Fisher matrix is positive semi-definite
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_policy_gradient_is_the_surrogate_gradient(env_id, monkeypatch):
+    # g (the right-hand side handed to the CG) comes from the fused backward op and the linearised
+    # network's backward pass; it must equal autograd of the textbook surrogate at θ_old.
+    policy, value_fn, obs, actions, adv, ret = _setup(env_id, batch=64)
+    theta_old = policy.flat.detach().clone()
+    seen = {}
+    real_cg = train_mod.conjugate_gradient
+
+    def spy(matvec, b, x0=None, **kw):
+        seen["b"] = b.clone()
+        return real_cg(matvec, b, x0, **kw)
+
+    monkeypatch.setattr(train_mod, "conjugate_gradient", spy)
+    trpo_update(policy, value_fn, Adam(value_fn.flat, 1e-3), obs, actions, adv, ret, TRPOConfig(),
+                torch.Generator().manual_seed(0))
+    old = tuple(p.detach() for p in _reference_dist(policy, theta_old, obs))
+    logp_old = policy.log_prob(old, actions)
+
+    def surrogate(theta):
+        new = _reference_dist(policy, theta, obs)
+        if policy.gaussian:
+            return surrogate_kl_diag_gaussian_reference(old[0], old[1], new[0], new[1], actions,
+                                                        logp_old, adv)[0]
+        return surrogate_kl_categorical_reference(old[0], new[0], actions, logp_old, adv)[0]
+
+    theta = theta_old.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(surrogate(theta), theta)
+    torch.testing.assert_close(seen["b"], expected, rtol=1e-4, atol=1e-6)
 
 
 # --- settings --------------------------------------------------------------------------------

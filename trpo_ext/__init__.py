@@ -6,6 +6,8 @@ from .checkpoint import load
 from .evaluate import evaluate, evaluate_returns
 from .train import TrainResult, train
 from .kl import (
+    fisher_metric_categorical,
+    fisher_metric_diag_gaussian,
     mean_kl_categorical,
     mean_kl_diag_gaussian,
     surrogate_kl_categorical,
@@ -25,6 +27,8 @@ __all__ = [
     "mean_kl_categorical",
     "surrogate_kl_diag_gaussian",
     "surrogate_kl_categorical",
+    "fisher_metric_diag_gaussian",
+    "fisher_metric_categorical",
     "train",
     "TrainResult",
     "evaluate",

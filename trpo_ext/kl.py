@@ -30,7 +30,7 @@ import torch
 from . import _build  # noqa: F401  (loads the op registrations)
 
 __all__ = ["mean_kl_diag_gaussian", "mean_kl_categorical", "surrogate_kl_diag_gaussian",
-           "surrogate_kl_categorical"]
+           "surrogate_kl_categorical", "fisher_metric_diag_gaussian", "fisher_metric_categorical"]
 
 _ops = torch.ops.trpo_ext
 
@@ -119,6 +119,33 @@ def surrogate_kl_categorical(logits_old: torch.Tensor, logits_new: torch.Tensor,
 
 
 # --- autograd -----------------------------------------------------------------------------------
+
+# --- the Fisher metric of each distribution -------------------------------------------------------
+
+def fisher_metric_diag_gaussian(log_std: torch.Tensor, u_mean: torch.Tensor,
+                                u_log_std: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The Hessian of the batch-mean Gaussian KL at new = old, applied to a direction.
+
+    With the old distribution's ``log_std`` (``[A]`` or ``[B, A]``) and a direction ``(u_mean
+    [B, A], u_log_std shaped like log_std)`` in the new distribution's parameters, returns
+    ``(u_mean · e^{−2·log_std} / B, 2 · u_log_std)`` (``2 · u_log_std / B`` for a ``[B, A]``
+    log_std): the metric M of the closed-form Fisher-vector product F v = Jᵀ M J v, J being the
+    Jacobian of the distribution parameters in the network's.  One fused pass, not differentiable.
+    """
+    _require_tensors(log_std=log_std, u_mean=u_mean, u_log_std=u_log_std)
+    return _ops.kl_metric_diag_gaussian(log_std, u_mean, u_log_std)
+
+
+def fisher_metric_categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The Hessian of the batch-mean categorical KL at new = old, applied to a direction.
+
+    With the old ``logits [B, K]`` (p = softmax) and a direction ``u [B, K]`` in the new logits,
+    returns ``(p ⊙ (u − pᵀu)) / B`` row by row, i.e. ``(diag(p) − p pᵀ) u / B``.  One fused pass,
+    not differentiable.
+    """
+    _require_tensors(logits=logits, u=u)
+    return _ops.kl_metric_categorical(logits, u)
+
 
 def _refuse_grad(names, tensors) -> None:
     for name, t in zip(names, tensors):
@@ -326,3 +353,21 @@ def _bwd_cat_fake(grad_mean_kl, grad_surrogate, logits_old, logits_new, actions,
     _check_categorical_meta(logits_old, logits_new)
     return torch.empty_like(logits_new, memory_format=torch.contiguous_format)
 
+
+
+@torch.library.register_fake("trpo_ext::kl_metric_diag_gaussian")
+def _metric_gauss_fake(log_std, u_mean, u_log_std):
+    torch._check(u_mean.dim() == 2, lambda: "u_mean must be [B, A]")
+    torch._check(u_log_std.shape == log_std.shape, lambda: "u_log_std must have the shape of log_std")
+    torch._check(u_mean.dtype == log_std.dtype and u_log_std.dtype == log_std.dtype,
+                 lambda: "log_std, u_mean and u_log_std must share a dtype")
+    return (torch.empty_like(u_mean, memory_format=torch.contiguous_format),
+            torch.empty_like(u_log_std, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("trpo_ext::kl_metric_categorical")
+def _metric_cat_fake(logits, u):
+    torch._check(logits.dim() == 2, lambda: "logits must be [B, K]")
+    torch._check(u.shape == logits.shape, lambda: "u must have the shape of logits")
+    torch._check(u.dtype == logits.dtype, lambda: "u must have the dtype of logits")
+    return torch.empty_like(u, memory_format=torch.contiguous_format)

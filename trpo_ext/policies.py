@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import kl as _kl
 
-__all__ = ["RunningMeanStd", "Policy", "ValueFunction", "Adam", "space_spec"]
+__all__ = ["RunningMeanStd", "Policy", "ValueFunction", "Adam", "space_spec", "Linearization"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -156,6 +156,63 @@ class _FlatModule(nn.Module):
         return x
 
 
+class Linearization:
+    """A policy network linearised at θ_old, for the closed-form Fisher-vector product.
+
+    Holds each layer's input at θ_old (the observations, then the tanh outputs) and the tanh
+    derivatives, so that ``jvp`` (J v: the first-order change of the network's output along a
+    parameter direction v) and ``vjp`` (Jᵀ w: the backward pass) each cost a few matrix products,
+    with no autograd graph.  F v = Jᵀ (M (J v)), M being the distribution's Fisher metric
+    (:func:`trpo_ext.fisher_metric_diag_gaussian`, :func:`trpo_ext.fisher_metric_categorical`).
+    Valid while θ is θ_old: it reads the weights through views of the live parameter buffer.
+    """
+
+    def __init__(self, module: "_FlatModule", obs: torch.Tensor):
+        self._module = module
+        views = module._data_views()
+        self._weights = [views[2 * i] for i in range(module._n_layers)]
+        inputs = [obs]
+        x = obs
+        with torch.no_grad():
+            for i in range(module._n_layers):
+                x = F.linear(x, views[2 * i], views[2 * i + 1])
+                if i < module._n_layers - 1:
+                    x = torch.tanh(x)
+                    inputs.append(x)
+            self.inputs = inputs
+            self.tanh_derivs = [1.0 - h * h for h in inputs[1:]]
+        self.output = x
+
+    def _split(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        m = self._module
+        return [c.view(s) for c, (_, s) in zip(flat.split(m._numels), m.layout)]
+
+    def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        """J v ``[B, out]`` for a flat parameter direction ``v`` (entries past the network's, such as
+        a log-std, are ignored)."""
+        parts = self._split(v)
+        tangent = None
+        for i, w in enumerate(self._weights):
+            z = torch.addmm(parts[2 * i + 1], self.inputs[i], parts[2 * i].t())
+            if tangent is not None:
+                z.addmm_(tangent, w.t())
+            if i == len(self._weights) - 1:
+                return z
+            tangent = z.mul_(self.tanh_derivs[i])
+        raise AssertionError("a network has at least one layer")
+
+    def vjp(self, w_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Writes Jᵀ w_out into the network's entries of the flat vector ``out`` and returns it."""
+        parts = self._split(out)
+        g = w_out
+        for i in reversed(range(len(self._weights))):
+            torch.mm(g.t(), self.inputs[i], out=parts[2 * i])
+            torch.sum(g, 0, out=parts[2 * i + 1])
+            if i > 0:
+                g = torch.mm(g, self._weights[i]).mul_(self.tanh_derivs[i - 1])
+        return out
+
+
 class Policy(_FlatModule):
     """An MLP policy π_θ(a|s) (tanh hidden layers) over flattened / one-hot observations.
 
@@ -252,6 +309,45 @@ class Policy(_FlatModule):
         if self.gaussian:
             return _kl.mean_kl_diag_gaussian(old[0], old[1], new[0], new[1])
         return _kl.mean_kl_categorical(old[0], new[0])
+
+    # --- the update's closed forms ----------------------------------------------------------------
+
+    def linearize(self, obs: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], Linearization]:
+        """The distribution at θ_old for normalised ``obs`` (detached; the log-std cloned, since the
+        line search writes into its buffer) and the network linearised there."""
+        lin = Linearization(self, obs)
+        params = (lin.output, self._data_views()[-1].clone()) if self.gaussian else (lin.output,)
+        return params, lin
+
+    def surrogate_gradient(self, lin: Linearization, old: Tuple[torch.Tensor, ...],
+                           actions: torch.Tensor, logp_old: torch.Tensor,
+                           advantages: torch.Tensor) -> torch.Tensor:
+        """g = ∇θ of the surrogate E[π_θ/π_old · A] at θ_old, as a flat vector: the fused backward op
+        gives the gradient in the distribution's parameters, the network's Jᵀ carries it to θ."""
+        g = torch.empty_like(self.flat, requires_grad=False)
+        zero = torch.zeros((), dtype=lin.output.dtype, device=lin.output.device)
+        one = torch.ones((), dtype=lin.output.dtype, device=lin.output.device)
+        if self.gaussian:
+            d_mean, d_log_std = torch.ops.trpo_ext.kl_diag_gaussian_backward(
+                zero, one, old[0], old[1], old[0], old[1], actions, logp_old, advantages)
+            g[-d_log_std.numel():] = d_log_std
+        else:
+            d_mean = torch.ops.trpo_ext.kl_categorical_backward(
+                zero, one, old[0], old[0], actions, logp_old, advantages)
+        return lin.vjp(d_mean, g)
+
+    def fisher_vector_product(self, lin: Linearization, old: Tuple[torch.Tensor, ...],
+                              v: torch.Tensor) -> torch.Tensor:
+        """F v for the Fisher matrix F = ∇²θ mean KL(π_old‖π_θ) at θ_old, in closed form Jᵀ M J v."""
+        out = torch.empty_like(v)
+        u = lin.jvp(v)
+        if self.gaussian:
+            n = old[1].numel()
+            m_mean, m_log_std = _kl.fisher_metric_diag_gaussian(old[1], u, v[-n:])
+            out[-n:] = m_log_std
+        else:
+            m_mean = _kl.fisher_metric_categorical(old[0], u)
+        return lin.vjp(m_mean, out)
 
     # --- observations ----------------------------------------------------------------------------
 

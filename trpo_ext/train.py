@@ -6,7 +6,9 @@ One iteration, in the order of the algorithm (Schulman et al. 2015; the seed cha
 2. advantages A_t by GAE (``trpo_ext.gae``), standardised;
 3. g = ∇θ L(θ) at θ_old, L the surrogate mean(π_θ(a|s) / π_θold(a|s) · A);
 4. s ≈ (F + damping·I)⁻¹ g by ``cg_iters`` conjugate-gradient iterations, F·v the Hessian of the
-   batch-mean KL(π_θold ‖ π_θ) at θ_old times v (double backward);
+   batch-mean KL(π_θold ‖ π_θ) at θ_old times v, in closed form Jᵀ M J v (the network linearised at
+   θ_old, M the distribution's Fisher metric; equal to double backward, tested against
+   ``torch.autograd.functional.hvp``);
 5. β = sqrt(2δ / sᵀ(F + damping·I)s), sᵀ(F + damping·I)s read from the CG result;
 6. backtracking line search θ = θ_old + α·β·s, α = backtrack_ratio^k: accept the first trial with a
    surrogate improvement > 0 and mean KL ≤ δ; if none, θ_old is kept bit for bit;
@@ -76,30 +78,29 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     t0 = clock()
     flat = policy.flat
 
-    # 3. The policy gradient g of the surrogate at θ_old.  `old` is detached (log_std cloned, since
-    # it is a view of the buffer the line search writes into).
+    # 3. The policy gradient g of the surrogate at θ_old.  The network is linearised there once:
+    # its layer inputs serve g (one backward pass, Jᵀ) and every Fisher-vector product below.
+    old, lin = policy.linearize(obs)
     with torch.no_grad():
-        old = tuple(p.clone() for p in policy.distribution_params(obs))
         logp_old = policy.log_prob(old, actions)
-    new = policy.distribution_params(obs, differentiable=True)
-    surrogate_old, _, _ = policy.surrogate_kl(old, new, actions, logp_old, advantages)
-    g = torch.autograd.grad(surrogate_old, flat, retain_graph=True)[0]
-    surrogate_old = surrogate_old.detach()
-    # ∇θ KL(π_old‖π_θ) with its graph kept: each Fisher-vector product is then one more backward.
-    mean_kl = policy.mean_kl(old, new)
-    grad_kl = torch.autograd.grad(mean_kl, flat, create_graph=True)[0]
+        g = policy.surrogate_gradient(lin, old, actions, logp_old, advantages)
+    # The surrogate at θ_old (the line search's reference); nothing here requires grad.
+    surrogate_old, _, _ = policy.surrogate_kl(old, old, actions, logp_old, advantages)
     t1 = clock()
 
-    # 4. The natural-gradient direction s ≈ (F + damping·I)⁻¹ g, with F v = ∇θ(∇θ KL · v) at θ_old.
+    # 4. The natural-gradient direction s ≈ (F + damping·I)⁻¹ g.  F v = ∇²θ KL(π_old‖π_θ) v at θ_old
+    # in closed form, Jᵀ M J v: J v by one forward-mode pass through the linearised network, M the
+    # distribution's Fisher metric (a fused op), Jᵀ by one backward pass; no autograd graph.
     def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
-        return torch.autograd.grad(grad_kl, flat, grad_outputs=v, retain_graph=True)[0]
+        with torch.no_grad():
+            return policy.fisher_vector_product(lin, old, v)
 
     # sync=False: x and xAx stay on the device; the CG's counters are read after the line search,
     # whose decisions are the update's only host synchronisations.
     cg = conjugate_gradient(fisher_vector_product, g, maxiter=cfg.cg_iters, rtol=0.0, atol=0.0,
                             damping=cfg.cg_damping, sync=False)
     s = cg.x
-    del grad_kl, new  # free the double-backward graph before the line search
+    del lin  # its activations are not needed past the solve
     t2 = clock()
 
     # 5. Step size from the CG's sᵀ(F + damping·I)s: the full step β·s has ½ βsᵀ(F+damping·I)βs = δ.

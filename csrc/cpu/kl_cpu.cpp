@@ -473,6 +473,86 @@ at::Tensor kl_categorical_backward_cpu(const at::Tensor& grad_mean_kl,
 
 }  // namespace
 
+// --- Fisher metric products ----------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> kl_metric_diag_gaussian_cpu(const at::Tensor& log_std,
+                                                               const at::Tensor& u_mean,
+                                                               const at::Tensor& u_log_std) {
+  kl::check_metric_gaussian(log_std, u_mean, u_log_std);
+  const at::Tensor ls = log_std.contiguous();
+  const at::Tensor um = u_mean.contiguous();
+  const at::Tensor ul = u_log_std.contiguous();
+  at::Tensor m_mean = at::empty_like(um);
+  at::Tensor m_log_std = at::empty_like(ul);
+  const int64_t B = um.size(0);
+  const int64_t A = um.size(1);
+  const int64_t ls_stride = ls.dim() == 2 ? A : 0;
+  AT_DISPATCH_FLOATING_TYPES(um.scalar_type(), "kl_metric_diag_gaussian_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
+    const scalar_t* l = ls.data_ptr<scalar_t>();
+    const scalar_t* u = um.data_ptr<scalar_t>();
+    scalar_t* out = m_mean.data_ptr<scalar_t>();
+    for_blocks(B, A, [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        for (int64_t a = 0; a < A; ++a) {
+          out[row * A + a] = static_cast<scalar_t>(
+              inv_B * kl::gaussian_metric_mean<acc_t>(static_cast<acc_t>(u[row * A + a]),
+                                                      static_cast<acc_t>(l[row * ls_stride + a])));
+        }
+      }
+    });
+    // A state-independent log_std is shared by the B elements: B · (2 / B) = 2.
+    const acc_t scale = static_cast<acc_t>(kl::kGaussianMetricLogStd) * (ls_stride ? inv_B : acc_t(1));
+    const scalar_t* v = ul.data_ptr<scalar_t>();
+    scalar_t* o = m_log_std.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < ul.numel(); ++i) o[i] = static_cast<scalar_t>(scale * static_cast<acc_t>(v[i]));
+  });
+  return {m_mean, m_log_std};
+}
+
+at::Tensor kl_metric_categorical_cpu(const at::Tensor& logits, const at::Tensor& u) {
+  kl::check_metric_categorical(logits, u);
+  const at::Tensor lg = logits.contiguous();
+  const at::Tensor uc = u.contiguous();
+  at::Tensor out = at::empty_like(uc);
+  const int64_t B = lg.size(0);
+  const int64_t K = lg.size(1);
+  AT_DISPATCH_FLOATING_TYPES(lg.scalar_type(), "kl_metric_categorical_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
+    const scalar_t* l = lg.data_ptr<scalar_t>();
+    const scalar_t* uu = uc.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for_blocks(B, K, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> p(K);
+      for (int64_t row = r0; row < r1; ++row) {
+        const scalar_t* lr = l + row * K;
+        const scalar_t* ur = uu + row * K;
+        acc_t mx = kl::neg_inf<acc_t>();
+        for (int64_t k = 0; k < K; ++k) mx = std::max(mx, static_cast<acc_t>(lr[k]));
+        acc_t sum = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          // A −inf logit has p = 0 (and a row of only −inf logits is no distribution: NaN).
+          p[k] = std::exp(static_cast<acc_t>(lr[k]) - mx);
+          sum += p[k];
+        }
+        const acc_t inv_sum = acc_t(1) / sum;
+        acc_t pu = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          p[k] *= inv_sum;
+          pu += p[k] * static_cast<acc_t>(ur[k]);
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          o[row * K + k] =
+              static_cast<scalar_t>(inv_B * kl::cat_metric<acc_t>(p[k], static_cast<acc_t>(ur[k]), pu));
+        }
+      }
+    });
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(trpo_ext, CPU, m) {
   m.impl("kl_diag_gaussian", &kl_diag_gaussian_cpu);
   m.impl("kl_surrogate_diag_gaussian", &kl_surrogate_diag_gaussian_cpu);
@@ -480,6 +560,8 @@ TORCH_LIBRARY_IMPL(trpo_ext, CPU, m) {
   m.impl("kl_categorical", &kl_categorical_cpu);
   m.impl("kl_surrogate_categorical", &kl_surrogate_categorical_cpu);
   m.impl("kl_categorical_backward", &kl_categorical_backward_cpu);
+  m.impl("kl_metric_diag_gaussian", &kl_metric_diag_gaussian_cpu);
+  m.impl("kl_metric_categorical", &kl_metric_categorical_cpu);
 }
 
 }  // namespace trpo_ext

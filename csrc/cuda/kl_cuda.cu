@@ -275,6 +275,12 @@ __global__ void __launch_bounds__(kThreads) kl_diag_gaussian_backward_kernel(
 
 // --- categorical -------------------------------------------------------------------------------
 
+// p = exp(logit − lse) in acc_t.
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t k_exp_lse(scalar_t logit, acc_t lse) {
+  return kl::k_exp(static_cast<acc_t>(logit) - lse);
+}
+
 // The lanes of a group build partial rows over classes sub, sub + G, ...; every lane of the group
 // ends with the merged row.
 template <int G, typename scalar_t, typename acc_t>
@@ -364,6 +370,57 @@ __global__ void __launch_bounds__(kThreads) kl_categorical_backward_kernel(
       grad_logits[j] = static_cast<scalar_t>(
           kl::cat_grad<acc_t>(static_cast<acc_t>(logits_old[j]), static_cast<acc_t>(logits_new[j]),
                               lse_old, lse_new, gk, c, k == action));
+    }
+  });
+}
+
+// --- Fisher metric products ----------------------------------------------------------------------
+
+// One grid-stride pass over [B, A]; the log_std part (A or B·A elements) rides along.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) kl_metric_diag_gaussian_kernel(
+    const scalar_t* __restrict__ log_std,    // [A] or [B, A]
+    const scalar_t* __restrict__ u_mean,     // [B, A]
+    const scalar_t* __restrict__ u_log_std,  // like log_std
+    scalar_t* __restrict__ m_mean, scalar_t* __restrict__ m_log_std, int64_t B, int64_t A,
+    bool per_state) {
+  const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
+  const acc_t ls_scale = static_cast<acc_t>(kl::kGaussianMetricLogStd) * (per_state ? inv_B : acc_t(1));
+  const int64_t n = B * A;
+  const int64_t n_ls = per_state ? n : A;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const acc_t l = static_cast<acc_t>(log_std[per_state ? i : i % A]);
+    m_mean[i] = static_cast<scalar_t>(
+        inv_B * kl::gaussian_metric_mean<acc_t>(static_cast<acc_t>(u_mean[i]), l));
+    if (i < n_ls) m_log_std[i] = static_cast<scalar_t>(ls_scale * static_cast<acc_t>(u_log_std[i]));
+  }
+}
+
+// G lanes per row: softmax statistics by the online log-sum-exp of the KL kernels (the row against
+// itself), then pᵀu by a group sum, then M u.
+template <typename scalar_t, typename acc_t, int G>
+__global__ void __launch_bounds__(kThreads) kl_metric_categorical_kernel(
+    const scalar_t* __restrict__ logits,  // [B, K]
+    const scalar_t* __restrict__ u,       // [B, K]
+    scalar_t* __restrict__ out,           // [B, K]
+    int64_t B, int64_t K) {
+  const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
+  for_rows<G>(B, [&](int64_t row, bool valid, int sub) {
+    const CatRow<acc_t> r = categorical_row<G, scalar_t, acc_t>(logits, logits, row, valid, sub, K);
+    const acc_t lse = kl::cat_lse_old(r);
+    acc_t pu = 0;
+    if (valid) {
+      for (int64_t k = sub; k < K; k += G) {
+        pu += k_exp_lse<acc_t>(logits[row * K + k], lse) * static_cast<acc_t>(u[row * K + k]);
+      }
+    }
+    pu = group_sum<G>(pu);
+    if (!valid) return;
+    for (int64_t k = sub; k < K; k += G) {
+      const int64_t j = row * K + k;
+      out[j] = static_cast<scalar_t>(
+          inv_B * kl::cat_metric<acc_t>(k_exp_lse<acc_t>(logits[j], lse), static_cast<acc_t>(u[j]), pu));
     }
   });
 }
@@ -612,6 +669,51 @@ at::Tensor kl_categorical_backward_cuda(const at::Tensor& grad_mean_kl,
   return grad_logits;
 }
 
+std::tuple<at::Tensor, at::Tensor> kl_metric_diag_gaussian_cuda(const at::Tensor& log_std,
+                                                                const at::Tensor& u_mean,
+                                                                const at::Tensor& u_log_std) {
+  kl::check_metric_gaussian(log_std, u_mean, u_log_std);
+  const c10::cuda::CUDAGuard device_guard(u_mean.device());
+  const at::Tensor ls = log_std.contiguous();
+  const at::Tensor um = u_mean.contiguous();
+  const at::Tensor ul = u_log_std.contiguous();
+  at::Tensor m_mean = at::empty_like(um);
+  at::Tensor m_log_std = at::empty_like(ul);
+  const int64_t B = um.size(0);
+  const int64_t A = um.size(1);
+  if (B * A == 0) return {m_mean, m_log_std};
+  const Launch l = launch_shape(B * A, 1);
+  AT_DISPATCH_FLOATING_TYPES(um.scalar_type(), "kl_metric_diag_gaussian_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    kl_metric_diag_gaussian_kernel<scalar_t, acc_t><<<l.blocks, kThreads, 0, l.stream>>>(
+        ls.data_ptr<scalar_t>(), um.data_ptr<scalar_t>(), ul.data_ptr<scalar_t>(),
+        m_mean.data_ptr<scalar_t>(), m_log_std.data_ptr<scalar_t>(), B, A, ls.dim() == 2);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {m_mean, m_log_std};
+}
+
+at::Tensor kl_metric_categorical_cuda(const at::Tensor& logits, const at::Tensor& u) {
+  kl::check_metric_categorical(logits, u);
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const at::Tensor lg = logits.contiguous();
+  const at::Tensor uc = u.contiguous();
+  at::Tensor out = at::empty_like(uc);
+  const int64_t B = lg.size(0);
+  const int64_t K = lg.size(1);
+  with_group_lanes(K, [&](auto g) {
+    constexpr int G = decltype(g)::value;
+    const Launch l = launch_shape(B, G);
+    AT_DISPATCH_FLOATING_TYPES(lg.scalar_type(), "kl_metric_categorical_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      kl_metric_categorical_kernel<scalar_t, acc_t, G><<<l.blocks, kThreads, 0, l.stream>>>(
+          lg.data_ptr<scalar_t>(), uc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, K);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(trpo_ext, CUDA, m) {
@@ -621,6 +723,8 @@ TORCH_LIBRARY_IMPL(trpo_ext, CUDA, m) {
   m.impl("kl_categorical", &kl_categorical_cuda);
   m.impl("kl_surrogate_categorical", &kl_surrogate_categorical_cuda);
   m.impl("kl_categorical_backward", &kl_categorical_backward_cuda);
+  m.impl("kl_metric_diag_gaussian", &kl_metric_diag_gaussian_cuda);
+  m.impl("kl_metric_categorical", &kl_metric_categorical_cuda);
 }
 
 }  // namespace trpo_ext
