@@ -204,6 +204,19 @@ def test_policy_gradient_is_the_surrogate_gradient(env_id, monkeypatch):
     torch.testing.assert_close(seen["b"], expected, rtol=1e-4, atol=1e-6)
 
 
+def test_critic_regression_gradient_matches_autograd():
+    gen = torch.Generator().manual_seed(3)
+    vf = ValueFunction(5, (16, 8), generator=gen).double()
+    obs = torch.randn(37, 5, generator=gen, dtype=torch.float64)
+    targets = torch.randn(37, generator=gen, dtype=torch.float64)
+    grad = torch.empty_like(vf.flat.detach())
+    loss = vf.regression_gradient(obs, targets, grad)
+    expected_loss = (vf(obs) - targets).square().mean()
+    (expected,) = torch.autograd.grad(expected_loss, vf.flat)
+    torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
 # --- settings --------------------------------------------------------------------------------
 
 class _CountingEnv:

@@ -405,6 +405,16 @@ class ValueFunction(_FlatModule):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self._mlp(obs, self._views_for(torch.is_grad_enabled())).squeeze(-1)
 
+    @torch.no_grad()
+    def regression_gradient(self, obs: torch.Tensor, targets: torch.Tensor,
+                            grad: torch.Tensor) -> torch.Tensor:
+        """The loss mean((V(obs) − targets)²) (0-d tensor); its gradient in ``flat`` is written into
+        ``grad`` by one forward and one backward pass of the network, without an autograd graph."""
+        lin = Linearization(self, obs)
+        diff = lin.output.squeeze(-1) - targets
+        lin.vjp(diff.unsqueeze(-1) * (2.0 / diff.numel()), grad)
+        return diff.square().mean()
+
 
 class Adam:
     """Adam (Kingma & Ba 2015) on one flat parameter, the arithmetic of ``torch.optim.Adam``
@@ -422,8 +432,9 @@ class Adam:
         self.param.grad = None
 
     @torch.no_grad()
-    def step(self) -> None:
-        grad = self.param.grad
+    def step(self, grad: Optional[torch.Tensor] = None) -> None:
+        """One step along ``grad`` (default: ``param.grad``)."""
+        grad = self.param.grad if grad is None else grad
         b1, b2 = self.betas
         self.step_count += 1
         self.exp_avg.lerp_(grad, 1 - b1)

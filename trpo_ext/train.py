@@ -134,18 +134,18 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     cg = cg.synced()
     t3 = clock()
 
-    # 7. Value-function regression on the returns, minibatched Adam.
+    # 7. Value-function regression on the returns, minibatched Adam; each minibatch's gradient by
+    # one forward and one backward pass of the critic (no autograd graph).
     batch_size = obs.shape[0]
     value_loss_sum = torch.zeros((), device=obs.device)
     n_minibatches = 0
+    vf_grad = torch.empty_like(value_fn.flat, requires_grad=False)
     for _ in range(cfg.vf_epochs):
         order = torch.randperm(batch_size, generator=generator, device="cpu").to(obs.device)
         for idx in order.split(cfg.vf_minibatch_size):
-            loss = (value_fn(obs[idx]) - returns[idx]).square().mean()
-            vf_optimizer.zero_grad()
-            loss.backward()
-            vf_optimizer.step()
-            value_loss_sum += loss.detach()
+            loss = value_fn.regression_gradient(obs[idx], returns[idx], vf_grad)
+            vf_optimizer.step(vf_grad)
+            value_loss_sum += loss
             n_minibatches += 1
     t4 = clock()
 
