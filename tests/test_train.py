@@ -2,6 +2,7 @@
 and (marked slow) learning with the default settings."""
 import importlib
 import math
+import os
 import subprocess
 import sys
 
@@ -340,6 +341,74 @@ def test_async_envs_give_the_same_batches_as_sync():
     a = trpo_ext.train("CartPole-v1", 2 * 128, seed=1, **SMALL)
     b = trpo_ext.train("CartPole-v1", 2 * 128, seed=1, async_envs=True, **SMALL)
     assert torch.equal(a.policy.flat, b.policy.flat)
+
+
+@pytest.mark.parametrize("env_id,n_envs,workers", [("CartPole-v1", 2, 1), ("Pendulum-v1", 5, 2)])
+def test_env_workers_give_the_same_training_as_one_process(env_id, n_envs, workers):
+    # Pendulum truncates at 200 steps: final observations cross the worker pipes too.
+    kw = dict(n_envs=n_envs, n_steps=64, seed=3)
+    a = trpo_ext.train(env_id, 5 * n_envs * 64, env_workers=0, **kw)
+    b = trpo_ext.train(env_id, 5 * n_envs * 64, env_workers=workers, **kw)
+    assert torch.equal(a.policy.flat, b.policy.flat)
+    np.testing.assert_array_equal([h["rollout/ep_return_mean"] for h in a.history],
+                                  [h["rollout/ep_return_mean"] for h in b.history])
+
+
+def test_sharded_env_matches_sync_env_and_reports_worker_errors():
+    import gymnasium as gym
+    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+    from trpo_ext.vecenv import ShardedVectorEnv, choose_workers
+
+    sync = SyncVectorEnv([lambda: gym.make("Pendulum-v1") for _ in range(5)],
+                         autoreset_mode=AutoresetMode.SAME_STEP)
+    sharded = ShardedVectorEnv("Pendulum-v1", 5, 2)
+    try:
+        o1, _ = sync.reset(seed=list(range(5)))
+        o2, _ = sharded.reset(seed=list(range(5)))
+        np.testing.assert_array_equal(o1, o2)
+        rng = np.random.default_rng(0)
+        for t in range(201):  # through the 200-step truncation
+            a = rng.uniform(-2, 2, size=(5, 1)).astype(np.float32)
+            r1 = sync.step(a)
+            r2 = sharded.step(a)
+            for x, y in zip(r1[:4], r2[:4]):
+                np.testing.assert_array_equal(x, y)
+            if r1[3].any():
+                for i in np.flatnonzero(r1[3]):
+                    np.testing.assert_array_equal(r1[4]["final_obs"][i], r2[4]["final_obs"][i])
+    finally:
+        sync.close()
+        sharded.close()
+    with pytest.raises(ValueError, match="workers must be"):
+        ShardedVectorEnv("Pendulum-v1", 2, 2)
+    with pytest.raises(ValueError, match="picklable"):
+        ShardedVectorEnv(lambda: gym.make("Pendulum-v1"), 2, 1)
+    # Auto: never more workers than spare cores or environments minus one; none for one env.
+    assert choose_workers("CartPole-v1", lambda: gym.make("CartPole-v1"), 1, -1) == 0
+    assert choose_workers("CartPole-v1", lambda: gym.make("CartPole-v1"), 8, 3) == 3
+    assert choose_workers("CartPole-v1", lambda: gym.make("CartPole-v1"), 2, 3) == 1
+
+
+class _FailsInAWorker:
+    """An env factory that works in the process that made it and raises in any other."""
+
+    def __init__(self):
+        self.parent = os.getpid()
+
+    def __call__(self):
+        import gymnasium as gym
+
+        if os.getpid() != self.parent:
+            raise OSError("no display in this process")
+        return gym.make("CartPole-v1")
+
+
+def test_a_failing_env_worker_is_a_clear_error():
+    from trpo_ext.vecenv import ShardedVectorEnv
+
+    with pytest.raises(RuntimeError, match="worker process failed(.|\n)*no display"):
+        ShardedVectorEnv(_FailsInAWorker(), 2, 1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

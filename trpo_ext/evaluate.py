@@ -41,13 +41,13 @@ def evaluate_returns(policy, env: Union[str, Callable[[], Any], None] = None, ep
 
 
 def _run(policy, env, episodes, seed, deterministic, generator, was_training) -> List[float]:
-    from .rollout import _env_factory
+    from .rollout import env_factory
 
     returns: List[float] = []
     try:
         for start in range(0, episodes, _MAX_PARALLEL):
             n = min(_MAX_PARALLEL, episodes - start)
-            envs = [_env_factory(env)() for _ in range(n)]
+            envs = [env_factory(env)() for _ in range(n)]
             try:
                 obs = [e.reset(seed=seed + start + i)[0] for i, e in enumerate(envs)]
                 total = [0.0] * n

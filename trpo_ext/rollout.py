@@ -36,7 +36,7 @@ def check_env_id(env: EnvSpec) -> Optional[str]:
     return env
 
 
-def _env_factory(env: EnvSpec) -> Callable[[], "object"]:
+def env_factory(env: EnvSpec) -> Callable[[], "object"]:
     import gymnasium as gym
 
     if isinstance(env, str):
@@ -45,11 +45,17 @@ def _env_factory(env: EnvSpec) -> Callable[[], "object"]:
     return env
 
 
-def make_vector_env(env: EnvSpec, n_envs: int, async_envs: bool = False):
-    """A gymnasium VectorEnv of ``n_envs`` copies in same-step autoreset mode."""
+def make_vector_env(env: EnvSpec, n_envs: int, async_envs: bool = False, workers: int = 0):
+    """A vector env of ``n_envs`` copies in same-step autoreset mode: gymnasium's
+    ``AsyncVectorEnv`` (``async_envs``), a :class:`trpo_ext.vecenv.ShardedVectorEnv` with
+    ``workers`` worker processes, or a ``SyncVectorEnv``."""
     from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
-    fns = [_env_factory(env) for _ in range(n_envs)]
+    if workers > 0 and not async_envs:
+        from .vecenv import ShardedVectorEnv
+
+        return ShardedVectorEnv(env, n_envs, workers)
+    fns = [env_factory(env) for _ in range(n_envs)]
     if async_envs:
         return AsyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
     return SyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)

@@ -35,7 +35,8 @@ from .cg import conjugate_gradient
 from .config import TRPOConfig
 from .gae import gae
 from .policies import Adam, Policy, ValueFunction, space_spec
-from .rollout import RolloutCollector, check_env_id, make_vector_env
+from .rollout import RolloutCollector, check_env_id, env_factory, make_vector_env
+from .vecenv import choose_workers
 
 __all__ = ["train", "TrainResult", "trpo_update", "HISTORY_KEYS"]
 
@@ -205,6 +206,7 @@ def _validate(cfg: TRPOConfig) -> None:
     _checks.require_int(cfg.vf_minibatch_size, "vf_minibatch_size", 1)
     _checks.require_int(cfg.num_threads, "num_threads", 0)
     _checks.require_int(cfg.checkpoint_every, "checkpoint_every", 0)
+    _checks.require_int(cfg.env_workers, "env_workers", -1)
     for name in ("async_envs", "normalize_obs", "normalize_advantages", "progress"):
         if not isinstance(getattr(cfg, name), bool):
             raise TypeError(f"{name} must be a bool, got {type(getattr(cfg, name)).__name__}")
@@ -323,7 +325,9 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
 
 def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> TrainResult:
     device = torch.device(cfg.device)
-    envs = make_vector_env(env, cfg.n_envs, cfg.async_envs)
+    workers = 0 if cfg.async_envs else choose_workers(env, env_factory(env), cfg.n_envs,
+                                                      cfg.env_workers)
+    envs = make_vector_env(env, cfg.n_envs, cfg.async_envs, workers)
     try:
         spec = space_spec(envs.single_observation_space, envs.single_action_space)
     except ValueError:
