@@ -112,7 +112,8 @@ VERSION = "0.1.0"
 # The C++ embedding shipped inside the Python package (trpo_ext/share/, `trpo_ext.cmake_prefix_path`):
 # a CMake package config that builds the solver from these sources in the consumer's project.
 _SHIPPED_SOURCES = ["include/trpo_ext/cg.h", "csrc/common.h", "csrc/cg.h", "csrc/cg_solver.cpp",
-                    "csrc/cpu/cg_cpu.cpp", "csrc/cuda/cg_cuda.cu", "csrc/cuda/cuda_utils.cuh"]
+                    "csrc/cpu/cg_cpu.cpp", "csrc/cpu/cg_cpu_kernels.h", "csrc/cuda/cg_cuda.cu",
+                    "csrc/cuda/cuda_utils.cuh"]
 
 
 def _ship_cmake_package(package_dir):

@@ -298,20 +298,70 @@ def test_large_diagonal_matches_reference(dtype, device):
     assert res.xAx.item() == pytest.approx(ref[4].item(), rel=tol)
 
 
-def test_result_independent_of_thread_count():
-    n = 200_000
-    g = torch.Generator().manual_seed(1)
-    diag = torch.rand(n, generator=g) + 0.5
-    b = torch.randn(n, generator=g)
+# Sizes around the CPU passes' fixed reduction chunks (2**14 elements): one short chunk, several
+# chunks with a ragged end (swept on the calling thread), and enough chunks for the thread pool
+# (above 2**18 elements).
+CHUNKED_SIZES = [1000, 5 * 2**14 + 123, 2**18 + 3 * 2**14 + 7]
+
+
+def _chunked_solve(n, dtype, with_x0):
+    """A damped diagonal solve touching every CPU pass (init with or without x0, steps, finish)."""
+    g = torch.Generator().manual_seed(n)
+    diag = (torch.rand(n, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    b = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    x0 = torch.randn(n, generator=g, dtype=torch.float64).to(dtype) if with_x0 else None
+    res = trpo_ext.conjugate_gradient(lambda v: diag * v, b, x0, maxiter=8, rtol=0.0, damping=0.3)
+    return res.x, res.xAx, res.residual_norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", CHUNKED_SIZES)
+def test_result_independent_of_thread_count(n, dtype):
     old = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = trpo_ext.conjugate_gradient(lambda v: diag * v, b, maxiter=8, rtol=0.0)
-        torch.set_num_threads(max(2, old))
-        many = trpo_ext.conjugate_gradient(lambda v: diag * v, b, maxiter=8, rtol=0.0)
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(_chunked_solve(n, dtype, with_x0=True))
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(one.x, many.x) and torch.equal(one.xAx, many.xAx)
+    for x, xAx, rnorm in results[1:]:
+        assert torch.equal(x, results[0][0]) and torch.equal(xAx, results[0][1])
+        assert rnorm == results[0][2]
+
+
+_ISA_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_cg import CHUNKED_SIZES, _chunked_solve
+torch.save({{(n, str(dtype), with_x0): _chunked_solve(n, dtype, with_x0)
+            for n in CHUNKED_SIZES for dtype in (torch.float32, torch.float64)
+            for with_x0 in (False, True)}}, {out!r})
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "auto"])
+def test_cpu_instruction_sets_give_the_same_bits(isa, tmp_path):
+    # The CPU kernels are compiled for SSE2 and for AVX2 (chosen at run time; TRPO_EXT_CPU_ISA=baseline
+    # forces SSE2).  Both sum in the same fixed lanes without FMA, so they agree bit for bit.  On a
+    # machine without AVX2 both runs take the SSE2 kernels and the test checks only reproducibility.
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "results.pt"
+    env = dict(os.environ, TRPO_EXT_CPU_ISA=isa)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(tests)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(tests=tests, out=str(out))], env=env,
+                   check=True, timeout=600)
+    theirs = torch.load(out)
+    for (n, dtype_name, with_x0), (x, xAx, rnorm) in theirs.items():
+        dtype = getattr(torch, dtype_name.split(".")[-1])
+        mine = _chunked_solve(n, dtype, with_x0)
+        assert torch.equal(x, mine[0]), (n, dtype, with_x0)
+        assert torch.equal(xAx, mine[1]) and rnorm == mine[2], (n, dtype, with_x0)
 
 
 # --- the operator ---------------------------------------------------------------------------------

@@ -1,15 +1,20 @@
-// Conjugate gradient passes on the CPU.  Each pass is one parallel sweep over the vectors; the scalar
-// step between passes (cg.h) runs on the calling thread.  Reductions split the vectors into fixed
-// chunks (independent of the thread count) and add the chunks' sums in order, so a solve gives the
-// same bits with 1 or 16 threads.  A vector shorter than one chunk is swept on the calling thread:
-// at TRPO's sizes (10⁴–10⁵ parameters) waking the pool costs more than the sweep.
+// Conjugate gradient passes on the CPU.  Each pass is one sweep over the vectors; the scalar step
+// between passes (cg.h) runs on the calling thread.  Reductions split the vectors into fixed chunks
+// (independent of the thread count), sum each chunk in SIMD lanes (cg_cpu_kernels.h) and add the
+// chunks' sums in order, so a solve gives the same bits with 1 or 16 threads, and with the SSE2 or
+// the AVX2 build of the kernels.  Vectors up to kSerialMax elements are swept on the calling thread:
+// below that, waking the thread pool (three times per iteration) costs more than it saves, and on a
+// loaded machine a pool thread that is not running can stall the whole pass.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
 
 #include "cg.h"
 
@@ -17,72 +22,92 @@ namespace trpo_ext {
 namespace cg {
 namespace {
 
+// The reduction unit: fixes the order of every sum, whatever the thread count.
 constexpr int64_t kChunk = int64_t(1) << 14;
+// Parallel only above this many elements (a multiple of kChunk; changes no result).
+constexpr int64_t kSerialMax = int64_t(1) << 18;
 
-// Σ term(i) over [begin, end) with 8 independent accumulators, so the compiler can keep several
-// multiply-adds in flight (and vectorise) without reassociating one serial sum.
-template <typename acc_t, typename Term>
-acc_t chunk_sum(int64_t begin, int64_t end, const Term& term) {
-  acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = begin;
-  for (; i + 8 <= end; i += 8) {
-    for (int k = 0; k < 8; ++k) s[k] += term(i + k);
-  }
-  for (; i < end; ++i) s[0] += term(i);
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+// One instruction set's passes over a range of elements (cg_cpu_kernels.h).
+template <typename scalar_t, typename acc_t>
+struct PassTable {
+  acc_t (*curvature)(const scalar_t*, const scalar_t*, acc_t, int64_t, int64_t);
+  acc_t (*residual)(const scalar_t*, const scalar_t*, const scalar_t*, acc_t, acc_t, int64_t,
+                    int64_t);
+  void (*update)(scalar_t*, scalar_t*, scalar_t*, const scalar_t*, acc_t, acc_t, acc_t, int64_t,
+                 int64_t);
+  void (*init)(const scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, scalar_t*, acc_t,
+               int64_t, int64_t, acc_t*, acc_t*);
+  acc_t (*finish)(const scalar_t*, const scalar_t*, const scalar_t*, int64_t, int64_t);
+};
+
+// The kernels compiled twice: for the x86-64 baseline and for AVX2 (without FMA, so that both give
+// the same bits).  Each copy has internal linkage in its own namespace.
+namespace isa_base {
+#include "cg_cpu_kernels.h"
+}  // namespace isa_base
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TRPO_CG_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace isa_avx2 {
+#include "cg_cpu_kernels.h"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#endif
+
+// AVX2 where the CPU has it, unless the environment variable TRPO_EXT_CPU_ISA=baseline asks for the
+// SSE2 kernels (tests use it to compare the two builds).  Read once.
+bool use_avx2() {
+#ifdef TRPO_CG_HAVE_AVX2
+  static const bool yes = [] {
+    const char* want = std::getenv("TRPO_EXT_CPU_ISA");
+    if (want != nullptr && std::strcmp(want, "baseline") == 0) return false;
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return yes;
+#else
+  return false;
+#endif
 }
 
-// Σ term(i) over [0, n): chunk sums in acc_t, combined in float64 in chunk order.
-template <typename acc_t, typename Term>
-double parallel_sum(int64_t n, const Term& term) {
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+const PassTable<scalar_t, acc_t>& passes() {
+#ifdef TRPO_CG_HAVE_AVX2
+  static const PassTable<scalar_t, acc_t> table =
+      use_avx2() ? isa_avx2::pass_table<scalar_t, acc_t>() : isa_base::pass_table<scalar_t, acc_t>();
+#else
+  static const PassTable<scalar_t, acc_t> table = isa_base::pass_table<scalar_t, acc_t>();
+#endif
+  return table;
+}
+
+// Runs chunk(c) for every chunk c of [0, n): on the calling thread up to kSerialMax elements, else
+// on the pool.
+template <typename Chunk>
+void for_each_chunk(int64_t n, const Chunk& chunk) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
-  if (chunks <= 1) return n > 0 ? static_cast<double>(chunk_sum<acc_t>(0, n, term)) : 0.0;
-  std::vector<double> partial(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      partial[c] = static_cast<double>(
-          chunk_sum<acc_t>(c * kChunk, std::min(n, (c + 1) * kChunk), term));
-    }
+  if (n <= kSerialMax) {
+    for (int64_t c = 0; c < chunks; ++c) chunk(c);
+  } else {
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) chunk(c);
+    });
+  }
+}
+
+// Σ over [0, n) of range_sum(begin, end) per chunk: chunk sums combined in float64 in chunk order.
+template <typename RangeSum>
+double chunked_sum(int64_t n, const RangeSum& range_sum) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  if (chunks <= 1) return n > 0 ? static_cast<double>(range_sum(int64_t(0), n)) : 0.0;
+  c10::SmallVector<double, 64> partial(chunks);
+  for_each_chunk(n, [&](int64_t c) {
+    partial[c] = static_cast<double>(range_sum(c * kChunk, std::min(n, (c + 1) * kChunk)));
   });
   double total = 0.0;
   for (double v : partial) total += v;
   return total;
-}
-
-// Two sums in one sweep (the init pass needs rᵀr and bᵀb while it writes r).
-template <typename acc_t, typename Body>
-std::pair<double, double> parallel_sum2(int64_t n, const Body& body) {
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> partial(2 * std::max<int64_t>(chunks, 1), 0.0);
-  auto run = [&](int64_t c) {
-    acc_t a = 0, b = 0;
-    const int64_t end = std::min(n, (c + 1) * kChunk);
-    for (int64_t i = c * kChunk; i < end; ++i) body(i, a, b);
-    partial[2 * c] = static_cast<double>(a);
-    partial[2 * c + 1] = static_cast<double>(b);
-  };
-  if (chunks <= 1) {
-    if (n > 0) run(0);
-  } else {
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) run(c);
-    });
-  }
-  double a = 0.0, b = 0.0;
-  for (int64_t c = 0; c < chunks; ++c) {
-    a += partial[2 * c];
-    b += partial[2 * c + 1];
-  }
-  return {a, b};
-}
-
-template <typename Body>
-void parallel_sweep(int64_t n, const Body& body) {
-  if (n <= kChunk) {
-    if (n > 0) body(0, n);
-  } else {
-    at::parallel_for(0, n, kChunk, body);
-  }
 }
 
 }  // namespace
@@ -108,14 +133,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> init_cpu(const at::Tensor& b,
     scalar_t* rp = r.data_ptr<scalar_t>();              // [n]
     scalar_t* pp = p.data_ptr<scalar_t>();              // [n]
     const acc_t d = static_cast<acc_t>(damping);
-    const auto sums = parallel_sum2<acc_t>(n, [&](int64_t i, acc_t& rr, acc_t& bb) {
-      const acc_t bi = static_cast<acc_t>(bp[i]);
-      const acc_t ri = has_x0 ? bi - damped<acc_t>(axp[i], xp[i], d) : bi;
-      rp[i] = static_cast<scalar_t>(ri);
-      pp[i] = static_cast<scalar_t>(ri);
-      rr += ri * ri;
-      bb += bi * bi;
+    const auto& k = passes<scalar_t>();
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    c10::SmallVector<double, 128> partial(2 * chunks);
+    for_each_chunk(n, [&](int64_t c) {
+      acc_t rr = 0, bb = 0;
+      k.init(bp, xp, axp, rp, pp, d, c * kChunk, std::min(n, (c + 1) * kChunk), &rr, &bb);
+      partial[2 * c] = static_cast<double>(rr);
+      partial[2 * c + 1] = static_cast<double>(bb);
     });
+    std::pair<double, double> sums{0.0, 0.0};
+    for (int64_t c = 0; c < chunks; ++c) {
+      sums.first += partial[2 * c];
+      sums.second += partial[2 * c + 1];
+    }
     finish_init(state.data_ptr<double>(), sums.first, sums.second, rtol, atol);
   });
   return {r, p, state};
@@ -136,29 +167,22 @@ void step_cpu(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p, con
     scalar_t* pp = p.data_ptr<scalar_t>();           // [n]
     const scalar_t* ap = Apc.data_ptr<scalar_t>();   // [n]
     const acc_t d = static_cast<acc_t>(damping);
+    const auto& k = passes<scalar_t>();
 
-    finish_curvature(s, parallel_sum<acc_t>(n, [&](int64_t i) {
-      const acc_t pi = static_cast<acc_t>(pp[i]);
-      return pi * damped<acc_t>(ap[i], pi, d);
+    finish_curvature(s, chunked_sum(n, [&](int64_t begin, int64_t end) {
+      return k.curvature(pp, ap, d, begin, end);
     }));
     if (s[kStatus] != kRunning) return;
 
     const acc_t alpha = static_cast<acc_t>(s[kAlpha]);
-    finish_residual(s, parallel_sum<acc_t>(n, [&](int64_t i) {
-      const acc_t ri = residual_candidate<acc_t>(rp[i], ap[i], pp[i], alpha, d);
-      return ri * ri;
+    finish_residual(s, chunked_sum(n, [&](int64_t begin, int64_t end) {
+      return k.residual(rp, ap, pp, alpha, d, begin, end);
     }));
     if (s[kApply] == 0.0) return;
 
     const acc_t beta = static_cast<acc_t>(s[kBeta]);
-    parallel_sweep(n, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t pi = static_cast<acc_t>(pp[i]);
-        const acc_t ri = residual_candidate<acc_t>(rp[i], ap[i], pi, alpha, d);
-        xp[i] = static_cast<scalar_t>(static_cast<acc_t>(xp[i]) + alpha * pi);
-        rp[i] = static_cast<scalar_t>(ri);
-        pp[i] = static_cast<scalar_t>(ri + beta * pi);
-      }
+    for_each_chunk(n, [&](int64_t c) {
+      k.update(xp, rp, pp, ap, alpha, beta, d, c * kChunk, std::min(n, (c + 1) * kChunk));
     });
   });
 }
@@ -171,12 +195,12 @@ at::Tensor finish_cpu(const at::Tensor& b, const at::Tensor& x, const at::Tensor
   const int64_t n = bc.numel();
   double* s = state.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(bc.scalar_type(), "cg_finish_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* bp = bc.data_ptr<scalar_t>();  // [n]
     const scalar_t* xp = x.data_ptr<scalar_t>();   // [n]
     const scalar_t* rp = r.data_ptr<scalar_t>();   // [n]
-    s[kXAx] = parallel_sum<acc_t>(n, [&](int64_t i) {
-      return static_cast<acc_t>(xp[i]) * (static_cast<acc_t>(bp[i]) - static_cast<acc_t>(rp[i]));
+    const auto& k = passes<scalar_t>();
+    s[kXAx] = chunked_sum(n, [&](int64_t begin, int64_t end) {
+      return k.finish(bp, xp, rp, begin, end);
     });
     *xAx.data_ptr<scalar_t>() = static_cast<scalar_t>(s[kXAx]);
   });
