@@ -5,11 +5,8 @@ sizes (64, 64) tanh, CG iterations (10), line-search steps (10, ratio 0.8), max 
 (0.99, 0.95), and one torch thread in both.  Ours runs on its default settings; sb3-contrib keeps
 its own critic defaults (10 epochs of 128-sample minibatches; ours: 5 epochs of 256) and runs the
 same 8 environments in a DummyVecEnv (``--sb3-n-envs 1`` gives sb3's own default of 1 env × 2048).
-Ours on its defaults steps the environments in two shards at once on a machine with a spare core
-(``env_workers=-1``: this process and one worker process, for MuJoCo tasks), while sb3 steps them
-all in its one process; so each repeat also runs ours with ``env_workers=0`` (everything in one
-process, as sb3), reported in its own column.  The runs alternate within one process, ``--repeats``
-times each, after one untimed warm-up of each (imports, first-call costs).  End-to-end time counts everything from the call of ``train`` (for
+The two alternate within one process, ``--repeats`` times each, after one untimed warm-up of each
+(imports, first-call costs).  End-to-end time counts everything from the call of ``train`` (for
 sb3: constructing the model and its environments, then ``learn``) to its return.  The update time
 is everything but sampling: for ours the sum of the history's time split, for sb3 the time inside
 ``TRPO.train``.
@@ -35,9 +32,9 @@ from benchmarks._common import describe_machine, print_table  # noqa: E402
 N_ENVS, N_STEPS = 8, 256
 
 
-def run_ours(env_id: str, steps: int, seed: int, **settings):
+def run_ours(env_id: str, steps: int, seed: int):
     t0 = time.perf_counter()
-    result = trpo_ext.train(env_id, steps, seed=seed, **settings)
+    result = trpo_ext.train(env_id, steps, seed=seed)
     total = time.perf_counter() - t0
     h = result.history
     # Correctness first: every accepted step inside the trust region with a positive improvement.
@@ -106,18 +103,15 @@ def main(argv=None) -> None:
     for env_id in args.envs:
         run_ours(env_id, N_ENVS * N_STEPS, 0)  # warm-up, untimed
         run_sb3(env_id, N_ENVS * N_STEPS, 0, args.sb3_n_envs)
-        ours, ours_one, theirs = [], [], []
+        ours, theirs = [], []
         for r in range(args.repeats):
             ours.append(run_ours(env_id, args.steps, r))
             theirs.append(run_sb3(env_id, args.steps, r, args.sb3_n_envs))
-            ours_one.append(run_ours(env_id, args.steps, r, env_workers=0))
         o_tot = statistics.median(x[0] for x in ours)
         o_upd = statistics.median(x[1] for x in ours)
-        o1_tot = statistics.median(x[0] for x in ours_one)
         s_tot = statistics.median(x[0] for x in theirs)
         s_upd = statistics.median(x[1] for x in theirs)
-        rows.append([env_id, s_tot, o_tot, s_tot / o_tot, o1_tot, s_tot / o1_tot, s_upd, o_upd,
-                     s_upd / o_upd])
+        rows.append([env_id, s_tot, o_tot, s_tot / o_tot, s_upd, o_upd, s_upd / o_upd])
         split = {k: statistics.median(x[2][k] for x in ours) for k in ours[0][2]}
         splits.append([env_id] + [split[k] for k in ("sampling", "gae", "gradient", "cg",
                                                      "line_search", "critic")])
@@ -127,8 +121,8 @@ def main(argv=None) -> None:
         rates.append([env_id, raw, o_sample_sps, o_sample_sps / raw, o_sps, o_sps / raw,
                       args.steps / s_tot])
     print("\nEnd to end and update (seconds, median of repeats)")
-    print_table(["env", "sb3 total", "ours total", "speedup", "ours 1-process total",
-                 "speedup", "sb3 update", "ours update", "update speedup"], rows)
+    print_table(["env", "sb3 total", "ours total", "speedup", "sb3 update", "ours update",
+                 "update speedup"], rows)
     print("\nOur time split (seconds over the run)")
     print_table(["env", "sampling", "gae", "gradient", "cg+fvp", "line search", "critic"], splits)
     print("\nSteps per second")
