@@ -1,12 +1,44 @@
 """Shared benchmark helpers: timing, the machine's measured memory bandwidth, table printing."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import platform
 import statistics
 import time
 from typing import Callable, List, Sequence
 
 import torch
+
+
+def _steady_allocator() -> str:
+    """Keeps glibc from handing large freed blocks back to the OS between timed calls.
+
+    By default glibc serves a multi-MiB tensor from fresh mmap'd pages, or trims the heap when it is
+    freed, so each call of an op that returns such tensors pays first-touch page faults (several ms
+    per 8 MiB on the project's VM, whichever kernel writes the pages), and the timing measures the
+    hypervisor rather than the kernel.  Raising the mmap threshold to its maximum (32 MiB) and the
+    trim threshold to 1 GiB makes same-size allocations reuse memory, as a caching allocator or a
+    long training loop does.  It applies to ours, the baselines and the copy yardstick alike.
+    ``TRPO_EXT_BENCH_FRESH_PAGES=1`` leaves glibc's defaults.  Returns what was done, for the header.
+    """
+    if os.environ.get("TRPO_EXT_BENCH_FRESH_PAGES") == "1":
+        return "glibc defaults (fresh pages)"
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return "allocator defaults (no glibc mallopt)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = mallopt(m_mmap_threshold, 32 * 2**20) == 1 and mallopt(m_trim_threshold, 2**30) == 1
+    return "glibc: mmap threshold 32 MiB, trim threshold 1 GiB" if ok else "mallopt refused"
+
+
+ALLOCATOR = _steady_allocator()
 
 
 def sync(device) -> None:
@@ -58,7 +90,7 @@ def describe_machine(device="cpu") -> str:
     if torch.device(device).type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads "
-            f"(torch {torch.__version__})")
+            f"(torch {torch.__version__}; allocator: {ALLOCATOR})")
 
 
 def print_table(headers: Sequence[str], rows: List[Sequence[object]]) -> str:
