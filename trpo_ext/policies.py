@@ -157,9 +157,10 @@ class _FlatModule(nn.Module):
 
 
 class Linearization:
-    """A policy network linearised at θ_old, for the closed-form Fisher-vector product.
+    """A flat MLP (the policy at θ_old, or the value function at its current parameters)
+    linearised there: the closed-form Fisher-vector product, g, and the critic's gradients use it.
 
-    Holds each layer's input at θ_old (the observations, then the tanh outputs) and the tanh
+    Holds each layer's input (the observations, then the tanh outputs) and the tanh
     derivatives, so that ``jvp`` (J v: the first-order change of the network's output along a
     parameter direction v) and ``vjp`` (Jᵀ w: the backward pass) each cost a few matrix products,
     with no autograd graph.  F v = Jᵀ (M (J v)), M being the distribution's Fisher metric
