@@ -422,8 +422,17 @@ TRPO_HD acc_t cat_metric(acc_t p, acc_t u, acc_t p_dot_u) {
   return p * (u - p_dot_u);
 }
 
-inline void check_metric_gaussian(const at::Tensor& log_std, const at::Tensor& u_mean,
-                                  const at::Tensor& u_log_std) {
+// The metric ops' inputs, checked and made contiguous once for both backends.
+struct MetricGaussianInputs {
+  at::Tensor log_std, u_mean, u_log_std;  // [A] or [B, A], [B, A], like log_std
+  int64_t B = 0;
+  int64_t A = 0;
+  bool per_state = false;  // log_std is [B, A]
+};
+
+inline MetricGaussianInputs check_metric_gaussian(const at::Tensor& log_std,
+                                                  const at::Tensor& u_mean,
+                                                  const at::Tensor& u_log_std) {
   check_float_tensor(u_mean, "u_mean");
   TORCH_CHECK_VALUE(u_mean.dim() == 2, "u_mean must be [B, A], got shape ", shape_str(u_mean));
   check_batch_nonempty(u_mean.size(0), u_mean, "u_mean");
@@ -432,9 +441,24 @@ inline void check_metric_gaussian(const at::Tensor& log_std, const at::Tensor& u
   check_same_shape(log_std, "log_std", u_log_std, "u_log_std");
   check_same_dtype(log_std, "log_std", u_log_std, "u_log_std");
   check_same_device(log_std, "log_std", u_log_std, "u_log_std");
+  MetricGaussianInputs in;
+  in.log_std = log_std.contiguous();
+  in.u_mean = u_mean.contiguous();
+  in.u_log_std = u_log_std.contiguous();
+  in.B = u_mean.size(0);
+  in.A = u_mean.size(1);
+  in.per_state = log_std.dim() == 2;
+  return in;
 }
 
-inline void check_metric_categorical(const at::Tensor& logits, const at::Tensor& u) {
+struct MetricCategoricalInputs {
+  at::Tensor logits, u;  // [B, K]
+  int64_t B = 0;
+  int64_t K = 0;
+};
+
+inline MetricCategoricalInputs check_metric_categorical(const at::Tensor& logits,
+                                                        const at::Tensor& u) {
   check_float_tensor(logits, "logits");
   TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be [B, K], got shape ", shape_str(logits));
   check_batch_nonempty(logits.size(0), logits, "logits");
@@ -443,6 +467,12 @@ inline void check_metric_categorical(const at::Tensor& logits, const at::Tensor&
   check_same_shape(logits, "logits", u, "u");
   check_same_dtype(logits, "logits", u, "u");
   check_same_device(logits, "logits", u, "u");
+  MetricCategoricalInputs in;
+  in.logits = logits.contiguous();
+  in.u = u.contiguous();
+  in.B = logits.size(0);
+  in.K = logits.size(1);
+  return in;
 }
 
 // Upstream gradients of the backward ops: 0-d tensors of the inputs' dtype and device, read by the

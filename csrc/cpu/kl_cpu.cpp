@@ -478,15 +478,15 @@ at::Tensor kl_categorical_backward_cpu(const at::Tensor& grad_mean_kl,
 std::tuple<at::Tensor, at::Tensor> kl_metric_diag_gaussian_cpu(const at::Tensor& log_std,
                                                                const at::Tensor& u_mean,
                                                                const at::Tensor& u_log_std) {
-  kl::check_metric_gaussian(log_std, u_mean, u_log_std);
-  const at::Tensor ls = log_std.contiguous();
-  const at::Tensor um = u_mean.contiguous();
-  const at::Tensor ul = u_log_std.contiguous();
+  const kl::MetricGaussianInputs in = kl::check_metric_gaussian(log_std, u_mean, u_log_std);
+  const at::Tensor& ls = in.log_std;
+  const at::Tensor& um = in.u_mean;
+  const at::Tensor& ul = in.u_log_std;
   at::Tensor m_mean = at::empty_like(um);
   at::Tensor m_log_std = at::empty_like(ul);
-  const int64_t B = um.size(0);
-  const int64_t A = um.size(1);
-  const int64_t ls_stride = ls.dim() == 2 ? A : 0;
+  const int64_t B = in.B;
+  const int64_t A = in.A;
+  const int64_t ls_stride = in.per_state ? A : 0;
   AT_DISPATCH_FLOATING_TYPES(um.scalar_type(), "kl_metric_diag_gaussian_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
@@ -512,12 +512,12 @@ std::tuple<at::Tensor, at::Tensor> kl_metric_diag_gaussian_cpu(const at::Tensor&
 }
 
 at::Tensor kl_metric_categorical_cpu(const at::Tensor& logits, const at::Tensor& u) {
-  kl::check_metric_categorical(logits, u);
-  const at::Tensor lg = logits.contiguous();
-  const at::Tensor uc = u.contiguous();
+  const kl::MetricCategoricalInputs in = kl::check_metric_categorical(logits, u);
+  const at::Tensor& lg = in.logits;
+  const at::Tensor& uc = in.u;
   at::Tensor out = at::empty_like(uc);
-  const int64_t B = lg.size(0);
-  const int64_t K = lg.size(1);
+  const int64_t B = in.B;
+  const int64_t K = in.K;
   AT_DISPATCH_FLOATING_TYPES(lg.scalar_type(), "kl_metric_categorical_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);

@@ -672,35 +672,35 @@ at::Tensor kl_categorical_backward_cuda(const at::Tensor& grad_mean_kl,
 std::tuple<at::Tensor, at::Tensor> kl_metric_diag_gaussian_cuda(const at::Tensor& log_std,
                                                                 const at::Tensor& u_mean,
                                                                 const at::Tensor& u_log_std) {
-  kl::check_metric_gaussian(log_std, u_mean, u_log_std);
+  const kl::MetricGaussianInputs in = kl::check_metric_gaussian(log_std, u_mean, u_log_std);
   const c10::cuda::CUDAGuard device_guard(u_mean.device());
-  const at::Tensor ls = log_std.contiguous();
-  const at::Tensor um = u_mean.contiguous();
-  const at::Tensor ul = u_log_std.contiguous();
+  const at::Tensor& ls = in.log_std;
+  const at::Tensor& um = in.u_mean;
+  const at::Tensor& ul = in.u_log_std;
   at::Tensor m_mean = at::empty_like(um);
   at::Tensor m_log_std = at::empty_like(ul);
-  const int64_t B = um.size(0);
-  const int64_t A = um.size(1);
+  const int64_t B = in.B;
+  const int64_t A = in.A;
   if (B * A == 0) return {m_mean, m_log_std};
   const Launch l = launch_shape(B * A, 1);
   AT_DISPATCH_FLOATING_TYPES(um.scalar_type(), "kl_metric_diag_gaussian_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     kl_metric_diag_gaussian_kernel<scalar_t, acc_t><<<l.blocks, kThreads, 0, l.stream>>>(
         ls.data_ptr<scalar_t>(), um.data_ptr<scalar_t>(), ul.data_ptr<scalar_t>(),
-        m_mean.data_ptr<scalar_t>(), m_log_std.data_ptr<scalar_t>(), B, A, ls.dim() == 2);
+        m_mean.data_ptr<scalar_t>(), m_log_std.data_ptr<scalar_t>(), B, A, in.per_state);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {m_mean, m_log_std};
 }
 
 at::Tensor kl_metric_categorical_cuda(const at::Tensor& logits, const at::Tensor& u) {
-  kl::check_metric_categorical(logits, u);
+  const kl::MetricCategoricalInputs in = kl::check_metric_categorical(logits, u);
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  const at::Tensor lg = logits.contiguous();
-  const at::Tensor uc = u.contiguous();
+  const at::Tensor& lg = in.logits;
+  const at::Tensor& uc = in.u;
   at::Tensor out = at::empty_like(uc);
-  const int64_t B = lg.size(0);
-  const int64_t K = lg.size(1);
+  const int64_t B = in.B;
+  const int64_t K = in.K;
   with_group_lanes(K, [&](auto g) {
     constexpr int G = decltype(g)::value;
     const Launch l = launch_shape(B, G);
