@@ -140,8 +140,9 @@ def _reference_dist(policy, theta, obs):
     return (x, views[-1]) if policy.gaussian else (x,)
 
 
-@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
-def test_fisher_vector_product_is_the_hessian_of_the_mean_kl(env_id, monkeypatch):
+def _update_seen_by_cg(env_id, monkeypatch, cfg):
+    """One trpo_update on a small batch with the CG spied on: what it was handed (kw, b) and the
+    matvec's products with three fixed random vectors.  Also returns θ_old and the batch."""
     policy, value_fn, obs, actions, adv, ret = _setup(env_id, batch=64)
     theta_old = policy.flat.detach().clone()
     seen = {}
@@ -149,14 +150,21 @@ def test_fisher_vector_product_is_the_hessian_of_the_mean_kl(env_id, monkeypatch
 
     def spy(matvec, b, x0=None, **kw):
         seen["kw"] = kw
+        seen["b"] = b.clone()
         vs = [torch.randn(b.shape, generator=torch.Generator().manual_seed(i)) for i in range(3)]
         seen["pairs"] = [(v, matvec(v).clone()) for v in vs]
         return real_cg(matvec, b, x0, **kw)
 
     monkeypatch.setattr(train_mod, "conjugate_gradient", spy)
-    cfg = TRPOConfig()
     trpo_update(policy, value_fn, Adam(value_fn.flat, 1e-3), obs, actions, adv, ret, cfg,
                 torch.Generator().manual_seed(0))
+    return policy, theta_old, obs, actions, adv, seen
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_fisher_vector_product_is_the_hessian_of_the_mean_kl(env_id, monkeypatch):
+    cfg = TRPOConfig()
+    policy, theta_old, obs, _, _, seen = _update_seen_by_cg(env_id, monkeypatch, cfg)
     assert seen["kw"] == dict(maxiter=cfg.cg_iters, rtol=0.0, atol=0.0, damping=cfg.cg_damping,
                               sync=False)
 
@@ -178,18 +186,8 @@ def test_fisher_vector_product_is_the_hessian_of_the_mean_kl(env_id, monkeypatch
 def test_policy_gradient_is_the_surrogate_gradient(env_id, monkeypatch):
     # g (the right-hand side handed to the CG) comes from the fused backward op and the linearised
     # network's backward pass; it must equal autograd of the textbook surrogate at θ_old.
-    policy, value_fn, obs, actions, adv, ret = _setup(env_id, batch=64)
-    theta_old = policy.flat.detach().clone()
-    seen = {}
-    real_cg = train_mod.conjugate_gradient
-
-    def spy(matvec, b, x0=None, **kw):
-        seen["b"] = b.clone()
-        return real_cg(matvec, b, x0, **kw)
-
-    monkeypatch.setattr(train_mod, "conjugate_gradient", spy)
-    trpo_update(policy, value_fn, Adam(value_fn.flat, 1e-3), obs, actions, adv, ret, TRPOConfig(),
-                torch.Generator().manual_seed(0))
+    policy, theta_old, obs, actions, adv, seen = _update_seen_by_cg(env_id, monkeypatch,
+                                                                    TRPOConfig())
     old = tuple(p.detach() for p in _reference_dist(policy, theta_old, obs))
     logp_old = policy.log_prob(old, actions)
 
