@@ -306,11 +306,6 @@ class Policy(_FlatModule):
                                                   advantages)
         return _kl.surrogate_kl_categorical(old[0], new[0], actions, logp_old, advantages)
 
-    def mean_kl(self, old: Tuple[torch.Tensor, ...], new: Tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if self.gaussian:
-            return _kl.mean_kl_diag_gaussian(old[0], old[1], new[0], new[1])
-        return _kl.mean_kl_categorical(old[0], new[0])
-
     # --- the update's closed forms ----------------------------------------------------------------
 
     def linearize(self, obs: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], Linearization]:
