@@ -71,7 +71,10 @@ def tol(dtype):
 # --- values against torch.distributions ----------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,A", [(1, 1), (1, 6), (123, 7), (2048, 17), (5000, 1)])
+# (the CPU tiles hold 64 rows, their row sums go 8 rows at a time, one AVX2 vector covers 8
+# dimensions, and A > 32 takes the per-row path: shapes on both sides of each edge)
+@pytest.mark.parametrize("B,A", [(1, 1), (1, 6), (123, 7), (2048, 17), (5000, 1), (1000, 8),
+                                 (333, 9), (200, 32), (70, 33), (8195, 3)])
 @pytest.mark.parametrize("per_state", LOG_STD_KINDS)
 def test_gaussian_matches_distributions(B, A, per_state, dtype, device):
     mo, lo, mn, ln, act, lp, adv = gaussian_inputs(B, A, dtype, device, per_state)
@@ -202,18 +205,71 @@ def test_float32_accuracy_at_a_million_rows():
     torch.testing.assert_close(got[2].double(), ref[2], rtol=2e-6, atol=0)
 
 
-def test_reproducible_across_thread_counts():
-    args = gaussian_inputs(200_000, 3, torch.float32, "cpu")
+@pytest.mark.parametrize("A", [1, 3, 6, 17, 40])
+def test_reproducible_across_thread_counts(A):
+    args = gaussian_inputs(600_000 // A, A, torch.float32, "cpu")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = trpo_ext.surrogate_kl_diag_gaussian(*args)
+        kl_one = trpo_ext.mean_kl_diag_gaussian(*args[:4])
         torch.set_num_threads(max(2, threads))
         many = trpo_ext.surrogate_kl_diag_gaussian(*args)
+        kl_many = trpo_ext.mean_kl_diag_gaussian(*args[:4])
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(one, many):
+    for a, b in zip(one + (kl_one,), many + (kl_many,)):
         assert torch.equal(a, b)
+
+
+_ISA_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import trpo_ext
+from test_kl import categorical_inputs, gaussian_inputs
+out = {{}}
+for A in (1, 6, 17):
+    args = gaussian_inputs(5003, A, torch.float32, "cpu")
+    out["gauss", A] = (trpo_ext.surrogate_kl_diag_gaussian(*args),
+                       trpo_ext.mean_kl_diag_gaussian(*args[:4]))
+for K in (2, 18, 40):
+    args = categorical_inputs(3001, K, torch.float32, "cpu")
+    out["cat", K] = (trpo_ext.surrogate_kl_categorical(*args),
+                     trpo_ext.mean_kl_categorical(*args[:2]))
+torch.save(out, {out!r})
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "auto"])
+def test_cpu_instruction_sets_agree(isa, tmp_path):
+    # The CPU row kernels are compiled for the x86-64 baseline and for AVX2 + FMA (chosen at run
+    # time; TRPO_EXT_CPU_ISA=baseline forces the baseline).  Each build, run in a subprocess, is
+    # held to the float64 reference of the same float32 inputs (the two builds may differ in the
+    # last bits: FMA contraction, the order of a row's sum).
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "results.pt"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRPO_EXT_CPU_ISA=isa)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(tests)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(tests=tests, out=str(out))], env=env,
+                   check=True, timeout=600)
+    theirs = torch.load(out)
+    for (kind, width), (fused, kl) in theirs.items():
+        if kind == "gauss":
+            args = gaussian_inputs(5003, width, torch.float32, "cpu")
+            ref = surrogate_kl_diag_gaussian_reference(*(t.double() for t in args))
+        else:
+            args = categorical_inputs(3001, width, torch.float32, "cpu")
+            ref = surrogate_kl_categorical_reference(*(t.double() if t.is_floating_point() else t
+                                                       for t in args))
+        for g, r in zip(fused + (kl,), ref + (ref[1],)):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g.double(), r, rtol=2e-5, atol=2e-6,
+                                       msg=lambda m: f"{isa} {kind} {width}: {m}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -12,9 +12,15 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#endif
 
 #include "kl.h"
 
@@ -115,6 +121,75 @@ GaussianPtrs<scalar_t> gaussian_ptrs(const kl::GaussianInputs& in) {
           in.log_std_new_row_stride};
 }
 
+// The constants of the vectorised Gaussian kernels (kl_cpu_kernels.h) for a state-independent
+// log_std: 1/σ_new repeated over a tile's rows, and the per-row sums of the per-dimension terms.
+template <typename acc_t>
+struct GaussTileConsts {
+  const acc_t* inv_std_rep;  // [kTileRows · A]: element e of a tile has 1/σ_new of dimension e % A
+  acc_t kl_const;            // Σ_a ½(e^{2(ℓ_old − ℓ_new)} − 1 − 2(ℓ_old − ℓ_new))
+  acc_t logp_const;          // Σ_a ℓ_new + A · ½ log 2π
+};
+
+template <typename scalar_t>
+struct CategoricalPtrs {
+  const scalar_t* logits_old;  // [B, K]
+  const scalar_t* logits_new;  // [B, K]
+  const void* actions;         // [B] int64 or int32, surrogate only
+  const scalar_t* logp_old;    // [B], surrogate only
+  const scalar_t* advantages;  // [B], surrogate only
+  int64_t K;
+};
+
+template <typename scalar_t>
+CategoricalPtrs<scalar_t> categorical_ptrs(const kl::CategoricalInputs& in) {
+  return {in.logits_old.data_ptr<scalar_t>(),
+          in.logits_new.data_ptr<scalar_t>(),
+          in.surrogate ? in.actions.data_ptr() : nullptr,
+          in.surrogate ? in.logp_old.data_ptr<scalar_t>() : nullptr,
+          in.surrogate ? in.advantages.data_ptr<scalar_t>() : nullptr,
+          in.K};
+}
+
+// --- the vectorised row kernels -------------------------------------------------------------
+//
+// The row kernels (kl_cpu_kernels.h: categorical rows, and the Gaussian rows of a state-independent
+// log_std), compiled twice: for the x86-64 baseline and for AVX2 + FMA, chosen once at run time.
+// Each copy lives in its own namespace and has internal linkage (we are inside an anonymous
+// namespace), so the two never meet at link time.  The AVX2 copy also gets a few hand-written
+// intrinsics where GCC's vectoriser falls short (TRPO_KL_AVX2_KERNELS).  AVX2 machines and others
+// may differ in the last bits (FMA contraction, summation order inside a row); on one machine
+// results are reproducible.
+namespace isa_base {
+#include "kl_cpu_kernels.h"
+}  // namespace isa_base
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TRPO_KL_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define TRPO_KL_AVX2_KERNELS 1
+namespace isa_avx2 {
+#include "kl_cpu_kernels.h"
+}  // namespace isa_avx2
+#undef TRPO_KL_AVX2_KERNELS
+#pragma GCC pop_options
+#endif
+
+// AVX2 where the CPU has it, unless the environment variable TRPO_EXT_CPU_ISA=baseline asks for the
+// baseline kernels (as for the CG; tests use it to check both builds).  Read once.
+bool use_avx2() {
+#ifdef TRPO_KL_HAVE_AVX2
+  static const bool yes = [] {
+    const char* want = std::getenv("TRPO_EXT_CPU_ISA");
+    if (want != nullptr && std::strcmp(want, "baseline") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
 // Per-dimension terms of a state-independent pair of log_stds, hoisted out of the batch loop.
 template <typename acc_t>
 struct GaussianColumns {
@@ -189,6 +264,32 @@ Sums gaussian_forward_rows(const GaussianPtrs<scalar_t>& p, const GaussianColumn
   return s;
 }
 
+// The vectorised kernels for a state-independent log_std of up to kTileMaxK dimensions (the
+// usual TRPO policy), on this machine's instruction set.
+template <typename scalar_t, typename acc_t, bool kSurrogate>
+Sums gaussian_forward_shared(const GaussianPtrs<scalar_t>& p, const GaussianColumns<acc_t>& cols,
+                             int64_t B) {
+  const int64_t A = p.A;
+  std::vector<acc_t> inv_rep(isa_base::kTileRows * A);
+  for (size_t e = 0; e < inv_rep.size(); ++e) inv_rep[e] = cols.inv_std[e % A];
+  GaussTileConsts<acc_t> c{inv_rep.data(), acc_t(0), static_cast<acc_t>(A * kl::kHalfLog2Pi)};
+  for (int64_t a = 0; a < A; ++a) {
+    c.kl_const += cols.scale[a];
+    c.logp_const += cols.log_std[a];
+  }
+  return reduce_blocks(B, A, [&](int64_t r0, int64_t r1) {
+#ifdef TRPO_KL_HAVE_AVX2
+    if (use_avx2()) {
+      return kSurrogate ? isa_avx2::gauss_forward_tiles<scalar_t, acc_t, true>(p, c, r0, r1)
+                        : isa_avx2::gauss_kl_sum<scalar_t, acc_t>(p, c, r0, r1);
+    }
+#endif
+    return kSurrogate ? isa_base::gauss_forward_tiles<scalar_t, acc_t, true>(p, c, r0, r1)
+                      : isa_base::gauss_kl_sum<scalar_t, acc_t>(p, c, r0, r1);
+  });
+}
+
+// kSurrogate: the line search's fused pass (Σ surrogate, Σ KL, max KL); else Σ KL only.
 template <bool kSurrogate>
 Sums gaussian_forward(const kl::GaussianInputs& in) {
   Sums total;
@@ -198,6 +299,10 @@ Sums gaussian_forward(const kl::GaussianInputs& in) {
     const bool shared = p.lo_stride == 0 && p.ln_stride == 0;
     const GaussianColumns<acc_t> cols =
         shared ? gaussian_columns<scalar_t, acc_t>(p, false) : GaussianColumns<acc_t>{};
+    if (shared && p.A <= isa_base::kTileMaxK) {
+      total = gaussian_forward_shared<scalar_t, acc_t, kSurrogate>(p, cols, in.B);
+      return;
+    }
     total = reduce_blocks(in.B, in.A, [&](int64_t r0, int64_t r1) {
       return shared ? gaussian_forward_rows<scalar_t, acc_t, kSurrogate, true>(p, cols, r0, r1)
                     : gaussian_forward_rows<scalar_t, acc_t, kSurrogate, false>(p, cols, r0, r1);
@@ -317,26 +422,6 @@ std::tuple<at::Tensor, at::Tensor> kl_diag_gaussian_backward_cpu(
 
 // --- categorical -------------------------------------------------------------------------------
 
-template <typename scalar_t>
-struct CategoricalPtrs {
-  const scalar_t* logits_old;  // [B, K]
-  const scalar_t* logits_new;  // [B, K]
-  const void* actions;         // [B] int64 or int32, surrogate only
-  const scalar_t* logp_old;    // [B], surrogate only
-  const scalar_t* advantages;  // [B], surrogate only
-  int64_t K;
-};
-
-template <typename scalar_t>
-CategoricalPtrs<scalar_t> categorical_ptrs(const kl::CategoricalInputs& in) {
-  return {in.logits_old.data_ptr<scalar_t>(),
-          in.logits_new.data_ptr<scalar_t>(),
-          in.surrogate ? in.actions.data_ptr() : nullptr,
-          in.surrogate ? in.logp_old.data_ptr<scalar_t>() : nullptr,
-          in.surrogate ? in.advantages.data_ptr<scalar_t>() : nullptr,
-          in.K};
-}
-
 // The CPU reads every action before any arithmetic: an out-of-range index is an error here.
 void check_actions_in_range(const kl::CategoricalInputs& in) {
   dispatch_index(in.actions.scalar_type(), [&](auto tag) {
@@ -348,33 +433,6 @@ void check_actions_in_range(const kl::CategoricalInputs& in) {
                         " classes (valid: 0 to ", in.K - 1, ")");
     }
   });
-}
-
-// The row kernels (kl_cpu_kernels.h), compiled twice: for the x86-64 baseline and for AVX2 + FMA,
-// chosen once at run time.  Each copy lives in its own namespace and has internal linkage (we are
-// inside an anonymous namespace), so the two never meet at link time.  AVX2 machines and others
-// may differ in the last bits (FMA contraction); on one machine results are reproducible.
-namespace isa_base {
-#include "kl_cpu_kernels.h"
-}  // namespace isa_base
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TRPO_KL_HAVE_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace isa_avx2 {
-#include "kl_cpu_kernels.h"
-}  // namespace isa_avx2
-#pragma GCC pop_options
-#endif
-
-bool use_avx2() {
-#ifdef TRPO_KL_HAVE_AVX2
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-#else
-  return false;
-#endif
 }
 
 template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>

@@ -1,8 +1,10 @@
-// Categorical KL / surrogate row kernels for the CPU, written so that GCC's auto-vectoriser turns
-// every inner loop into SIMD code.  This file is included twice by kl_cpu.cpp: once plainly (the
-// x86-64 baseline, SSE2) and once under `#pragma GCC target("avx2,fma")`, each time inside its own
-// namespace, so that one source gives both instruction sets and kl_cpu.cpp picks one at run time.
-// It therefore has no include guard and includes nothing itself.
+// KL / surrogate row kernels for the CPU — categorical rows, and diagonal-Gaussian rows with a
+// state-independent log_std — written so that GCC's auto-vectoriser turns every inner loop into
+// SIMD code.  This file is included twice by kl_cpu.cpp: once plainly (the x86-64 baseline, SSE2)
+// and once under `#pragma GCC target("avx2,fma")` with TRPO_KL_AVX2_KERNELS defined (which adds a
+// few AVX2 intrinsics), each time inside its own namespace, so that one source gives both
+// instruction sets and kl_cpu.cpp picks one at run time.  It therefore has no include guard and
+// includes nothing itself.
 //
 // Why these helpers are CPU-only and not in kl.h: the GPU computes one element per lane with the
 // accurate libdevice expf/logf, which costs it nothing next to the loads.  A CPU core instead needs
@@ -10,7 +12,7 @@
 // the vectoriser cannot look into) forbid.  The same formula for the KL as kl::cat_kl is used,
 // rearranged (see cat_row_kl below).
 //
-// Layout: for K <= kTileMaxK a tile of up to kTileRows rows is transposed into class-major scratch
+// Categorical layout: for K <= kTileMaxK a tile of up to kTileRows rows is transposed into class-major scratch
 // ([K][rows]), so that every loop runs across rows and is full-width whatever K is (K = 2 would
 // otherwise give 2-wide loops).  Wider rows are walked along the row with kLanes partial sums.
 // Partial sums are combined in a fixed order, so results do not depend on the thread count.
@@ -492,4 +494,171 @@ void cat_backward_rows(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl, acc_t 
     cat_backward_long<scalar_t, acc_t, index_t, kSurrogate>(p, grad_kl, grad_surrogate,
                                                             grad_logits, r0, r1);
   }
+}
+
+// --- diagonal Gaussian, state-independent log_std (A <= kTileMaxK) -------------------------------
+//
+// With σ_new shared by the rows, a row's KL and log-probability are sums of squares plus per-row
+// constants (GaussTileConsts, kl_cpu.cpp):
+//   KL_row = kl_const + ½ Σ_a z_a²,  z = (μ_old − μ_new)/σ_new,
+//   log π_new(a_row) = −½ Σ_a y_a² − logp_const,  y = (a − μ_new)/σ_new,
+// the per-dimension formulas of kl::gaussian_kl_from_parts / gaussian_log_prob_from_parts summed
+// over the row.  The squares are formed over the flat [rows · A] slice of a tile, full-width
+// whatever A is (element e of a tile is dimension e % A: tiles start on a row), then summed per
+// row; the surrogate's exponentials run across rows.
+
+// Σ_rows KL over rows [r0, r1) for the mean KL alone (no per-row values, so no max): the squares
+// summed in kLanes float lanes per tile, the tiles' lanes in double.
+template <typename scalar_t, typename acc_t>
+Sums gauss_kl_sum(const GaussianPtrs<scalar_t>& p, const GaussTileConsts<acc_t>& c, int64_t r0,
+                  int64_t r1) {
+  const int64_t A = p.A;
+  const acc_t* __restrict inv = c.inv_std_rep;
+  double lanes[kLanes] = {};
+  for (int64_t row0 = r0; row0 < r1; row0 += kTileRows) {
+    const int64_t m = std::min<int64_t>(kTileRows, r1 - row0) * A;
+    const scalar_t* __restrict mo = p.mean_old + row0 * A;
+    const scalar_t* __restrict mn = p.mean_new + row0 * A;
+    acc_t part[kLanes] = {};
+    int64_t e = 0;
+    for (; e + kLanes <= m; e += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const acc_t z = (static_cast<acc_t>(mo[e + j]) - static_cast<acc_t>(mn[e + j])) * inv[e + j];
+        part[j] += z * z;
+      }
+    }
+    for (int j = 0; e + j < m; ++j) {
+      const acc_t z = (static_cast<acc_t>(mo[e + j]) - static_cast<acc_t>(mn[e + j])) * inv[e + j];
+      part[j] += z * z;
+    }
+    for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<double>(part[j]);
+  }
+  double squares = 0.0;
+  for (int j = 0; j < kLanes; ++j) squares += lanes[j];
+  Sums s = kl::sums_empty();
+  s.kl = static_cast<double>(r1 - r0) * static_cast<double>(c.kl_const) + 0.5 * squares;
+  return s;
+}
+
+// Row sums of a tile's squares: out[i] = Σ_a sq[i·A + a].  Eight rows at a time, so that eight
+// independent sums are in flight (one row's sum alone is a chain of dependent adds).
+template <typename acc_t>
+inline void gauss_row_sums(const acc_t* __restrict sq, int64_t A, int n, acc_t* __restrict out) {
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    acc_t t[kLanes] = {};
+    for (int64_t a = 0; a < A; ++a) {
+      for (int j = 0; j < kLanes; ++j) t[j] += sq[(i + j) * A + a];
+    }
+    for (int j = 0; j < kLanes; ++j) out[i + j] = t[j];
+  }
+  for (; i < n; ++i) {
+    acc_t t = 0;
+    for (int64_t a = 0; a < A; ++a) t += sq[i * A + a];
+    out[i] = t;
+  }
+}
+
+#ifdef TRPO_KL_AVX2_KERNELS
+// The AVX2 copy for float: GCC builds the loop above from single-element loads and inserts (it
+// cannot vectorise a runtime stride better), ~2 instructions per element.  Here each row is read
+// as up to four unaligned 8-float vectors (the last masked to the row; the scratch has kLanes
+// floats of slack past the tile), and the eight row vectors of eight rows are reduced together by
+// a horizontal-add tree: about 3 instructions per row for A <= 8.
+inline void gauss_row_sums(const float* __restrict sq, int64_t A, int n, float* __restrict out) {
+  const int64_t nv = (A + 7) / 8;  // vectors per row
+  const int64_t last = 8 * (nv - 1);
+  alignas(32) int32_t keep[8];
+  for (int l = 0; l < 8; ++l) keep[l] = l < A - last ? -1 : 0;
+  const __m256 mask = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(keep)));
+  const auto row_vector = [&](int64_t row) {
+    const float* x = sq + row * A;
+    __m256 acc = _mm256_and_ps(_mm256_loadu_ps(x + last), mask);
+    for (int64_t v = 0; v < last; v += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + v));
+    return acc;
+  };
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 r[8] = {row_vector(i), row_vector(i + 1), row_vector(i + 2), row_vector(i + 3),
+                         row_vector(i + 4), row_vector(i + 5), row_vector(i + 6), row_vector(i + 7)};
+    // hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]: two levels give
+    // [Σ r0..r3 over lanes 0–3 | Σ r0..r3 over lanes 4–7], the halves are then added across.
+    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(r[4], r[5]), _mm256_hadd_ps(r[6], r[7]));
+    const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+    const __m256 hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+    _mm256_storeu_ps(out + i, _mm256_add_ps(lo, hi));
+  }
+  for (; i < n; ++i) {
+    float t = 0;
+    for (int64_t a = 0; a < A; ++a) t += sq[i * A + a];
+    out[i] = t;
+  }
+}
+#endif
+
+// Sums (Σ KL, max KL and, with kSurrogate, Σ exp(log π_new(a) − logp_old)·A) over rows [r0, r1).
+template <typename scalar_t, typename acc_t, bool kSurrogate>
+Sums gauss_forward_tiles(const GaussianPtrs<scalar_t>& p, const GaussTileConsts<acc_t>& c,
+                         int64_t r0, int64_t r1) {
+  const int64_t A = p.A;
+  const acc_t* __restrict inv = c.inv_std_rep;
+  // (kLanes of slack: the AVX2 row sums read whole 8-float vectors)
+  acc_t zz[kTileMaxK * kTileRows + kLanes], yy[kTileMaxK * kTileRows + kLanes];
+  acc_t kl_rows[kTileRows], surrogate_rows[kTileRows], y_rows[kTileRows];
+  LaneSums<acc_t> s;
+  lanes_init(s);
+  for (int64_t row0 = r0; row0 < r1; row0 += kTileRows) {
+    const int n = static_cast<int>(std::min<int64_t>(kTileRows, r1 - row0));
+    const int64_t m = n * A;
+    const scalar_t* __restrict mo = p.mean_old + row0 * A;
+    const scalar_t* __restrict mn = p.mean_new + row0 * A;
+    if (A == 1) {  // a row is one element: no squares to keep, no row sums
+      const acc_t inv0 = inv[0];
+      for (int i = 0; i < n; ++i) {
+        const acc_t z = (static_cast<acc_t>(mo[i]) - static_cast<acc_t>(mn[i])) * inv0;
+        kl_rows[i] = c.kl_const + acc_t(0.5) * (z * z);
+      }
+      if (kSurrogate) {
+        const scalar_t* __restrict x = p.actions + row0;
+        const scalar_t* __restrict lp = p.logp_old + row0;
+        const scalar_t* __restrict adv = p.advantages + row0;
+        for (int i = 0; i < n; ++i) {
+          const acc_t y = (static_cast<acc_t>(x[i]) - static_cast<acc_t>(mn[i])) * inv0;
+          const acc_t logp = acc_t(-0.5) * (y * y) - c.logp_const;
+          surrogate_rows[i] = vexp(logp - static_cast<acc_t>(lp[i])) * static_cast<acc_t>(adv[i]);
+        }
+      }
+      lanes_add<acc_t, kSurrogate>(s, kl_rows, surrogate_rows, n);
+      continue;
+    }
+    if (kSurrogate) {
+      const scalar_t* __restrict x = p.actions + row0 * A;
+      for (int64_t e = 0; e < m; ++e) {
+        const acc_t mean_new = static_cast<acc_t>(mn[e]);
+        const acc_t z = (static_cast<acc_t>(mo[e]) - mean_new) * inv[e];
+        const acc_t y = (static_cast<acc_t>(x[e]) - mean_new) * inv[e];
+        zz[e] = z * z;
+        yy[e] = y * y;
+      }
+    } else {
+      for (int64_t e = 0; e < m; ++e) {
+        const acc_t z = (static_cast<acc_t>(mo[e]) - static_cast<acc_t>(mn[e])) * inv[e];
+        zz[e] = z * z;
+      }
+    }
+    gauss_row_sums(zz, A, n, kl_rows);
+    if (kSurrogate) gauss_row_sums(yy, A, n, y_rows);
+    for (int i = 0; i < n; ++i) kl_rows[i] = c.kl_const + acc_t(0.5) * kl_rows[i];
+    if (kSurrogate) {
+      const scalar_t* __restrict lp = p.logp_old + row0;
+      const scalar_t* __restrict adv = p.advantages + row0;
+      for (int i = 0; i < n; ++i) {
+        const acc_t logp = acc_t(-0.5) * y_rows[i] - c.logp_const;
+        surrogate_rows[i] = vexp(logp - static_cast<acc_t>(lp[i])) * static_cast<acc_t>(adv[i]);
+      }
+    }
+    lanes_add<acc_t, kSurrogate>(s, kl_rows, surrogate_rows, n);
+  }
+  return lanes_fold(s);
 }
