@@ -9,7 +9,9 @@ The two alternate within one process, ``--repeats`` times each, after one untime
 (imports, first-call costs).  End-to-end time counts everything from the call of ``train`` (for
 sb3: constructing the model and its environments, then ``learn``) to its return.  The update time
 is everything but sampling: for ours the sum of the history's time split, for sb3 the time inside
-``TRPO.train``.
+``TRPO.train``.  The last table is the ceiling of one process: the plain loop's stepping time for
+the same number of steps (one env, random actions) plus our update time; sb3's total over that
+floor is the largest end-to-end speedup possible without stepping environments in parallel.
 
     python benchmarks/compare_sb3.py [--envs HalfCheetah-v5 Hopper-v5] [--steps 20480]
 """
@@ -99,7 +101,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     print(f"machine: {describe_machine()}; steps {args.steps}, {N_ENVS}×{N_STEPS} samples per "
           f"update; sb3 with {args.sb3_n_envs} env(s)")
-    rows, splits, rates = [], [], []
+    rows, splits, rates, ceilings = [], [], [], []
     for env_id in args.envs:
         run_ours(env_id, N_ENVS * N_STEPS, 0)  # warm-up, untimed
         run_sb3(env_id, N_ENVS * N_STEPS, 0, args.sb3_n_envs)
@@ -120,6 +122,11 @@ def main(argv=None) -> None:
         o_sample_sps = args.steps / split["sampling"]
         rates.append([env_id, raw, o_sample_sps, o_sample_sps / raw, o_sps, o_sps / raw,
                       args.steps / s_tot])
+        # The ceiling of one process: stepping the environments costs at least the plain loop's
+        # time, and the update comes on top.
+        stepping = args.steps / raw
+        ceilings.append([env_id, stepping, o_upd, stepping + o_upd, s_tot / (stepping + o_upd),
+                         s_tot / o_tot])
     print("\nEnd to end and update (seconds, median of repeats)")
     print_table(["env", "sb3 total", "ours total", "speedup", "sb3 update", "ours update",
                  "update speedup"], rows)
@@ -128,6 +135,10 @@ def main(argv=None) -> None:
     print("\nSteps per second")
     print_table(["env", "raw env loop", "ours sampling", "fraction of raw", "ours end to end",
                  "fraction of raw", "sb3 end to end"], rates)
+    print("\nCeiling in one process: the plain loop's stepping time for the run's steps plus our "
+          "update (seconds)")
+    print_table(["env", "raw stepping", "ours update", "floor", "sb3 total / floor",
+                 "speedup reached"], ceilings)
 
 
 if __name__ == "__main__":
