@@ -207,3 +207,61 @@ def test_numpy_and_torch_sampling_steps_agree(box_actions):
     else:
         assert (a1 == a2).float().mean() > 0.9  # equal but for ties at a CDF boundary
         np.testing.assert_array_equal(e1, a1.numpy())
+
+
+@pytest.mark.parametrize("env_id,steps", [("Pendulum-v1", 201), ("CartPole-v1", 300),
+                                          ("FrozenLake-v1", 300), ("InvertedPendulum-v5", 300)])
+def test_same_step_vector_env_matches_gymnasium_sync_env(env_id, steps):
+    # The collector's default vector env against gymnasium's SyncVectorEnv in same-step mode:
+    # the same observations (dtype included), rewards, terminations, truncations and final
+    # observations, bit for bit, through truncations (Pendulum at 200 steps) and terminations.
+    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+    from trpo_ext.vecenv import SameStepVectorEnv
+
+    if env_id.startswith("Inverted"):
+        pytest.importorskip("mujoco")
+    make = lambda: gym.make(env_id)  # noqa: E731
+    sync = SyncVectorEnv([make for _ in range(3)], autoreset_mode=AutoresetMode.SAME_STEP)
+    ours = SameStepVectorEnv([make for _ in range(3)])
+    try:
+        assert ours.single_observation_space == sync.single_observation_space
+        assert ours.action_space == sync.action_space
+        o1, _ = sync.reset(seed=[5, 6, 7])
+        o2, _ = ours.reset(seed=[5, 6, 7])
+        assert o1.dtype == o2.dtype
+        np.testing.assert_array_equal(o1, o2)
+        sync.action_space.seed(0)
+        ends = 0
+        for _ in range(steps):
+            a = sync.action_space.sample()
+            r1, r2 = sync.step(a), ours.step(a)
+            for x, y in zip(r1[:4], r2[:4]):
+                assert x.dtype == y.dtype
+                np.testing.assert_array_equal(x, y)
+            done = np.logical_or(r1[2], r1[3])
+            if done.any():
+                ends += int(done.sum())
+                for i in range(3):
+                    assert bool(r2[4]["_final_obs"][i]) == bool(done[i])
+                    if done[i]:
+                        np.testing.assert_array_equal(r1[4]["final_obs"][i], r2[4]["final_obs"][i])
+            else:
+                assert r2[4] == {}
+        assert ends > 0
+    finally:
+        sync.close()
+        ours.close()
+
+
+def test_same_step_vector_env_refuses_mismatched_input():
+    from trpo_ext.vecenv import SameStepVectorEnv
+
+    with pytest.raises(ValueError, match="at least one"):
+        SameStepVectorEnv([])
+    with pytest.raises(ValueError, match="environment 1 has spaces"):
+        SameStepVectorEnv([lambda: gym.make("CartPole-v1"), lambda: gym.make("Acrobot-v1")])
+    envs = SameStepVectorEnv([lambda: gym.make("CartPole-v1")] * 2)
+    with pytest.raises(ValueError, match="one seed per environment"):
+        envs.reset(seed=[1, 2, 3])
+    envs.close()

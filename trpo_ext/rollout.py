@@ -48,17 +48,18 @@ def env_factory(env: EnvSpec) -> Callable[[], "object"]:
 def make_vector_env(env: EnvSpec, n_envs: int, async_envs: bool = False, workers: int = 0):
     """A vector env of ``n_envs`` copies in same-step autoreset mode: gymnasium's
     ``AsyncVectorEnv`` (``async_envs``), a :class:`trpo_ext.vecenv.ShardedVectorEnv` with
-    ``workers`` worker processes, or a ``SyncVectorEnv``."""
-    from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+    ``workers`` worker processes, or a :class:`trpo_ext.vecenv.SameStepVectorEnv` (the batches of
+    gymnasium's ``SyncVectorEnv``, without its per-step info merging)."""
+    from .vecenv import SameStepVectorEnv, ShardedVectorEnv
 
     if workers > 0 and not async_envs:
-        from .vecenv import ShardedVectorEnv
-
         return ShardedVectorEnv(env, n_envs, workers)
     fns = [env_factory(env) for _ in range(n_envs)]
     if async_envs:
+        from gymnasium.vector import AsyncVectorEnv, AutoresetMode
+
         return AsyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
-    return SyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
+    return SameStepVectorEnv(fns)
 
 
 @dataclass

@@ -1,5 +1,14 @@
-"""A vector env whose environments are stepped in shards: one shard in this process, one in each
-of a few worker processes, all at the same time.
+"""Vector envs for the collector: ``SameStepVectorEnv`` steps a few environments in this process,
+and ``ShardedVectorEnv`` steps them in shards: one shard in this process, one in each of a few
+worker processes, all at the same time.
+
+``SameStepVectorEnv`` is gymnasium's ``SyncVectorEnv`` in same-step autoreset mode minus what the
+collector never reads: ``SyncVectorEnv.step`` merges every environment's info dict into the batch's
+at every step (for MuJoCo tasks, four or five entries per environment per step) and stacks the
+observations through the generic space utilities, which costs about a third of the environments'
+own stepping time (8 HalfCheetah-v5 copies, 8000 steps: 1.17 s against 0.85 s for the same
+environments in a plain loop, 2-vCPU VM).  Its batches are those of ``SyncVectorEnv`` bit for bit
+(tested); its infos hold only ``final_obs`` (and ``final_info``) when an episode ended.
 
 gymnasium's ``AsyncVectorEnv`` gives every environment its own process and a round trip per
 environment per step; on a machine with a few cores that costs more than it saves (8 MuJoCo
@@ -9,7 +18,7 @@ same-step autoreset mode; a step sends each worker its slice of the actions, ste
 meanwhile, and gathers the workers' results (one message each way per worker).  The batches are
 those of one ``SyncVectorEnv`` over the same environments and seeds, bit for bit.
 
-``choose_workers`` decides how many workers pay off: none on a single core, or when one
+Sharded stepping: ``choose_workers`` decides how many workers pay off: none on a single core, or when one
 environment step is too cheap for a message round trip to be worth it.
 """
 from __future__ import annotations
@@ -23,7 +32,7 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["ShardedVectorEnv", "choose_workers", "usable_cpus"]
+__all__ = ["SameStepVectorEnv", "ShardedVectorEnv", "choose_workers", "usable_cpus"]
 
 EnvSpec = Union[str, Callable[[], Any]]
 
@@ -78,6 +87,89 @@ def _picklable(obj: Any) -> bool:
         return True
     except Exception:
         return False
+
+
+class SameStepVectorEnv:
+    """``len(env_fns)`` environments stepped one after another in this process, in gymnasium's
+    same-step autoreset mode: when environment i ends an episode, ``step`` returns the first
+    observation of its next episode, with ``infos["final_obs"][i]`` and ``infos["final_info"][i]``
+    the final observation and info of the one that ended (``infos`` is empty otherwise; the
+    environments' other per-step infos are not collected).  Observations are stacked into an array
+    of the observation space's dtype, rewards are float64, as ``SyncVectorEnv`` returns them.
+
+    Attributes as gymnasium's vector envs: ``num_envs``, ``envs``, ``single_observation_space``,
+    ``single_action_space``, ``observation_space``, ``action_space``; and ``reset``, ``step``,
+    ``close``.
+    """
+
+    def __init__(self, env_fns: Sequence[Callable[[], Any]]):
+        from gymnasium.vector.utils import batch_space
+
+        if len(env_fns) < 1:
+            raise ValueError("env_fns must hold at least one environment factory")
+        self.envs = []
+        try:
+            for fn in env_fns:
+                self.envs.append(fn())
+        except BaseException:
+            self.close()
+            raise
+        self.num_envs = len(self.envs)
+        first = self.envs[0]
+        self.single_observation_space = first.observation_space
+        self.single_action_space = first.action_space
+        for i, e in enumerate(self.envs[1:], start=1):
+            if e.observation_space != first.observation_space or e.action_space != first.action_space:
+                self.close()
+                raise ValueError(f"environment {i} has spaces {e.observation_space}, "
+                                 f"{e.action_space}; environment 0 has {first.observation_space}, "
+                                 f"{first.action_space}: a vector env needs them all alike")
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._obs_shape = (self.num_envs,) + tuple(self.single_observation_space.shape or ())
+        self._obs_dtype = self.single_observation_space.dtype
+        self._closed = False
+
+    def reset(self, *, seed: Union[None, int, Sequence[Optional[int]]] = None, options=None):
+        if seed is None or isinstance(seed, int):
+            seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"seed must give one seed per environment ({self.num_envs}), "
+                                 f"got {len(seeds)}")
+        obs = np.empty(self._obs_shape, dtype=self._obs_dtype)
+        for i, (env, s) in enumerate(zip(self.envs, seeds)):
+            obs[i], _ = env.reset(seed=s, options=options)
+        return obs, {}
+
+    def step(self, actions):
+        n = self.num_envs
+        obs = np.empty(self._obs_shape, dtype=self._obs_dtype)
+        rewards = np.empty(n, dtype=np.float64)
+        terminated = np.empty(n, dtype=np.bool_)
+        truncated = np.empty(n, dtype=np.bool_)
+        infos = {}
+        for i, env in enumerate(self.envs):
+            o, rewards[i], terminated[i], truncated[i], info = env.step(actions[i])
+            if terminated[i] or truncated[i]:
+                if not infos:
+                    infos = {"final_obs": np.full(n, None, dtype=object),
+                             "final_info": np.full(n, None, dtype=object),
+                             "_final_obs": np.zeros(n, dtype=np.bool_)}
+                infos["final_obs"][i] = o
+                infos["final_info"][i] = info
+                infos["_final_obs"][i] = True
+                o, _ = env.reset()
+            obs[i] = o
+        return obs, rewards, terminated, truncated, infos
+
+    def close(self) -> None:
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        for env in getattr(self, "envs", []):
+            env.close()
 
 
 def _shard_sizes(n_envs: int, shards: int) -> List[int]:
