@@ -10,6 +10,12 @@ Bytes floor: every input read once (means/actions/logits ``[B, ·]``, logp_old a
 ``[B]``, int64 actions ``[B]``).  "% bw" compares that floor's rate with the device's measured copy
 bandwidth (``benchmarks/_common.measure_copy_bandwidth``, read + write counted).
 
+Math floor: the exponentials and logarithms an op cannot avoid (categorical: one exp per logit of
+each distribution and one log per row of each, plus the surrogate's exp per row; Gaussian: the
+surrogate's exp per row), each costed at torch's own vectorised ``exp`` / ``log`` rate per element,
+measured at start-up on 10⁶ float32 elements.  Where it exceeds the bytes floor the op is bound by
+arithmetic rather than memory; "% floor" is max(bytes floor time, math floor) over our time.
+
     PYTHONPATH=. python benchmarks/bench_kl.py [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
@@ -94,22 +100,36 @@ def check(ours, ref, what):
                                    msg=lambda m: f"{what}: {m}")
 
 
+def measure_math_rates(device: str, n: int = 1_000_000):
+    """Seconds per element of torch's float32 ``exp`` and ``log`` on ``device`` (outputs preallocated)."""
+    x = torch.empty(n, device=device).uniform_(-10.0, 0.0)
+    y = torch.empty_like(x)
+    pos = x.neg().add_(1.0)
+    t_exp = timeit(lambda: torch.exp(x, out=y), device)
+    t_log = timeit(lambda: torch.log(pos, out=y), device)
+    return t_exp / n, t_log / n
+
+
 def run(device: str, quick: bool) -> None:
     batches = BATCHES[:2] if quick else BATCHES
     bw = measure_copy_bandwidth(device)
+    t_exp, t_log = measure_math_rates(device)
     print(f"# bench_kl on {device}: {describe_machine(device)}")
-    print(f"# measured copy bandwidth {bw / 1e9:.1f} GB/s; {datetime.datetime.now():%Y-%m-%d %H:%M}")
+    print(f"# measured copy bandwidth {bw / 1e9:.1f} GB/s; torch exp {t_exp * 1e9:.2f} ns and log "
+          f"{t_log * 1e9:.2f} ns per float32 element; {datetime.datetime.now():%Y-%m-%d %H:%M}")
     headers = ["op", "B", "A/K", "ours us", "baseline us", "speedup", "floor MB", "ours GB/s",
-               "% bw"]
+               "% bw", "math floor us", "% floor"]
     rows = []
 
-    def add(op, B, width, nbytes, ours_fn, base_fn):
+    def add(op, B, width, nbytes, ours_fn, base_fn, n_exp=0, n_log=0):
         check(ours_fn(), base_fn(), f"{op} B={B} {width}")
         t_ours = timeit(ours_fn, device)
         t_base = timeit(base_fn, device)
         rate = nbytes / t_ours
+        math_floor = n_exp * t_exp + n_log * t_log
+        floor = max(nbytes / bw, math_floor)
         rows.append([op, B, width, t_ours * 1e6, t_base * 1e6, t_base / t_ours, nbytes / 1e6,
-                     rate / 1e9, 100 * rate / bw])
+                     rate / 1e9, 100 * rate / bw, math_floor * 1e6, 100 * floor / t_ours])
 
     el = 4  # float32
     for B in batches:
@@ -120,15 +140,16 @@ def run(device: str, quick: bool) -> None:
                 lambda: baseline_kl_gaussian(mo, lo, mn, ln))
             add("surr+kl gauss", B, A, kl_bytes + B * A * el + 2 * B * el,
                 lambda: trpo_ext.surrogate_kl_diag_gaussian(mo, lo, mn, ln, act, lp, adv),
-                lambda: baseline_surrogate_gaussian(mo, lo, mn, ln, act, lp, adv))
+                lambda: baseline_surrogate_gaussian(mo, lo, mn, ln, act, lp, adv), n_exp=B)
         for K in CLASSES:
             lo, ln, act, lp, adv = categorical_case(B, K, device)
             kl_bytes = 2 * B * K * el
             add("kl cat", B, K, kl_bytes, lambda: trpo_ext.mean_kl_categorical(lo, ln),
-                lambda: baseline_kl_categorical(lo, ln))
+                lambda: baseline_kl_categorical(lo, ln), n_exp=2 * B * K, n_log=2 * B)
             add("surr+kl cat", B, K, kl_bytes + B * 8 + 2 * B * el,
                 lambda: trpo_ext.surrogate_kl_categorical(lo, ln, act, lp, adv),
-                lambda: baseline_surrogate_categorical(lo, ln, act, lp, adv))
+                lambda: baseline_surrogate_categorical(lo, ln, act, lp, adv),
+                n_exp=2 * B * K + B, n_log=2 * B)
     print_table(headers, rows)
 
     # The update's other two uses: the policy gradient (backward of the surrogate) and one
