@@ -280,11 +280,11 @@ Sums gaussian_forward_shared(const GaussianPtrs<scalar_t>& p, const GaussianColu
   return reduce_blocks(B, A, [&](int64_t r0, int64_t r1) {
 #ifdef TRPO_KL_HAVE_AVX2
     if (use_avx2()) {
-      return kSurrogate ? isa_avx2::gauss_forward_tiles<scalar_t, acc_t, true>(p, c, r0, r1)
+      return kSurrogate ? isa_avx2::gauss_surrogate_tiles<scalar_t, acc_t>(p, c, r0, r1)
                         : isa_avx2::gauss_kl_sum<scalar_t, acc_t>(p, c, r0, r1);
     }
 #endif
-    return kSurrogate ? isa_base::gauss_forward_tiles<scalar_t, acc_t, true>(p, c, r0, r1)
+    return kSurrogate ? isa_base::gauss_surrogate_tiles<scalar_t, acc_t>(p, c, r0, r1)
                       : isa_base::gauss_kl_sum<scalar_t, acc_t>(p, c, r0, r1);
   });
 }

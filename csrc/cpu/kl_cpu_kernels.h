@@ -597,10 +597,10 @@ inline void gauss_row_sums(const float* __restrict sq, int64_t A, int n, float* 
 }
 #endif
 
-// Sums (Σ KL, max KL and, with kSurrogate, Σ exp(log π_new(a) − logp_old)·A) over rows [r0, r1).
-template <typename scalar_t, typename acc_t, bool kSurrogate>
-Sums gauss_forward_tiles(const GaussianPtrs<scalar_t>& p, const GaussTileConsts<acc_t>& c,
-                         int64_t r0, int64_t r1) {
+// The line search's sums over rows [r0, r1): Σ KL, max KL and Σ exp(log π_new(a) − logp_old)·A.
+template <typename scalar_t, typename acc_t>
+Sums gauss_surrogate_tiles(const GaussianPtrs<scalar_t>& p, const GaussTileConsts<acc_t>& c,
+                           int64_t r0, int64_t r1) {
   const int64_t A = p.A;
   const acc_t* __restrict inv = c.inv_std_rep;
   // (kLanes of slack: the AVX2 row sums read whole 8-float vectors)
@@ -619,46 +619,35 @@ Sums gauss_forward_tiles(const GaussianPtrs<scalar_t>& p, const GaussTileConsts<
         const acc_t z = (static_cast<acc_t>(mo[i]) - static_cast<acc_t>(mn[i])) * inv0;
         kl_rows[i] = c.kl_const + acc_t(0.5) * (z * z);
       }
-      if (kSurrogate) {
-        const scalar_t* __restrict x = p.actions + row0;
-        const scalar_t* __restrict lp = p.logp_old + row0;
-        const scalar_t* __restrict adv = p.advantages + row0;
-        for (int i = 0; i < n; ++i) {
-          const acc_t y = (static_cast<acc_t>(x[i]) - static_cast<acc_t>(mn[i])) * inv0;
-          const acc_t logp = acc_t(-0.5) * (y * y) - c.logp_const;
-          surrogate_rows[i] = vexp(logp - static_cast<acc_t>(lp[i])) * static_cast<acc_t>(adv[i]);
-        }
-      }
-      lanes_add<acc_t, kSurrogate>(s, kl_rows, surrogate_rows, n);
-      continue;
-    }
-    if (kSurrogate) {
-      const scalar_t* __restrict x = p.actions + row0 * A;
-      for (int64_t e = 0; e < m; ++e) {
-        const acc_t mean_new = static_cast<acc_t>(mn[e]);
-        const acc_t z = (static_cast<acc_t>(mo[e]) - mean_new) * inv[e];
-        const acc_t y = (static_cast<acc_t>(x[e]) - mean_new) * inv[e];
-        zz[e] = z * z;
-        yy[e] = y * y;
-      }
-    } else {
-      for (int64_t e = 0; e < m; ++e) {
-        const acc_t z = (static_cast<acc_t>(mo[e]) - static_cast<acc_t>(mn[e])) * inv[e];
-        zz[e] = z * z;
-      }
-    }
-    gauss_row_sums(zz, A, n, kl_rows);
-    if (kSurrogate) gauss_row_sums(yy, A, n, y_rows);
-    for (int i = 0; i < n; ++i) kl_rows[i] = c.kl_const + acc_t(0.5) * kl_rows[i];
-    if (kSurrogate) {
+      const scalar_t* __restrict x = p.actions + row0;
       const scalar_t* __restrict lp = p.logp_old + row0;
       const scalar_t* __restrict adv = p.advantages + row0;
       for (int i = 0; i < n; ++i) {
-        const acc_t logp = acc_t(-0.5) * y_rows[i] - c.logp_const;
+        const acc_t y = (static_cast<acc_t>(x[i]) - static_cast<acc_t>(mn[i])) * inv0;
+        const acc_t logp = acc_t(-0.5) * (y * y) - c.logp_const;
         surrogate_rows[i] = vexp(logp - static_cast<acc_t>(lp[i])) * static_cast<acc_t>(adv[i]);
       }
+      lanes_add<acc_t, true>(s, kl_rows, surrogate_rows, n);
+      continue;
     }
-    lanes_add<acc_t, kSurrogate>(s, kl_rows, surrogate_rows, n);
+    const scalar_t* __restrict x = p.actions + row0 * A;
+    for (int64_t e = 0; e < m; ++e) {
+      const acc_t mean_new = static_cast<acc_t>(mn[e]);
+      const acc_t z = (static_cast<acc_t>(mo[e]) - mean_new) * inv[e];
+      const acc_t y = (static_cast<acc_t>(x[e]) - mean_new) * inv[e];
+      zz[e] = z * z;
+      yy[e] = y * y;
+    }
+    gauss_row_sums(zz, A, n, kl_rows);
+    gauss_row_sums(yy, A, n, y_rows);
+    const scalar_t* __restrict lp = p.logp_old + row0;
+    const scalar_t* __restrict adv = p.advantages + row0;
+    for (int i = 0; i < n; ++i) {
+      kl_rows[i] = c.kl_const + acc_t(0.5) * kl_rows[i];
+      const acc_t logp = acc_t(-0.5) * y_rows[i] - c.logp_const;
+      surrogate_rows[i] = vexp(logp - static_cast<acc_t>(lp[i])) * static_cast<acc_t>(adv[i]);
+    }
+    lanes_add<acc_t, true>(s, kl_rows, surrogate_rows, n);
   }
   return lanes_fold(s);
 }
