@@ -319,6 +319,7 @@ class _CountingEnv:
     (dict(callback=3), TypeError, "callback"),
     (dict(max_kll=0.01), TypeError, "max_kll.*valid settings"),
     (dict(normalize_obs="yes"), TypeError, "normalize_obs"),
+    (dict(normalize_value_targets=1), TypeError, "normalize_value_targets"),
 ])
 def test_invalid_settings_raise_before_any_work(kwargs, error, match):
     factory = _CountingEnv()
