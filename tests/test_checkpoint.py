@@ -94,6 +94,12 @@ def test_resume_restores_state_bit_identically_and_continues(tmp_path, fake_logg
     assert torch.equal(same.value_fn.flat, first.value_fn.flat)
     for k, v in first.policy.state_dict().items():
         assert torch.equal(same.policy.state_dict()[k], v), k
+    # The value targets' statistics (normalised by default) come back with the network.
+    value_state = first.value_fn.state_dict()
+    assert {"target_sq_mean", "target_fits"} <= set(value_state)
+    assert int(value_state["target_fits"]) == 2
+    for k, v in value_state.items():
+        assert torch.equal(same.value_fn.state_dict()[k], v), k
     _assert_same_history(same.history, first.history)
 
     # The budget stays the total of the whole run; the history continues where it stopped.
@@ -111,6 +117,29 @@ def test_resume_restores_state_bit_identically_and_continues(tmp_path, fake_logg
     state = load_checkpoint(r1.checkpoint_path)
     assert state["config"]["n_envs"] == 2  # settings come from the checkpoint
     assert state["total_steps_done"] == 512
+
+
+def test_value_target_statistics_round_trip_and_older_checkpoints_resume(tmp_path, fake_logger):
+    first = trpo_ext.train("Pendulum-v1", 2 * 128, seed=1, log_dir=str(tmp_path / "a"), **SMALL)
+    state = load_checkpoint(first.checkpoint_path)
+    assert state["config"]["normalize_value_targets"] is True
+    for k in ("target_sq_mean", "target_fits"):
+        assert torch.equal(state["value_state"][k], first.value_fn.state_dict()[k]), k
+    assert float(first.value_fn.target_scale()) > 10  # the scale of Pendulum's returns, not 1
+    with pytest.raises(ValueError, match="normalize_value_targets"):
+        trpo_ext.train(None, 4 * 128, resume=first.checkpoint_path, normalize_value_targets=False)
+
+    # A checkpoint written before the setting existed: no config entry, no statistics.  It was
+    # trained without normalisation and resumes that way.
+    plain = trpo_ext.train("Pendulum-v1", 2 * 128, seed=1, log_dir=str(tmp_path / "b"),
+                           normalize_value_targets=False, **SMALL)
+    old = torch.load(plain.checkpoint_path, weights_only=True)
+    del old["config"]["normalize_value_targets"]
+    assert not any(k.startswith("target_") for k in old["value_state"])
+    torch.save(old, tmp_path / "old.pt")
+    resumed = trpo_ext.train(None, 3 * 128, resume=str(tmp_path / "old.pt"))
+    assert resumed.value_fn.normalize_targets is False
+    assert len(resumed.history) == 3
 
 
 def test_resume_refuses_incompatible_settings(tmp_path, fake_logger):

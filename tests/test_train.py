@@ -216,6 +216,74 @@ def test_critic_regression_gradient_matches_autograd():
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_popart_rescale_preserves_values_exactly():
+    gen = torch.Generator().manual_seed(3)
+    vf = ValueFunction(5, (16, 8), generator=gen, normalize_targets=True).double()
+    obs = torch.randn(50, 5, generator=gen, dtype=torch.float64)
+    net = vf(obs)  # σ = 1: V is the bare network until the first fit
+    first = -500.0 + 300.0 * torch.randn(64, generator=gen, dtype=torch.float64)
+    vf.update_target_statistics(first)
+    sigma = vf.target_scale()
+    torch.testing.assert_close(sigma, first.square().mean().sqrt(), rtol=1e-14, atol=0)
+    # The first fit adopts its σ: the fresh network is read as predicting normalised targets.
+    torch.testing.assert_close(vf(obs), sigma * net, rtol=1e-14, atol=0)
+    # Later fits rescale the output layer: V's outputs stay as they were, whichever way σ moves.
+    batches = [first]
+    for targets in (-80.0 + 12.0 * torch.randn(640, generator=gen, dtype=torch.float64),
+                    torch.zeros(64, dtype=torch.float64),
+                    1e4 * torch.randn(64, generator=gen, dtype=torch.float64)):
+        before = vf(obs)
+        scaled = vf.update_target_statistics(targets)
+        torch.testing.assert_close(vf(obs), before, rtol=1e-13, atol=1e-12)
+        torch.testing.assert_close(scaled, targets / vf.target_scale(), rtol=0, atol=0)
+        batches.append(targets)
+    # σ² is the mean over fits of each batch's mean square.
+    expected = torch.stack([b.square().mean() for b in batches]).mean().sqrt()
+    torch.testing.assert_close(vf.target_scale(), expected, rtol=1e-13, atol=0)
+    assert int(vf.target_fits) == 4
+
+
+def test_target_scale_has_a_floor():
+    vf = ValueFunction(3, (4,), normalize_targets=True).double()
+    vf.update_target_statistics(torch.zeros(10, dtype=torch.float64))  # e.g. no reward seen yet
+    assert float(vf.target_scale()) == 1e-4
+    obs = torch.randn(6, 3, dtype=torch.float64)
+    before = vf(obs)
+    vf.update_target_statistics(torch.full((10,), 3.0, dtype=torch.float64))
+    torch.testing.assert_close(vf(obs), before, rtol=1e-13, atol=0)
+
+
+def test_critic_regression_gradient_on_the_normalised_scale_matches_autograd():
+    gen = torch.Generator().manual_seed(3)
+    vf = ValueFunction(5, (16, 8), generator=gen, normalize_targets=True).double()
+    for scale, shift in ((300.0, -500.0), (120.0, -80.0)):
+        vf.update_target_statistics(scale * torch.randn(64, generator=gen, dtype=torch.float64)
+                                    + shift)
+    sigma = vf.target_scale()
+    assert float(sigma) > 100
+    obs = torch.randn(37, 5, generator=gen, dtype=torch.float64)
+    targets = -200.0 + 100.0 * torch.randn(37, generator=gen, dtype=torch.float64)
+    grad = torch.empty_like(vf.flat.detach())
+    loss = vf.regression_gradient(obs, targets / sigma, grad)
+    # The loss on the normalised scale is the loss in return units over σ².
+    expected_loss = ((vf(obs) - targets) / sigma).square().mean()
+    (expected,) = torch.autograd.grad(expected_loss, vf.flat)
+    torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_value_function_without_target_normalisation_is_the_bare_network():
+    gen = torch.Generator().manual_seed(1)
+    vf = ValueFunction(5, (16, 8), generator=gen)
+    assert not any(k.startswith("target_") for k in vf.state_dict())
+    flat = vf.flat.detach().clone()
+    returns = torch.randn(20, generator=gen) * 100
+    assert vf.update_target_statistics(returns) is returns  # nothing else happens
+    assert torch.equal(vf.flat.detach(), flat)
+    obs = torch.randn(7, 5, generator=gen)
+    torch.testing.assert_close(vf(obs), vf._mlp(obs, vf._data_views()).squeeze(-1), rtol=0, atol=0)
+
+
 # --- settings --------------------------------------------------------------------------------
 
 class _CountingEnv:
@@ -251,6 +319,7 @@ class _CountingEnv:
     (dict(callback=3), TypeError, "callback"),
     (dict(max_kll=0.01), TypeError, "max_kll.*valid settings"),
     (dict(normalize_obs="yes"), TypeError, "normalize_obs"),
+    (dict(normalize_value_targets=1), TypeError, "normalize_value_targets"),
 ])
 def test_invalid_settings_raise_before_any_work(kwargs, error, match):
     factory = _CountingEnv()

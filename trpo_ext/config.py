@@ -42,6 +42,9 @@ class TRPOConfig:
     vf_lr: float = _f(1e-3, "Adam learning rate of the value function")
     vf_epochs: int = _f(5, "passes over the batch per value-function fit")
     vf_minibatch_size: int = _f(256, "minibatch size of the value-function fit")
+    normalize_value_targets: bool = _f(True, "fit the value net to returns / σ, V = σ·net, σ the "
+                                             "running RMS of the returns (output layer rescaled "
+                                             "when σ changes, as in PopArt)")
     # run
     device: str = _f("cpu", "where the networks and the update run: cpu or cuda")
     num_threads: int = _f(1, "torch CPU threads while train() runs (restored on return); 0: leave as set")

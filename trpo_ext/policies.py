@@ -22,6 +22,8 @@ from . import kl as _kl
 __all__ = ["RunningMeanStd", "Policy", "ValueFunction", "Adam", "space_spec", "Linearization"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+# The smallest scale σ of normalised value targets: all-zero returns must not blow the output layer up.
+_MIN_TARGET_SCALE = 1e-4
 
 
 def space_spec(observation_space, action_space) -> dict:
@@ -390,22 +392,85 @@ class Policy(_FlatModule):
 
 class ValueFunction(_FlatModule):
     """V(s): an MLP (tanh hidden layers) over normalised observation features ``[B, obs_dim]`` → ``[B]``.
-    Its parameters are one flat buffer too, so that its Adam step is a few whole-buffer ops."""
+    Its parameters are one flat buffer too, so that its Adam step is a few whole-buffer ops.
+
+    With ``normalize_targets`` the network predicts returns divided by a running scale σ, and
+    V(s) = σ·net(s), σ the root mean square of the returns it has been fitted to (PopArt, van Hasselt
+    et al. 2016, with the scale only).  Adam moves each parameter by about ``lr`` per step whatever
+    the gradient's size, so a bare network fitted to returns of several hundred needs hundreds of
+    fits to reach their scale; on the normalised scale it needs a few.  Whenever
+    :meth:`update_target_statistics` changes σ, the output layer is rescaled so that V's outputs
+    stay exactly what they were; the regression loss is on the normalised scale.  Adam's moment
+    estimates are not rescaled with it: σ moves by a few percent per fit once the first fits are
+    past, and Adam's step is insensitive to the gradient's overall scale.
+
+    Why no shift μ (full PopArt, V = μ + σ·net with μ, σ the returns' mean and spread): measured on
+    MountainCarContinuous-v0 it fits the small action-cost returns so well, before the goal is
+    ever reached, that the policy learns to stand still (2 of 4 seeds with running statistics, 4 of
+    4 with per-batch ones); dividing by the RMS keeps those seeds reaching the goal and helps
+    Pendulum as much (benchmarks/RESULTS.md).
+    """
 
     def __init__(self, obs_dim: int, hidden_sizes: Sequence[int] = (64, 64),
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, normalize_targets: bool = False):
         super().__init__()
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self._init_flat([obs_dim, *hidden_sizes, 1], 1.0, generator)
+        self.normalize_targets = bool(normalize_targets)
+        if self.normalize_targets:
+            # The mean of the squared returns over the fits so far (float64), and their number;
+            # σ = 1 until the first fit, so an unfitted V is the bare network.
+            self.register_buffer("target_sq_mean", torch.ones((), dtype=torch.float64))
+            self.register_buffer("target_fits", torch.zeros((), dtype=torch.int64))
+
+    def target_scale(self) -> torch.Tensor:
+        """σ, a 0-d float64 tensor on this module's device: V(s) = σ·net(s) (1 without target
+        normalisation)."""
+        if not self.normalize_targets:
+            return torch.ones((), dtype=torch.float64, device=self.flat.device)
+        return self.target_sq_mean.sqrt().clamp_(min=_MIN_TARGET_SCALE)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self._mlp(obs, self._views_for(torch.is_grad_enabled())).squeeze(-1)
+        out = self._mlp(obs, self._views_for(torch.is_grad_enabled())).squeeze(-1)
+        if not self.normalize_targets:
+            return out
+        # A 0-d float64 σ times a [B] tensor: the result keeps the network's dtype.
+        return out * self.target_scale()
+
+    @torch.no_grad()
+    def update_target_statistics(self, targets: torch.Tensor) -> torch.Tensor:
+        """Fold one fit's regression targets ``[B]`` (returns) into σ, rescale the output layer so
+        that V(s) is unchanged: W' = W·σ/σ', b' = b·σ/σ' (PopArt's rule with the shift fixed at 0),
+        and return the targets on the network's scale, ``targets / σ'`` ``[B]``, for
+        :meth:`regression_gradient`.  Without target normalisation: ``targets`` itself, nothing
+        else happens.
+
+        σ² is the mean over fits of each batch's mean squared target (for the equal batches of
+        :func:`trpo_ext.train`, the mean over every target so far).  The first fit adopts its σ
+        without rescaling: the freshly initialised network is read as predicting normalised
+        targets already, rather than kept at the raw scale.  No host synchronisation.
+        """
+        if not self.normalize_targets:
+            return targets
+        sigma = self.target_scale()
+        self.target_fits += 1
+        self.target_sq_mean.lerp_(targets.to(torch.float64).square().mean(),
+                                  1.0 / self.target_fits.to(torch.float64))
+        new_sigma = self.target_scale()
+        ratio = torch.where(self.target_fits == 1, torch.ones_like(sigma), sigma / new_sigma)
+        views = self._data_views()
+        views[-2].mul_(ratio)  # the output layer's weight [1, H]
+        views[-1].mul_(ratio)  # and bias [1]
+        return targets / new_sigma
 
     @torch.no_grad()
     def regression_gradient(self, obs: torch.Tensor, targets: torch.Tensor,
                             grad: torch.Tensor) -> torch.Tensor:
-        """The loss mean((V(obs) − targets)²) (0-d tensor); its gradient in ``flat`` is written into
-        ``grad`` by one forward and one backward pass of the network, without an autograd graph."""
+        """The loss mean((net(obs) − targets)²) (0-d tensor), ``targets [B]`` on the network's scale
+        (returns/σ, as :meth:`update_target_statistics` returns them; the returns themselves
+        without target normalisation, when net = V).  It equals mean((V(obs) − returns)²)/σ².  Its
+        gradient in ``flat`` is written into ``grad`` by one forward and one backward pass of the
+        network, without an autograd graph."""
         lin = Linearization(self, obs)
         diff = lin.output.squeeze(-1) - targets
         lin.vjp(diff.unsqueeze(-1) * (2.0 / diff.numel()), grad)

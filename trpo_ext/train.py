@@ -50,7 +50,7 @@ HISTORY_KEYS = (
 )
 
 # Settings that fix the shapes of what a checkpoint stores: a resumed run cannot change them.
-_STRUCTURAL = ("hidden_sizes", "normalize_obs")
+_STRUCTURAL = ("hidden_sizes", "normalize_obs", "normalize_value_targets")
 
 
 @dataclass
@@ -136,7 +136,11 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     t3 = clock()
 
     # 7. Value-function regression on the returns, minibatched Adam; each minibatch's gradient by
-    # one forward and one backward pass of the critic (no autograd graph).
+    # one forward and one backward pass of the critic (no autograd graph).  With target
+    # normalisation the returns' scale σ is updated first (V's outputs preserved), and the network
+    # is fitted to returns/σ.  (Data-parallel: the batch's mean squared return inside
+    # update_target_statistics is one more sum for the ranks to all-reduce.)
+    targets = value_fn.update_target_statistics(returns)
     batch_size = obs.shape[0]
     value_loss_sum = torch.zeros((), device=obs.device)
     n_minibatches = 0
@@ -144,7 +148,7 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     for _ in range(cfg.vf_epochs):
         order = torch.randperm(batch_size, generator=generator, device="cpu").to(obs.device)
         for idx in order.split(cfg.vf_minibatch_size):
-            loss = value_fn.regression_gradient(obs[idx], returns[idx], vf_grad)
+            loss = value_fn.regression_gradient(obs[idx], targets[idx], vf_grad)
             vf_optimizer.step(vf_grad)
             value_loss_sum += loss
             n_minibatches += 1
@@ -161,7 +165,8 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
         "train/cg_residual": cg.residual_norm,
         "train/cg_iterations": cg.iterations,
         "train/entropy": policy.entropy(old),
-        "train/value_loss": value_loss_sum / max(n_minibatches, 1),
+        # In return units whether or not the targets are normalised: σ² times the normalised loss.
+        "train/value_loss": value_loss_sum / max(n_minibatches, 1) * value_fn.target_scale() ** 2,
         "time/gradient_s": t1 - t0,
         "time/cg_s": t2 - t1,
         "time/line_search_s": t3 - t2,
@@ -207,7 +212,8 @@ def _validate(cfg: TRPOConfig) -> None:
     _checks.require_int(cfg.num_threads, "num_threads", 0)
     _checks.require_int(cfg.checkpoint_every, "checkpoint_every", 0)
     _checks.require_int(cfg.env_workers, "env_workers", -1)
-    for name in ("async_envs", "normalize_obs", "normalize_advantages", "progress"):
+    for name in ("async_envs", "normalize_obs", "normalize_advantages", "normalize_value_targets",
+                 "progress"):
         if not isinstance(getattr(cfg, name), bool):
             raise TypeError(f"{name} must be a bool, got {type(getattr(cfg, name)).__name__}")
     try:
@@ -281,7 +287,8 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
 
     Resuming (``resume=path``): parameters, optimiser, normaliser, generators, step counter and
     history come back bit for bit; the checkpoint's seed and settings are used, and settings passed
-    explicitly override them (except ``hidden_sizes`` and ``normalize_obs``, which must match).
+    explicitly override them (except ``hidden_sizes``, ``normalize_obs`` and
+    ``normalize_value_targets``, which must match).
     Environments start fresh episodes, seeded from the seed and the iteration.
 
     Invalid settings, an unknown env id or unsupported spaces raise before any training.  torch's
@@ -301,6 +308,8 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
         ckpt = load_checkpoint(cfg.resume)
         saved = dict(ckpt["config"])
         saved["hidden_sizes"] = tuple(saved["hidden_sizes"])
+        # Checkpoints from before the setting existed were trained without target normalisation.
+        saved.setdefault("normalize_value_targets", False)
         for name in _STRUCTURAL:
             if name in settings and tuple(np.atleast_1d(settings[name])) != \
                     tuple(np.atleast_1d(saved[name])):
@@ -337,7 +346,8 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
     init_gen = torch.Generator().manual_seed(seed)
     policy = Policy(spec, cfg.hidden_sizes, cfg.init_log_std, cfg.normalize_obs, init_gen,
                     env_id=env_id).to(device)
-    value_fn = ValueFunction(spec["obs_dim"], cfg.hidden_sizes, init_gen).to(device)
+    value_fn = ValueFunction(spec["obs_dim"], cfg.hidden_sizes, init_gen,
+                             normalize_targets=cfg.normalize_value_targets).to(device)
     vf_optimizer = Adam(value_fn.flat, lr=cfg.vf_lr)
     generator = torch.Generator(device=device).manual_seed(seed + 1)
     cpu_generator = generator if device.type == "cpu" else torch.Generator().manual_seed(seed + 2)
