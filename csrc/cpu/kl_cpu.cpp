@@ -159,6 +159,12 @@ CategoricalPtrs<scalar_t> categorical_ptrs(const kl::CategoricalInputs& in) {
 // intrinsics where GCC's vectoriser falls short (TRPO_KL_AVX2_KERNELS).  AVX2 machines and others
 // may differ in the last bits (FMA contraction, summation order inside a row); on one machine
 // results are reproducible.
+#if defined(__GNUC__)
+#define TRPO_KL_INLINE inline __attribute__((always_inline))
+#else
+#define TRPO_KL_INLINE inline
+#endif
+
 namespace isa_base {
 #include "kl_cpu_kernels.h"
 }  // namespace isa_base

@@ -23,12 +23,15 @@ constexpr int kLanes = 8;
 
 // --- exp and log for float, branch-free ---------------------------------------------------------
 //
+// (Always inlined, TRPO_KL_INLINE: a call inside a row loop keeps GCC from vectorising it, and
+// GCC's own inlining heuristics gave up on them in the larger kernels.)
+//
 // vexp: Cody–Waite reduction x = n ln2 + r, |r| <= ln2/2, with ln2 split into a 9-bit head (n·head
 // is exact for |n| < 2^15) and a tail; exp(r) by its Taylor series to r⁷ (truncation < 5e-9
 // relative, below float's 6e-8 rounding); 2ⁿ built in the exponent bits.  Inputs below −87 give
 // 0 (the true value is < 1.7e-38, at the bottom of float's normal range; it only ever enters sums
 // that hold a 1), above 88 give +inf, NaN gives NaN.
-inline float vexp(float x) {
+TRPO_KL_INLINE float vexp(float x) {
   const float magic = 12582912.0f;  // 1.5·2²³: adding it rounds to an integer in the low bits
   const float xc = std::min(std::max(x, -87.0f), 88.0f);  // NaN passes through both
   const float kn = xc * 1.44269504088896341f + magic;
@@ -51,7 +54,7 @@ inline float vexp(float x) {
 // vlog for positive normal floats (here: sums of exponentials, >= 1 in every row that holds a
 // finite logit); NaN gives NaN.  x = 2ᵉ m with m in [√½, √2); log m = 2 atanh(s), s = (m−1)/(m+1),
 // |s| <= 0.172, by its series to s¹¹ (truncation < 1e-9 relative).
-inline float vlog(float x) {
+TRPO_KL_INLINE float vlog(float x) {
   const int32_t bits = std::bit_cast<int32_t>(x);
   int32_t e = ((bits >> 23) & 0xff) - 127;
   float m = std::bit_cast<float>((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
@@ -74,8 +77,8 @@ inline float vlog(float x) {
 }
 
 // float64 keeps the accurate libm functions: its results are held to 1e-10 relative.
-inline double vexp(double x) { return std::exp(x); }
-inline double vlog(double x) { return std::log(x); }
+TRPO_KL_INLINE double vexp(double x) { return std::exp(x); }
+TRPO_KL_INLINE double vlog(double x) { return std::log(x); }
 
 // --- per-row statistics -------------------------------------------------------------------------
 
