@@ -112,22 +112,36 @@ inline void lanes_init(LaneSums<acc_t>& s) {
 }
 
 // Adds n per-row values (surrogate terms only when kSurrogate) to the lanes: row i goes to lane
-// i % kLanes, counted from the start of the block (tiles hold a multiple of kLanes rows).
+// i % kLanes, counted from the start of the block (tiles hold a multiple of kLanes rows).  The
+// lanes are copied into locals for the loop: through the struct GCC kept them in memory and
+// converted one element at a time.
 template <typename acc_t, bool kSurrogate>
 inline void lanes_add(LaneSums<acc_t>& __restrict s, const acc_t* __restrict kl_rows,
                       const acc_t* __restrict surrogate_rows, int n) {
+  double kl[kLanes], surrogate[kLanes];
+  acc_t mx[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    kl[j] = s.kl[j];
+    surrogate[j] = s.surrogate[j];
+    mx[j] = s.max_kl[j];
+  }
   int i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) s.kl[j] += static_cast<double>(kl_rows[i + j]);
-    for (int j = 0; j < kLanes; ++j) s.max_kl[j] = kl::nan_max(s.max_kl[j], kl_rows[i + j]);
+    for (int j = 0; j < kLanes; ++j) kl[j] += static_cast<double>(kl_rows[i + j]);
+    for (int j = 0; j < kLanes; ++j) mx[j] = kl::nan_max(mx[j], kl_rows[i + j]);
     if (kSurrogate) {
-      for (int j = 0; j < kLanes; ++j) s.surrogate[j] += static_cast<double>(surrogate_rows[i + j]);
+      for (int j = 0; j < kLanes; ++j) surrogate[j] += static_cast<double>(surrogate_rows[i + j]);
     }
   }
   for (int j = 0; i + j < n; ++j) {
-    s.kl[j] += static_cast<double>(kl_rows[i + j]);
-    s.max_kl[j] = kl::nan_max(s.max_kl[j], kl_rows[i + j]);
-    if (kSurrogate) s.surrogate[j] += static_cast<double>(surrogate_rows[i + j]);
+    kl[j] += static_cast<double>(kl_rows[i + j]);
+    mx[j] = kl::nan_max(mx[j], kl_rows[i + j]);
+    if (kSurrogate) surrogate[j] += static_cast<double>(surrogate_rows[i + j]);
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    s.kl[j] = kl[j];
+    s.surrogate[j] = surrogate[j];
+    s.max_kl[j] = mx[j];
   }
 }
 
