@@ -147,8 +147,12 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     vf_grad = torch.empty_like(value_fn.flat, requires_grad=False)
     for _ in range(cfg.vf_epochs):
         order = torch.randperm(batch_size, generator=generator, device="cpu").to(obs.device)
-        for idx in order.split(cfg.vf_minibatch_size):
-            loss = value_fn.regression_gradient(obs[idx], targets[idx], vf_grad)
+        # One gather per epoch; the minibatches are then slices (the same rows as obs[idx]).
+        obs_epoch, targets_epoch = obs[order], targets[order]
+        for start in range(0, batch_size, cfg.vf_minibatch_size):
+            end = start + cfg.vf_minibatch_size
+            loss = value_fn.regression_gradient(obs_epoch[start:end], targets_epoch[start:end],
+                                                vf_grad)
             vf_optimizer.step(vf_grad)
             value_loss_sum += loss
             n_minibatches += 1
