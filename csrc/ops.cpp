@@ -68,6 +68,11 @@ TORCH_LIBRARY(trpo_ext, m) {
   m.def(
       "kl_categorical_backward(Tensor grad_mean_kl, Tensor? grad_surrogate, Tensor logits_old, "
       "Tensor logits_new, Tensor? actions, Tensor? logp_old, Tensor? advantages) -> Tensor");
+
+  // --- networks (act_*) --------------------------------------------------------------------------
+  // (tanh(x), 1 − tanh(x)²) in one pass, for the linearised networks of policies.py; not
+  // differentiable.
+  m.def("tanh_and_derivative(Tensor x) -> (Tensor, Tensor)");
 }
 
 namespace {

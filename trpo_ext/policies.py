@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kl as _kl
+from ._act import tanh_and_derivative
 
 __all__ = ["RunningMeanStd", "Policy", "ValueFunction", "Adam", "space_spec", "Linearization"]
 
@@ -175,15 +176,17 @@ class Linearization:
         views = module._data_views()
         self._weights = [views[2 * i] for i in range(module._n_layers)]
         inputs = [obs]
+        derivs = []
         x = obs
         with torch.no_grad():
             for i in range(module._n_layers):
                 x = F.linear(x, views[2 * i], views[2 * i + 1])
                 if i < module._n_layers - 1:
-                    x = torch.tanh(x)
+                    x, d = tanh_and_derivative(x)  # one pass: tanh and 1 − tanh²
                     inputs.append(x)
+                    derivs.append(d)
             self.inputs = inputs
-            self.tanh_derivs = [1.0 - h * h for h in inputs[1:]]
+            self.tanh_derivs = derivs
         self.output = x
 
     def _split(self, flat: torch.Tensor) -> List[torch.Tensor]:

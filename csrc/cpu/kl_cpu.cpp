@@ -12,8 +12,6 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -22,6 +20,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/cpu_isa.h"
 #include "kl.h"
 
 namespace trpo_ext {
@@ -159,13 +158,8 @@ CategoricalPtrs<scalar_t> categorical_ptrs(const kl::CategoricalInputs& in) {
 // intrinsics where GCC's vectoriser falls short (TRPO_KL_AVX2_KERNELS).  AVX2 machines and others
 // may differ in the last bits (FMA contraction, summation order inside a row); on one machine
 // results are reproducible.
-#if defined(__GNUC__)
-#define TRPO_KL_INLINE inline __attribute__((always_inline))
-#else
-#define TRPO_KL_INLINE inline
-#endif
-
 namespace isa_base {
+#include "vmath.h"
 #include "kl_cpu_kernels.h"
 }  // namespace isa_base
 
@@ -175,26 +169,14 @@ namespace isa_base {
 #pragma GCC target("avx2,fma")
 #define TRPO_KL_AVX2_KERNELS 1
 namespace isa_avx2 {
+#include "vmath.h"
 #include "kl_cpu_kernels.h"
 }  // namespace isa_avx2
 #undef TRPO_KL_AVX2_KERNELS
 #pragma GCC pop_options
 #endif
 
-// AVX2 where the CPU has it, unless the environment variable TRPO_EXT_CPU_ISA=baseline asks for the
-// baseline kernels (as for the CG; tests use it to check both builds).  Read once.
-bool use_avx2() {
-#ifdef TRPO_KL_HAVE_AVX2
-  static const bool yes = [] {
-    const char* want = std::getenv("TRPO_EXT_CPU_ISA");
-    if (want != nullptr && std::strcmp(want, "baseline") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return yes;
-#else
-  return false;
-#endif
-}
+bool use_avx2() { return cpu_avx2_fma_selected(); }
 
 // Per-dimension terms of a state-independent pair of log_stds, hoisted out of the batch loop.
 template <typename acc_t>
