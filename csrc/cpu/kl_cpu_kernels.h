@@ -6,22 +6,21 @@
 // instruction sets and kl_cpu.cpp picks one at run time.  It therefore has no include guard and
 // includes nothing itself.
 //
-// Why these helpers are CPU-only and not in kl.h: the GPU computes one element per lane with the
-// accurate libdevice expf/logf, which costs it nothing next to the loads.  A CPU core instead needs
-// the exponentials of 8 elements in one instruction stream, which the scalar libm functions (calls
-// the vectoriser cannot look into) forbid.  The same formula for the KL as kl::cat_kl is used,
-// rearranged (see cat_row_kl below).
+// Why these kernels (and vmath.h's exp/log, included just before this file) are CPU-only and not
+// in kl.h: the GPU computes one element per lane with the accurate libdevice expf/logf, which costs
+// it nothing next to the loads.  A CPU core instead needs the exponentials of 8 elements in one
+// instruction stream, which the scalar libm functions (calls the vectoriser cannot look into)
+// forbid.  The same formula for the KL as kl::cat_kl is used, rearranged (see cat_row_kl below).
 //
-// Categorical layout: for K <= kTileMaxK a tile of up to kTileRows rows is transposed into class-major scratch
-// ([K][rows]), so that every loop runs across rows and is full-width whatever K is (K = 2 would
-// otherwise give 2-wide loops).  Wider rows are walked along the row with kLanes partial sums.
-// Partial sums are combined in a fixed order, so results do not depend on the thread count.
+// Categorical layout: for K <= kTileMaxK a tile of up to kTileRows rows is transposed into
+// class-major scratch ([K][rows]), so that every loop runs across rows and is full-width whatever
+// K is (K = 2 would otherwise give 2-wide loops).  Wider rows are walked along the row with kLanes
+// partial sums.  Partial sums are combined in a fixed order, so results do not depend on the
+// thread count.
 
 constexpr int kTileRows = 64;
 constexpr int64_t kTileMaxK = 32;
 constexpr int kLanes = 8;
-
-// vexp / vlog: csrc/cpu/vmath.h, included just before this file in each namespace.
 
 // --- per-row statistics -------------------------------------------------------------------------
 
