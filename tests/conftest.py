@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -12,3 +16,16 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_with_cpu_isa(isa: str, script: str, timeout: float = 600) -> None:
+    """Runs ``script`` (Python source) in a fresh interpreter with TRPO_EXT_CPU_ISA=``isa`` (which
+    CPU build of the twice-compiled kernels to use: "baseline", or anything else for the default),
+    the repository and ``tests/`` importable.  The script hands its results back through a file."""
+    env = dict(os.environ, TRPO_EXT_CPU_ISA=isa)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(TESTS), TESTS] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=timeout)

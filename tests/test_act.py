@@ -1,12 +1,9 @@
 """tanh_and_derivative: (tanh(x), 1 − tanh(x)²) against float64 torch.tanh, special values, both CPU
 builds, layouts, opcheck and bad input."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from conftest import run_with_cpu_isa
 from trpo_ext._act import tanh_and_derivative
 
 
@@ -85,12 +82,7 @@ def test_baseline_build_agrees(tmp_path):
     # The CPU kernel is compiled for the x86-64 baseline and for AVX2 + FMA; TRPO_EXT_CPU_ISA=baseline
     # selects the former.  Both are held to float64 tanh, as above.
     out = tmp_path / "y.pt"
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, TRPO_EXT_CPU_ISA="baseline")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(tests)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(out=str(out))], env=env, check=True,
-                   timeout=300)
+    run_with_cpu_isa("baseline", _ISA_SCRIPT.format(out=str(out)), timeout=300)
     y, d = torch.load(out)
     ref = torch.tanh(torch.linspace(-12.0, 12.0, 100003).double())
     torch.testing.assert_close(y.double(), ref, rtol=4e-7, atol=0.0)

@@ -7,7 +7,7 @@ import torch
 import trpo_ext
 from trpo_ext._reference import conjugate_gradient_reference
 
-from conftest import CUDA, DEVICES
+from conftest import CUDA, DEVICES, TESTS, run_with_cpu_isa
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -345,17 +345,8 @@ def test_cpu_instruction_sets_give_the_same_bits(isa, tmp_path):
     # The CPU kernels are compiled for SSE2 and for AVX2 (chosen at run time; TRPO_EXT_CPU_ISA=baseline
     # forces SSE2).  Both sum in the same fixed lanes without FMA, so they agree bit for bit.  On a
     # machine without AVX2 both runs take the SSE2 kernels and the test checks only reproducibility.
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / "results.pt"
-    env = dict(os.environ, TRPO_EXT_CPU_ISA=isa)
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(tests)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(tests=tests, out=str(out))], env=env,
-                   check=True, timeout=600)
+    run_with_cpu_isa(isa, _ISA_SCRIPT.format(tests=TESTS, out=str(out)))
     theirs = torch.load(out)
     for (n, dtype_name, with_x0), (x, xAx, rnorm) in theirs.items():
         dtype = getattr(torch, dtype_name.split(".")[-1])

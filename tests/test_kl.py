@@ -15,7 +15,7 @@ from trpo_ext._reference import (
     surrogate_kl_diag_gaussian_reference,
 )
 
-from conftest import CUDA
+from conftest import CUDA, TESTS, run_with_cpu_isa
 
 DTYPES = [torch.float32, torch.float64]
 F64 = torch.float64
@@ -246,17 +246,8 @@ def test_cpu_instruction_sets_agree(isa, tmp_path):
     # time; TRPO_EXT_CPU_ISA=baseline forces the baseline).  Each build, run in a subprocess, is
     # held to the float64 reference of the same float32 inputs (the two builds may differ in the
     # last bits: FMA contraction, the order of a row's sum).
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / "results.pt"
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, TRPO_EXT_CPU_ISA=isa)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(tests)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(tests=tests, out=str(out))], env=env,
-                   check=True, timeout=600)
+    run_with_cpu_isa(isa, _ISA_SCRIPT.format(tests=TESTS, out=str(out)))
     theirs = torch.load(out)
     for (kind, width), (fused, kl) in theirs.items():
         if kind == "gauss":
