@@ -37,7 +37,6 @@ namespace isa_avx2 {
 #pragma GCC pop_options
 #endif
 
-bool use_avx2() { return cpu_avx2_fma_selected(); }
 
 std::tuple<at::Tensor, at::Tensor> tanh_and_derivative_cpu(const at::Tensor& x_in) {
   check_float_tensor(x_in, "x");
@@ -51,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> tanh_and_derivative_cpu(const at::Tensor& x_i
     scalar_t* dp = d.data_ptr<scalar_t>();
     at::parallel_for(0, n, 32768, [&](int64_t i0, int64_t i1) {
 #ifdef TRPO_ACT_HAVE_AVX2
-      if (use_avx2()) {
+      if (cpu_avx2_fma_selected()) {
         isa_avx2::tanh_deriv_range<scalar_t>(xp + i0, yp + i0, dp + i0, i1 - i0);
         return;
       }

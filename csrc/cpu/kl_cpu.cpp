@@ -176,7 +176,6 @@ namespace isa_avx2 {
 #pragma GCC pop_options
 #endif
 
-bool use_avx2() { return cpu_avx2_fma_selected(); }
 
 // Per-dimension terms of a state-independent pair of log_stds, hoisted out of the batch loop.
 template <typename acc_t>
@@ -267,7 +266,7 @@ Sums gaussian_forward_shared(const GaussianPtrs<scalar_t>& p, const GaussianColu
   }
   return reduce_blocks(B, A, [&](int64_t r0, int64_t r1) {
 #ifdef TRPO_KL_HAVE_AVX2
-    if (use_avx2()) {
+    if (cpu_avx2_fma_selected()) {
       return kSurrogate ? isa_avx2::gauss_surrogate_tiles<scalar_t, acc_t>(p, c, r0, r1)
                         : isa_avx2::gauss_kl_sum<scalar_t, acc_t>(p, c, r0, r1);
     }
@@ -426,7 +425,9 @@ void check_actions_in_range(const kl::CategoricalInputs& in) {
 template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
 Sums categorical_forward_rows(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1) {
 #ifdef TRPO_KL_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::cat_forward_rows<scalar_t, acc_t, index_t, kSurrogate>(p, r0, r1);
+  if (cpu_avx2_fma_selected()) {
+    return isa_avx2::cat_forward_rows<scalar_t, acc_t, index_t, kSurrogate>(p, r0, r1);
+  }
 #endif
   return isa_base::cat_forward_rows<scalar_t, acc_t, index_t, kSurrogate>(p, r0, r1);
 }
@@ -437,7 +438,7 @@ void categorical_backward_rows(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl
                                int64_t r1) {
   // grad_logits: [B, K]; grad_kl and grad_surrogate already carry the 1/B of the mean.
 #ifdef TRPO_KL_HAVE_AVX2
-  if (use_avx2()) {
+  if (cpu_avx2_fma_selected()) {
     isa_avx2::cat_backward_rows<scalar_t, acc_t, index_t, kSurrogate>(p, grad_kl, grad_surrogate,
                                                                       grad_logits, r0, r1);
     return;
