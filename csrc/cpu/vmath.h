@@ -2,7 +2,7 @@
 // scalar libm functions are calls it cannot look into), and their float64 counterparts (the
 // accurate libm functions).  Shared by the CPU kernels of the KL ops (kl_cpu_kernels.h) and of
 // tanh_and_derivative (act_cpu.cpp).  Like kl_cpu_kernels.h, this file is included inside a
-// namespace, once per instruction set, after <algorithm>, <bit>, <cmath> and <limits>; it has no
+// namespace, once per instruction set, after <algorithm>, <cmath>, <cstring> and <limits>; it has no
 // include guard and includes nothing itself.
 
 #ifndef TRPO_VMATH_INLINE
@@ -12,6 +12,20 @@
 #define TRPO_VMATH_INLINE inline
 #endif
 #endif
+
+// Bit casts between float and int32 (std::bit_cast is C++20, and torch builds extensions as C++17
+// up to 2.11); a 4-byte memcpy compiles to a register move and vectorises like a cast.
+TRPO_VMATH_INLINE int32_t float_as_int(float x) {
+  int32_t i;
+  std::memcpy(&i, &x, sizeof i);
+  return i;
+}
+
+TRPO_VMATH_INLINE float int_as_float(int32_t i) {
+  float x;
+  std::memcpy(&x, &i, sizeof x);
+  return x;
+}
 
 // --- exp and log for float, branch-free ---------------------------------------------------------
 //
@@ -27,7 +41,7 @@ TRPO_VMATH_INLINE float vexp(float x) {
   const float magic = 12582912.0f;  // 1.5·2²³: adding it rounds to an integer in the low bits
   const float xc = std::min(std::max(x, -87.0f), 88.0f);  // NaN passes through both
   const float kn = xc * 1.44269504088896341f + magic;
-  const int32_t n = std::bit_cast<int32_t>(kn) - std::bit_cast<int32_t>(magic);
+  const int32_t n = float_as_int(kn) - float_as_int(magic);
   const float fn = kn - magic;
   const float r = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;
   float p = 1.0f / 5040.0f;
@@ -38,7 +52,7 @@ TRPO_VMATH_INLINE float vexp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float scale = std::bit_cast<float>((n + 127) << 23);
+  const float scale = int_as_float((n + 127) << 23);
   const float y = p * scale;
   return x < -87.0f ? 0.0f : (x > 88.0f ? std::numeric_limits<float>::infinity() : y);
 }
@@ -47,9 +61,9 @@ TRPO_VMATH_INLINE float vexp(float x) {
 // finite logit); NaN gives NaN.  x = 2ᵉ m with m in [√½, √2); log m = 2 atanh(s), s = (m−1)/(m+1),
 // |s| <= 0.172, by its series to s¹¹ (truncation < 1e-9 relative).
 TRPO_VMATH_INLINE float vlog(float x) {
-  const int32_t bits = std::bit_cast<int32_t>(x);
+  const int32_t bits = float_as_int(x);
   int32_t e = ((bits >> 23) & 0xff) - 127;
-  float m = std::bit_cast<float>((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  float m = int_as_float((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
   const bool big = m > 1.41421356f;
   m = big ? 0.5f * m : m;
   e = big ? e + 1 : e;

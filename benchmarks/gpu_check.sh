@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One prepared run on a lent GPU machine (device tool): build with CUDA, run the CUDA tests, then
+# every benchmark with --device cuda and the driver's GPU check.  Logs go to $OUT (or ./gpu_logs).
+# Python packages missing there (gymnasium, MuJoCo) travel as wheels in .whl/ (see RESULTS.md).
+#   bash benchmarks/gpu_check.sh            # from the repository root
+set -u
+OUT=${OUT:-gpu_logs}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+stage() { echo "=== $1 ($(( $(date +%s) - start )) s)"; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+
+stage "machine"
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; nproc
+} 2>&1 | tee "$OUT/machine.txt"
+
+stage "build (CUDA, sm_90)"
+if ! (TRPO_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 \
+        timeout 300 python3 setup.py build_ext --inplace) >"$OUT/build.log" 2>&1; then
+    tail -60 "$OUT/build.log"; exit 1
+fi
+python3 -c "import trpo_ext; print(trpo_ext.build_info())" 2>&1 | tee -a "$OUT/machine.txt"
+
+stage "CUDA tests"
+timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -n 8 -k "cuda or CUDA" tests \
+    2>&1 | tee "$OUT/tests.log" | tail -25
+
+stage "bench_kl"
+timeout 100 python3 benchmarks/bench_kl.py --device cuda 2>&1 | tee "$OUT/bench_kl.log" | tail -40
+stage "gpu_driver"
+timeout 120 python3 benchmarks/gpu_driver.py 2>&1 | tee "$OUT/gpu_driver.log" | tail -30
+stage "bench_cg"
+timeout 60 python3 benchmarks/bench_cg.py --device cuda 2>&1 | tee "$OUT/bench_cg.log" | tail -20
+stage "bench_gae"
+timeout 60 python3 benchmarks/bench_gae.py --device cuda 2>&1 | tee "$OUT/bench_gae.log" | tail -10
+stage "done"
