@@ -118,12 +118,12 @@ TRPO_HD acc_t residual_candidate(acc_t r, acc_t Ap, acc_t p, acc_t alpha, acc_t 
 
 inline void check_rhs(const at::Tensor& b) {
   check_float_tensor(b, "b");
-  TORCH_CHECK_VALUE(b.dim() == 1, "b must be a 1-D tensor, got shape ", shape_str(b));
+  TRPO_CHECK_VALUE(b.dim() == 1, "b must be a 1-D tensor, got shape ", shape_str(b));
 }
 
 // A vector that must match b in dtype, device and shape.
 inline void check_vector(const at::Tensor& b, const at::Tensor& v, const char* name) {
-  TORCH_CHECK_TYPE(v.defined(), name, " must be a tensor");
+  TRPO_CHECK_TYPE(v.defined(), name, " must be a tensor");
   check_same_dtype(b, "b", v, name);
   check_same_device(b, "b", v, name);
   check_same_shape(b, "b", v, name);
@@ -132,20 +132,20 @@ inline void check_vector(const at::Tensor& b, const at::Tensor& v, const char* n
 // A solver buffer that the passes update in place.
 inline void check_buffer(const at::Tensor& b, const at::Tensor& v, const char* name) {
   check_vector(b, v, name);
-  TORCH_CHECK_VALUE(v.is_contiguous(), name, " must be contiguous");
+  TRPO_CHECK_VALUE(v.is_contiguous(), name, " must be contiguous");
 }
 
 inline void check_state(const at::Tensor& b, const at::Tensor& state) {
-  TORCH_CHECK_TYPE(state.defined() && state.scalar_type() == at::kDouble,
-                   "state must be a float64 tensor made by cg_init");
+  TRPO_CHECK_TYPE(state.defined() && state.scalar_type() == at::kDouble,
+                  "state must be a float64 tensor made by cg_init");
   check_same_device(b, "b", state, "state");
-  TORCH_CHECK_VALUE(state.dim() == 1 && state.size(0) == kStateSize && state.is_contiguous(),
-                    "state must be a contiguous [", kStateSize, "] tensor made by cg_init, got ",
-                    shape_str(state));
+  TRPO_CHECK_VALUE(state.dim() == 1 && state.size(0) == kStateSize && state.is_contiguous(),
+                   "state must be a contiguous [", kStateSize, "] tensor made by cg_init, got ",
+                   shape_str(state));
 }
 
 inline void check_scalar(double v, const char* name) {
-  TORCH_CHECK_VALUE(v >= 0.0 && std::isfinite(v), name, " must be a finite number >= 0, got ", v);
+  TRPO_CHECK_VALUE(v >= 0.0 && std::isfinite(v), name, " must be a finite number >= 0, got ", v);
 }
 
 inline void check_init(const at::Tensor& b, const c10::optional<at::Tensor>& x0,
@@ -155,8 +155,8 @@ inline void check_init(const at::Tensor& b, const c10::optional<at::Tensor>& x0,
   check_scalar(damping, "damping");
   check_scalar(rtol, "rtol");
   check_scalar(atol, "atol");
-  TORCH_CHECK_VALUE(x0.has_value() == Ax0.has_value(),
-                    "cg_init needs both x0 and matvec(x0), or neither");
+  TRPO_CHECK_VALUE(x0.has_value() == Ax0.has_value(),
+                   "cg_init needs both x0 and matvec(x0), or neither");
   if (x0.has_value()) {
     check_vector(b, *x0, "x0");
     check_vector(b, *Ax0, "matvec(x0)");

@@ -41,18 +41,17 @@ Backend backend_for(const at::Tensor& b) {
 #ifdef TRPO_EXT_WITH_CUDA
   if (b.device().is_cuda()) return {&cg::init_cuda, &cg::step_cuda, &cg::finish_cuda};
 #endif
-  TORCH_CHECK_VALUE(false, "b must be on the CPU", 
 #ifdef TRPO_EXT_WITH_CUDA
-                    " or a CUDA device",
+  const char* other = " or a CUDA device";
 #else
-                    " (this build of trpo_ext has no CUDA kernels)",
+  const char* other = " (this build of trpo_ext has no CUDA kernels)";
 #endif
-                    ", got ", b.device());
+  TRPO_CHECK_VALUE(false, "b must be on the CPU", other, ", got ", b.device());
 }
 
 at::Tensor call_matvec(const MatVec& matvec, const at::Tensor& v) {
   at::Tensor out = matvec(v);
-  TORCH_CHECK_TYPE(out.defined(), "matvec returned an undefined tensor");
+  TRPO_CHECK_TYPE(out.defined(), "matvec returned an undefined tensor");
   return out;
 }
 
@@ -60,11 +59,11 @@ at::Tensor call_matvec(const MatVec& matvec, const at::Tensor& v) {
 
 CGResult conjugate_gradient(const MatVec& matvec, const at::Tensor& b, const CGOptions& options,
                             const c10::optional<at::Tensor>& x0) {
-  TORCH_CHECK_TYPE(static_cast<bool>(matvec), "matvec must be a callable, got an empty function");
+  TRPO_CHECK_TYPE(static_cast<bool>(matvec), "matvec must be a callable, got an empty function");
   cg::check_rhs(b);
-  TORCH_CHECK_VALUE(options.maxiter >= 0, "maxiter must be >= 0, got ", options.maxiter);
-  TORCH_CHECK_VALUE(options.check_every >= 0, "check_every must be >= 0, got ",
-                    options.check_every);
+  TRPO_CHECK_VALUE(options.maxiter >= 0, "maxiter must be >= 0, got ", options.maxiter);
+  TRPO_CHECK_VALUE(options.check_every >= 0, "check_every must be >= 0, got ",
+                   options.check_every);
   cg::check_scalar(options.rtol, "rtol");
   cg::check_scalar(options.atol, "atol");
   cg::check_scalar(options.damping, "damping");

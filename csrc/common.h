@@ -6,13 +6,55 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <string>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define TRPO_HD __host__ __device__ __forceinline__
 #else
 #define TRPO_HD inline
 #endif
+
+namespace trpo_ext {
+
+// Error messages: numbers are formatted here (std::to_string / snprintf), never streamed into
+// c10::str.  On the lent H200 machine (torch 2.11, 2026-11-26) the extension carried its own
+// instance of basic_ostream::_M_insert<long>, and it crashed (SIGSEGV) while a message with a
+// number was being built, on the CPU and the CUDA side alike; the likely cause is a libstdc++ at
+// run time other than the one the extension was compiled against.  Strings, dtypes and devices
+// still go through c10::str: messages with only those were raised cleanly there.
+inline std::string format_number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.6g", v);
+  return buf;
+}
+
+template <typename T>
+decltype(auto) message_arg(const T& v) {
+  if constexpr (std::is_same_v<T, bool>) {
+    return v ? "true" : "false";
+  } else if constexpr (std::is_integral_v<T> && !std::is_same_v<T, char>) {
+    return std::to_string(v);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    return format_number(static_cast<double>(v));
+  } else {
+    return (v);  // a reference to the argument itself
+  }
+}
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  return c10::str(message_arg(args)...);
+}
+
+}  // namespace trpo_ext
+
+// TORCH_CHECK_VALUE / _TYPE / TORCH_CHECK with the message built by trpo_ext::message (only when the
+// check fails, as with torch's own macros).
+#define TRPO_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::trpo_ext::message(__VA_ARGS__))
+#define TRPO_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::trpo_ext::message(__VA_ARGS__))
+#define TRPO_CHECK(cond, ...) TORCH_CHECK(cond, ::trpo_ext::message(__VA_ARGS__))
 
 namespace trpo_ext {
 
@@ -28,27 +70,27 @@ inline std::string shape_str(const at::Tensor& t) {
 
 // Floating-point tensors that the reductions accept: float32 and float64.
 inline void check_float_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(t.defined(), name, " must be a tensor");
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-                   " must be float32 or float64, got ", t.scalar_type());
+  TRPO_CHECK_TYPE(t.defined(), name, " must be a tensor");
+  TRPO_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+                  " must be float32 or float64, got ", t.scalar_type());
 }
 
 inline void check_same_dtype(const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
                              const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name,
-                   " (", ref.scalar_type(), "), got ", t.scalar_type());
+  TRPO_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name,
+                  " (", ref.scalar_type(), "), got ", t.scalar_type());
 }
 
 inline void check_same_device(const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
                               const char* name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the device of ", ref_name, " (",
-                    ref.device(), "), got ", t.device());
+  TRPO_CHECK_VALUE(t.device() == ref.device(), name, " must be on the device of ", ref_name, " (",
+                   ref.device(), "), got ", t.device());
 }
 
 inline void check_same_shape(const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
                              const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ",
-                    shape_str(ref), ", got ", shape_str(t));
+  TRPO_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ",
+                   shape_str(ref), ", got ", shape_str(t));
 }
 
 }  // namespace trpo_ext

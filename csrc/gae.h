@@ -67,10 +67,10 @@ struct Inputs {
 };
 
 inline at::Tensor as_bool_mask(const at::Tensor& mask, const char* name) {
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || at::isIntegralType(mask.scalar_type(), false) ||
+  TRPO_CHECK_TYPE(mask.scalar_type() == at::kBool || at::isIntegralType(mask.scalar_type(), false) ||
                        at::isFloatingType(mask.scalar_type()),
-                   name, " must be bool or a 0/1 tensor of an integer or floating dtype, got ",
-                   mask.scalar_type());
+                  name, " must be bool or a 0/1 tensor of an integer or floating dtype, got ",
+                  mask.scalar_type());
   return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
 }
 
@@ -78,8 +78,8 @@ inline Inputs check_inputs(const at::Tensor& rewards, const at::Tensor& values,
                            const at::Tensor& next_values, const at::Tensor& terminated,
                            const at::Tensor& done, double gamma, double lam) {
   check_float_tensor(rewards, "rewards");
-  TORCH_CHECK_VALUE(rewards.dim() == 1 || rewards.dim() == 2,
-                    "rewards must be [T] or [T, N] (time-major), got shape ", shape_str(rewards));
+  TRPO_CHECK_VALUE(rewards.dim() == 1 || rewards.dim() == 2,
+                   "rewards must be [T] or [T, N] (time-major), got shape ", shape_str(rewards));
   check_same_shape(rewards, "rewards", values, "values");
   check_same_shape(rewards, "rewards", next_values, "next_values");
   check_same_shape(rewards, "rewards", terminated, "terminated");
@@ -90,8 +90,8 @@ inline Inputs check_inputs(const at::Tensor& rewards, const at::Tensor& values,
   check_same_device(rewards, "rewards", next_values, "next_values");
   check_same_device(rewards, "rewards", terminated, "terminated");
   check_same_device(rewards, "rewards", done, "done");
-  TORCH_CHECK_VALUE(gamma >= 0.0 && gamma <= 1.0, "gamma must be in [0, 1], got ", gamma);
-  TORCH_CHECK_VALUE(lam >= 0.0 && lam <= 1.0, "lam must be in [0, 1], got ", lam);
+  TRPO_CHECK_VALUE(gamma >= 0.0 && gamma <= 1.0, "gamma must be in [0, 1], got ", gamma);
+  TRPO_CHECK_VALUE(lam >= 0.0 && lam <= 1.0, "lam must be in [0, 1], got ", lam);
   Inputs in;
   in.rewards = rewards.contiguous();
   in.values = values.contiguous();

@@ -292,8 +292,8 @@ struct CategoricalInputs {
 };
 
 inline void check_batch_nonempty(int64_t B, const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(B > 0, name, " has an empty batch (shape ", shape_str(t),
-                    "): the batch mean of an empty batch is undefined");
+  TRPO_CHECK_VALUE(B > 0, name, " has an empty batch (shape ", shape_str(t),
+                   "): the batch mean of an empty batch is undefined");
 }
 
 inline void check_log_std(const at::Tensor& log_std, const char* name, const at::Tensor& mean,
@@ -303,9 +303,9 @@ inline void check_log_std(const at::Tensor& log_std, const char* name, const at:
   const int64_t A = mean.size(1);
   const bool state_independent = log_std.dim() == 1 && log_std.size(0) == A;
   const bool per_state = log_std.dim() == 2 && log_std.size(0) == B && log_std.size(1) == A;
-  TORCH_CHECK_VALUE(state_independent || per_state, name, " must be [A] = [", A, "] or [B, A] = [",
-                    B, ", ", A, "] to match ", mean_name, " ", shape_str(mean), ", got ",
-                    shape_str(log_std));
+  TRPO_CHECK_VALUE(state_independent || per_state, name, " must be [A] = [", A, "] or [B, A] = [",
+                   B, ", ", A, "] to match ", mean_name, " ", shape_str(mean), ", got ",
+                   shape_str(log_std));
   check_same_dtype(mean, mean_name, log_std, name);
   check_same_device(mean, mean_name, log_std, name);
 }
@@ -313,9 +313,9 @@ inline void check_log_std(const at::Tensor& log_std, const char* name, const at:
 inline void check_batch_vector(const at::Tensor& t, const char* name, const at::Tensor& ref,
                                const char* ref_name) {
   check_float_tensor(t, name);
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == ref.size(0), name, " must be [B] = [",
-                    ref.size(0), "] (the batch of ", ref_name, " ", shape_str(ref), "), got ",
-                    shape_str(t));
+  TRPO_CHECK_VALUE(t.dim() == 1 && t.size(0) == ref.size(0), name, " must be [B] = [",
+                   ref.size(0), "] (the batch of ", ref_name, " ", shape_str(ref), "), got ",
+                   shape_str(t));
   check_same_dtype(ref, ref_name, t, name);
   check_same_device(ref, ref_name, t, name);
 }
@@ -323,8 +323,8 @@ inline void check_batch_vector(const at::Tensor& t, const char* name, const at::
 inline bool check_surrogate_presence(const SurrogateArgs& s) {
   const int given = int(s.actions.has_value()) + int(s.logp_old.has_value()) +
                     int(s.advantages.has_value());
-  TORCH_CHECK_VALUE(given == 0 || given == 3,
-                    "actions, logp_old and advantages must be given together or not at all");
+  TRPO_CHECK_VALUE(given == 0 || given == 3,
+                   "actions, logp_old and advantages must be given together or not at all");
   return given == 3;
 }
 
@@ -332,7 +332,7 @@ inline GaussianInputs check_gaussian(const at::Tensor& mean_old, const at::Tenso
                                      const at::Tensor& mean_new, const at::Tensor& log_std_new,
                                      const SurrogateArgs& s) {
   check_float_tensor(mean_old, "mean_old");
-  TORCH_CHECK_VALUE(mean_old.dim() == 2, "mean_old must be [B, A], got shape ", shape_str(mean_old));
+  TRPO_CHECK_VALUE(mean_old.dim() == 2, "mean_old must be [B, A], got shape ", shape_str(mean_old));
   check_float_tensor(mean_new, "mean_new");
   check_same_shape(mean_old, "mean_old", mean_new, "mean_new");
   check_same_dtype(mean_old, "mean_old", mean_new, "mean_new");
@@ -340,8 +340,8 @@ inline GaussianInputs check_gaussian(const at::Tensor& mean_old, const at::Tenso
   check_log_std(log_std_old, "log_std_old", mean_old, "mean_old");
   check_log_std(log_std_new, "log_std_new", mean_old, "mean_old");
   check_batch_nonempty(mean_old.size(0), mean_old, "mean_old");
-  TORCH_CHECK_VALUE(mean_old.size(1) > 0, "mean_old has no action dimensions (shape ",
-                    shape_str(mean_old), ")");
+  TRPO_CHECK_VALUE(mean_old.size(1) > 0, "mean_old has no action dimensions (shape ",
+                   shape_str(mean_old), ")");
   GaussianInputs in;
   in.B = mean_old.size(0);
   in.A = mean_old.size(1);
@@ -370,15 +370,15 @@ inline GaussianInputs check_gaussian(const at::Tensor& mean_old, const at::Tenso
 inline CategoricalInputs check_categorical(const at::Tensor& logits_old,
                                            const at::Tensor& logits_new, const SurrogateArgs& s) {
   check_float_tensor(logits_old, "logits_old");
-  TORCH_CHECK_VALUE(logits_old.dim() == 2, "logits_old must be [B, K], got shape ",
-                    shape_str(logits_old));
+  TRPO_CHECK_VALUE(logits_old.dim() == 2, "logits_old must be [B, K], got shape ",
+                   shape_str(logits_old));
   check_float_tensor(logits_new, "logits_new");
   check_same_shape(logits_old, "logits_old", logits_new, "logits_new");
   check_same_dtype(logits_old, "logits_old", logits_new, "logits_new");
   check_same_device(logits_old, "logits_old", logits_new, "logits_new");
   check_batch_nonempty(logits_old.size(0), logits_old, "logits_old");
-  TORCH_CHECK_VALUE(logits_old.size(1) > 0, "logits_old has no classes (shape ",
-                    shape_str(logits_old), ")");
+  TRPO_CHECK_VALUE(logits_old.size(1) > 0, "logits_old has no classes (shape ",
+                   shape_str(logits_old), ")");
   CategoricalInputs in;
   in.B = logits_old.size(0);
   in.K = logits_old.size(1);
@@ -387,12 +387,12 @@ inline CategoricalInputs check_categorical(const at::Tensor& logits_old,
   in.surrogate = check_surrogate_presence(s);
   if (in.surrogate) {
     const at::Tensor& actions = *s.actions;
-    TORCH_CHECK_TYPE(actions.defined(), "actions must be a tensor");
-    TORCH_CHECK_TYPE(actions.scalar_type() == at::kLong || actions.scalar_type() == at::kInt,
-                     "actions must be int64 or int32 class indices, got ", actions.scalar_type());
-    TORCH_CHECK_VALUE(actions.dim() == 1 && actions.size(0) == in.B, "actions must be [B] = [",
-                      in.B, "] (the batch of logits_old ", shape_str(logits_old), "), got ",
-                      shape_str(actions));
+    TRPO_CHECK_TYPE(actions.defined(), "actions must be a tensor");
+    TRPO_CHECK_TYPE(actions.scalar_type() == at::kLong || actions.scalar_type() == at::kInt,
+                    "actions must be int64 or int32 class indices, got ", actions.scalar_type());
+    TRPO_CHECK_VALUE(actions.dim() == 1 && actions.size(0) == in.B, "actions must be [B] = [",
+                     in.B, "] (the batch of logits_old ", shape_str(logits_old), "), got ",
+                     shape_str(actions));
     check_same_device(logits_old, "logits_old", actions, "actions");
     check_batch_vector(*s.logp_old, "logp_old", logits_old, "logits_old");
     check_batch_vector(*s.advantages, "advantages", logits_old, "logits_old");
@@ -434,7 +434,7 @@ inline MetricGaussianInputs check_metric_gaussian(const at::Tensor& log_std,
                                                   const at::Tensor& u_mean,
                                                   const at::Tensor& u_log_std) {
   check_float_tensor(u_mean, "u_mean");
-  TORCH_CHECK_VALUE(u_mean.dim() == 2, "u_mean must be [B, A], got shape ", shape_str(u_mean));
+  TRPO_CHECK_VALUE(u_mean.dim() == 2, "u_mean must be [B, A], got shape ", shape_str(u_mean));
   check_batch_nonempty(u_mean.size(0), u_mean, "u_mean");
   check_log_std(log_std, "log_std", u_mean, "u_mean");
   check_float_tensor(u_log_std, "u_log_std");
@@ -460,9 +460,9 @@ struct MetricCategoricalInputs {
 inline MetricCategoricalInputs check_metric_categorical(const at::Tensor& logits,
                                                         const at::Tensor& u) {
   check_float_tensor(logits, "logits");
-  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be [B, K], got shape ", shape_str(logits));
+  TRPO_CHECK_VALUE(logits.dim() == 2, "logits must be [B, K], got shape ", shape_str(logits));
   check_batch_nonempty(logits.size(0), logits, "logits");
-  TORCH_CHECK_VALUE(logits.size(1) > 0, "logits has no classes (shape ", shape_str(logits), ")");
+  TRPO_CHECK_VALUE(logits.size(1) > 0, "logits has no classes (shape ", shape_str(logits), ")");
   check_float_tensor(u, "u");
   check_same_shape(logits, "logits", u, "u");
   check_same_dtype(logits, "logits", u, "u");
@@ -480,7 +480,7 @@ inline MetricCategoricalInputs check_metric_categorical(const at::Tensor& logits
 inline void check_grad_scalar(const at::Tensor& g, const char* name, const at::Tensor& ref,
                               const char* ref_name) {
   check_float_tensor(g, name);
-  TORCH_CHECK_VALUE(g.numel() == 1, name, " must hold one value, got shape ", shape_str(g));
+  TRPO_CHECK_VALUE(g.numel() == 1, name, " must hold one value, got shape ", shape_str(g));
   check_same_dtype(ref, ref_name, g, name);
   check_same_device(ref, ref_name, g, name);
 }
@@ -498,8 +498,8 @@ inline GaussianInputs check_gaussian_backward(
       surrogate ? check_gaussian(mean_old, log_std_old, mean_new, log_std_new,
                                  {actions, logp_old, advantages})
                 : check_gaussian(mean_old, log_std_old, mean_new, log_std_new, {none, none, none});
-  TORCH_CHECK_VALUE(!surrogate || in.surrogate,
-                    "grad_surrogate needs actions, logp_old and advantages");
+  TRPO_CHECK_VALUE(!surrogate || in.surrogate,
+                   "grad_surrogate needs actions, logp_old and advantages");
   check_grad_scalar(grad_mean_kl, "grad_mean_kl", mean_old, "mean_old");
   if (surrogate) check_grad_scalar(*grad_surrogate, "grad_surrogate", mean_old, "mean_old");
   return in;
@@ -515,8 +515,8 @@ inline CategoricalInputs check_categorical_backward(
   CategoricalInputs in =
       surrogate ? check_categorical(logits_old, logits_new, {actions, logp_old, advantages})
                 : check_categorical(logits_old, logits_new, {none, none, none});
-  TORCH_CHECK_VALUE(!surrogate || in.surrogate,
-                    "grad_surrogate needs actions, logp_old and advantages");
+  TRPO_CHECK_VALUE(!surrogate || in.surrogate,
+                   "grad_surrogate needs actions, logp_old and advantages");
   check_grad_scalar(grad_mean_kl, "grad_mean_kl", logits_old, "logits_old");
   if (surrogate) check_grad_scalar(*grad_surrogate, "grad_surrogate", logits_old, "logits_old");
   return in;

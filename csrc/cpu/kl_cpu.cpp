@@ -415,9 +415,9 @@ void check_actions_in_range(const kl::CategoricalInputs& in) {
     using index_t = decltype(tag);
     const index_t* a = in.actions.data_ptr<index_t>();
     for (int64_t i = 0; i < in.B; ++i) {
-      TORCH_CHECK_VALUE(kl::action_in_range(a[i], in.K), "actions[", i, "] = ",
-                        static_cast<int64_t>(a[i]), " is out of range for K = ", in.K,
-                        " classes (valid: 0 to ", in.K - 1, ")");
+      TRPO_CHECK_VALUE(kl::action_in_range(a[i], in.K), "actions[", i, "] = ",
+                       static_cast<int64_t>(a[i]), " is out of range for K = ", in.K,
+                       " classes (valid: 0 to ", in.K - 1, ")");
     }
   });
 }

@@ -229,8 +229,8 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   }
   const int64_t L = (T + C - 1) / C;
   C = (T + L - 1) / L;
-  TORCH_CHECK(fused || C * N / kThreads + 1 < (int64_t(1) << 31),
-              "gae: rollout too large for one launch, ", shape_str(rewards));
+  TRPO_CHECK(fused || C * N / kThreads + 1 < (int64_t(1) << 31),
+             "gae: rollout too large for one launch, ", shape_str(rewards));
   const cudaStream_t stream = cuda::current_stream();
 
   AT_DISPATCH_FLOATING_TYPES(in.rewards.scalar_type(), "gae_cuda", [&] {
