@@ -183,6 +183,20 @@ TRPO_HD void cat_push(CatRow<acc_t>& r, acc_t logit_old, acc_t logit_new) {
   }
 }
 
+// a·sa + b·sb with one rounding pattern everywhere.  nvcc contracts a product and a sum into an
+// FMA by its own choice of which product to fuse, so the old and new sums of identical rows could
+// round differently (a KL of 1e-17 at θ = θ_old, seen on an H200); an explicit FMA fixes the shape.
+// Only the CUDA kernels merge partial rows; host code keeps the plain expression.
+template <typename acc_t>
+TRPO_HD acc_t scaled_pair_sum(acc_t a, acc_t sa, acc_t b, acc_t sb) {
+#if defined(__CUDA_ARCH__)
+  const acc_t bsb = b * sb;
+  return fma(a, sa, bsb);
+#else
+  return a * sa + b * sb;
+#endif
+}
+
 template <typename acc_t>
 TRPO_HD CatRow<acc_t> cat_merge(const CatRow<acc_t>& a, const CatRow<acc_t>& b) {
   // An empty side carries max = −inf; skipping it avoids exp(−inf − (−inf)) = NaN.
@@ -195,8 +209,8 @@ TRPO_HD CatRow<acc_t> cat_merge(const CatRow<acc_t>& a, const CatRow<acc_t>& b) 
     r.max_old = a.max_old > b.max_old ? a.max_old : b.max_old;
     const acc_t sa = k_exp(a.max_old - r.max_old);
     const acc_t sb = k_exp(b.max_old - r.max_old);
-    r.sum_old = a.sum_old * sa + b.sum_old * sb;
-    r.cross = a.cross * sa + b.cross * sb;
+    r.sum_old = scaled_pair_sum(a.sum_old, sa, b.sum_old, sb);
+    r.cross = scaled_pair_sum(a.cross, sa, b.cross, sb);
   }
   if (b.sum_new == acc_t(0)) {
     r.max_new = a.max_new, r.sum_new = a.sum_new;
@@ -204,7 +218,8 @@ TRPO_HD CatRow<acc_t> cat_merge(const CatRow<acc_t>& a, const CatRow<acc_t>& b) 
     r.max_new = b.max_new, r.sum_new = b.sum_new;
   } else {
     r.max_new = a.max_new > b.max_new ? a.max_new : b.max_new;
-    r.sum_new = a.sum_new * k_exp(a.max_new - r.max_new) + b.sum_new * k_exp(b.max_new - r.max_new);
+    r.sum_new = scaled_pair_sum(a.sum_new, k_exp(a.max_new - r.max_new), b.sum_new,
+                                k_exp(b.max_new - r.max_new));
   }
   return r;
 }

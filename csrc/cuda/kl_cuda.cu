@@ -275,10 +275,10 @@ __global__ void __launch_bounds__(kThreads) kl_diag_gaussian_backward_kernel(
 
 // --- categorical -------------------------------------------------------------------------------
 
-// p = exp(logit − lse) in acc_t.
+// p = exp(logit − max) · (1 / Σ exp(ℓ − max)) in acc_t.
 template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t k_exp_lse(scalar_t logit, acc_t lse) {
-  return kl::k_exp(static_cast<acc_t>(logit) - lse);
+__device__ __forceinline__ acc_t softmax_p(scalar_t logit, acc_t max, acc_t inv_sum) {
+  return kl::k_exp(static_cast<acc_t>(logit) - max) * inv_sum;
 }
 
 // The lanes of a group build partial rows over classes sub, sub + G, ...; every lane of the group
@@ -408,19 +408,22 @@ __global__ void __launch_bounds__(kThreads) kl_metric_categorical_kernel(
   const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
   for_rows<G>(B, [&](int64_t row, bool valid, int sub) {
     const CatRow<acc_t> r = categorical_row<G, scalar_t, acc_t>(logits, logits, row, valid, sub, K);
-    const acc_t lse = kl::cat_lse_old(r);
+    // p = exp(ℓ − max) / Σ, as softmax and the CPU kernel form it: exp(ℓ − lse) would carry the
+    // rounding of lse (an ulp of |ℓ|, 2e-12 at |ℓ| = 1e4) into every probability.
+    const acc_t inv_sum = acc_t(1) / r.sum_old;
     acc_t pu = 0;
     if (valid) {
       for (int64_t k = sub; k < K; k += G) {
-        pu += k_exp_lse<acc_t>(logits[row * K + k], lse) * static_cast<acc_t>(u[row * K + k]);
+        pu += softmax_p<acc_t>(logits[row * K + k], r.max_old, inv_sum) *
+              static_cast<acc_t>(u[row * K + k]);
       }
     }
     pu = group_sum<G>(pu);
     if (!valid) return;
     for (int64_t k = sub; k < K; k += G) {
       const int64_t j = row * K + k;
-      out[j] = static_cast<scalar_t>(
-          inv_B * kl::cat_metric<acc_t>(k_exp_lse<acc_t>(logits[j], lse), static_cast<acc_t>(u[j]), pu));
+      out[j] = static_cast<scalar_t>(inv_B * kl::cat_metric<acc_t>(
+          softmax_p<acc_t>(logits[j], r.max_old, inv_sum), static_cast<acc_t>(u[j]), pu));
     }
   });
 }
