@@ -488,6 +488,34 @@ def test_cuda_training_keeps_the_invariants():
     assert trpo_ext.evaluate(result.policy, "Pendulum-v1", episodes=2) < 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_update_synchronises_only_for_line_search_decisions(monkeypatch):
+    # The update's only host synchronisations are the line-search decisions, one per trial: each
+    # trpo_update runs under torch's sync debug mode, and its warnings are counted.
+    import warnings
+
+    train_module = sys.modules["trpo_ext.train"]
+    original, syncs = train_module.trpo_update, []
+
+    def audited(*args, **kwargs):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                metrics = original(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("called a synchronizing" in str(w.message) for w in caught))
+        return metrics
+
+    monkeypatch.setattr(train_module, "trpo_update", audited)
+    result = trpo_ext.train("Pendulum-v1", 3 * 256, device="cuda", n_envs=2, n_steps=128)
+    # A trial count of 0 (a step skipped before any trial) still read one decision.
+    trials = [max(int(h["train/line_search_steps"]), 1) for h in result.history]
+    assert len(syncs) == 3 and syncs == trials, (syncs, trials)
+
+
 # --- learning with the default settings ------------------------------------------------------
 
 @pytest.mark.slow

@@ -56,13 +56,20 @@ class CGResult(NamedTuple):
         (one small copy; a no-op when they are already filled)."""
         if self.status is not None:
             return self
-        rr, status, iters = _read_scalars(self.state)
-        return self._replace(iterations=iters, residual_norm=rr ** 0.5, status=status)
+        return self.with_scalars(self.device_scalars().tolist())
 
+    def device_scalars(self) -> torch.Tensor:
+        """rᵀr, the status code and the iteration count as a float64 ``[3]`` tensor on b's device,
+        for a caller that copies them to the host together with values of its own (one host read
+        instead of two); :meth:`with_scalars` then takes the three numbers."""
+        return torch.stack([self.state[_RR], self.state[_STATUS], self.state[_ITERS]])
 
-def _read_scalars(state: torch.Tensor):
-    vals = state[:_NUM_SCALARS].tolist()
-    return vals[_RR], _STATUS_NAMES[int(vals[_STATUS])], int(vals[_ITERS])
+    def with_scalars(self, values) -> "CGResult":
+        """This result with ``iterations``, ``residual_norm`` and ``status`` from the three numbers
+        of :meth:`device_scalars`, read by the caller."""
+        rr, status, iters = (float(v) for v in values)
+        return self._replace(iterations=int(iters), residual_norm=rr ** 0.5,
+                             status=_STATUS_NAMES[int(status)])
 
 
 def _as_operator(matvec: Operator, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -115,6 +115,7 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     theta_old = flat.detach().clone()
     accepted, trials, alpha = False, 0, 0.0
     kl_after = kl_max_after = improvement = torch.zeros((), device=flat.device)
+    cg_scalars, cg_values = cg.device_scalars(), None
     with torch.no_grad():
         for k in range(cfg.line_search_steps):
             alpha = cfg.backtrack_ratio ** k
@@ -123,7 +124,14 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
             surrogate, kl, kl_max = policy.surrogate_kl(old, trial, actions, logp_old, advantages)
             improve = surrogate - surrogate_old
             accept = step_ok & (kl <= cfg.max_kl) & (improve > 0)
-            ok_step, ok = torch.stack([step_ok, accept]).tolist()  # the decision: one host read
+            # The decision: one host read per trial; the first also brings the CG's counters.
+            decision = torch.stack([step_ok, accept]).to(cg_scalars.dtype)
+            if cg_values is None:
+                values = torch.cat([decision, cg_scalars]).tolist()
+                cg_values = values[2:]
+            else:
+                values = decision.tolist()
+            ok_step, ok = bool(values[0]), bool(values[1])
             if not ok_step:  # sᵀ(F+damping)s not positive and finite: skip the update
                 break
             trials = k + 1
@@ -132,7 +140,7 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
                 break
         if not accepted:
             flat.copy_(theta_old)  # θ_old restored bit for bit
-    cg = cg.synced()
+    cg = cg.with_scalars(cg_values)
     t3 = clock()
 
     # 7. Value-function regression on the returns, minibatched Adam; each minibatch's gradient by
@@ -145,8 +153,15 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     value_loss_sum = torch.zeros((), device=obs.device)
     n_minibatches = 0
     vf_grad = torch.empty_like(value_fn.flat, requires_grad=False)
-    for _ in range(cfg.vf_epochs):
-        order = torch.randperm(batch_size, generator=generator, device="cpu").to(obs.device)
+    # Every epoch's shuffle drawn up front on the CPU generator (the same draws, in the same order,
+    # as one per epoch), and on CUDA copied in one asynchronous transfer from pinned memory: a
+    # pageable copy would make the host wait for the queued update.
+    orders = torch.stack([torch.randperm(batch_size, generator=generator, device="cpu")
+                          for _ in range(cfg.vf_epochs)]) if cfg.vf_epochs else \
+        torch.empty(0, batch_size, dtype=torch.long)
+    if obs.device.type != "cpu":
+        orders = orders.pin_memory().to(obs.device, non_blocking=True)
+    for order in orders:
         # One gather per epoch; the minibatches are then slices (the same rows as obs[idx]).
         obs_epoch, targets_epoch = obs[order], targets[order]
         for start in range(0, batch_size, cfg.vf_minibatch_size):
