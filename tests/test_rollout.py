@@ -168,9 +168,12 @@ def test_unsupported_spaces_are_refused_with_a_clear_error(obs_space, act_space,
 
 
 @pytest.mark.parametrize("box_actions", [True, False])
-def test_numpy_and_torch_sampling_steps_agree(box_actions):
-    # The CPU loop runs the policy in NumPy; CUDA runs the torch step.  Both from the same noise.
-    from trpo_ext.rollout import _numpy_policy_step, _torch_policy_step
+@pytest.mark.parametrize("host_copy", [False, True])
+def test_numpy_sampling_step_matches_the_torch_policy(box_actions, host_copy):
+    # The rollout's per-step network runs in NumPy on the host, on views of the policy's buffers
+    # (policy on the CPU) or on one host copy of them (policy on a GPU; forced here on the CPU).
+    # Reference: the torch policy's own normalisation, distribution and inverse-CDF draw.
+    import trpo_ext.rollout as rollout
 
     env = ScriptedEnv(box_actions=box_actions)
     env.observation_space = spaces.Box(-5, 5, (3,), np.float32)
@@ -183,30 +186,43 @@ def test_numpy_and_torch_sampling_steps_agree(box_actions):
     T, N = 6, 5
     noise = policy.draw_noise((T, N), gen)
     raw = torch.randn(T, N, 3, generator=gen) * 3
-    outs = []
-    for make in ("numpy", "torch"):
-        obs_out = torch.empty(T, N, 3)
-        act_out = torch.empty(T, N, spec["action_dim"]) if box_actions else \
-            torch.empty(T, N, dtype=torch.long)
-        low, high = (np.full(2, -1, np.float32), np.full(2, 1, np.float32)) if box_actions \
-            else (None, None)
-        if make == "numpy":
-            step = _numpy_policy_step(policy, noise.numpy(), obs_out.numpy(), act_out.numpy(),
-                                      low, high)
-        else:
-            step = _torch_policy_step(policy, noise, obs_out, act_out, torch.device("cpu"), low,
-                                      high)
-        env_actions = [step(t, raw[t], raw.numpy()) for t in range(T)]
-        outs.append((obs_out, act_out, np.stack(env_actions)))
-    (o1, a1, e1), (o2, a2, e2) = outs
-    torch.testing.assert_close(o1, o2)
+    obs_out = torch.empty(T, N, 3)
+    act_out = torch.empty(T, N, spec["action_dim"]) if box_actions else \
+        torch.empty(T, N, dtype=torch.long)
+    low, high = (np.full(2, -1, np.float32), np.full(2, 1, np.float32)) if box_actions \
+        else (None, None)
+    with torch.no_grad():
+        obs_ref = policy.normalize(raw.reshape(T * N, 3)).reshape(T, N, 3)
+        params = policy.distribution_params(obs_ref.reshape(T * N, 3))
+        params = tuple(p.clone() for p in params)
+    original = rollout.host_policy_arrays
+    if host_copy:
+        def copied(p):  # what a GPU policy gives: arrays that do not share the CPU buffers
+            views, stats = original(p)
+            return [a.copy() for a in views], tuple(a.copy() for a in stats)
+
+        rollout.host_policy_arrays = copied
+    try:
+        step = rollout._numpy_policy_step(policy, noise.numpy(), obs_out.numpy(), act_out.numpy(),
+                                          low, high)
+    finally:
+        rollout.host_policy_arrays = original
+    if host_copy:
+        # A copy taken when the rollout starts is what the whole rollout samples from.
+        with torch.no_grad():
+            policy.flat.zero_()
+            policy.obs_rms.shift.zero_()
+    env_actions = np.stack([step(t, raw.numpy()) for t in range(T)])
+    torch.testing.assert_close(obs_out, obs_ref)
     if box_actions:
-        torch.testing.assert_close(a1, a2)
-        np.testing.assert_allclose(e1, e2, rtol=1e-5, atol=1e-5)
-        assert np.all(np.abs(e1) <= 1) and a1.abs().max() > 1
+        a_ref = (params[0] + params[1].exp() * noise.reshape(T * N, -1)).reshape(T, N, -1)
+        torch.testing.assert_close(act_out, a_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(env_actions, a_ref.clamp(-1, 1).numpy(), rtol=1e-5, atol=1e-5)
+        assert np.all(np.abs(env_actions) <= 1) and act_out.abs().max() > 1
     else:
-        assert (a1 == a2).float().mean() > 0.9  # equal but for ties at a CDF boundary
-        np.testing.assert_array_equal(e1, a1.numpy())
+        a_ref = Policy.categorical_from_uniform(params[0], noise.reshape(T * N, 1)).reshape(T, N)
+        assert (act_out == a_ref).float().mean() > 0.9  # equal but for ties at a CDF boundary
+        np.testing.assert_array_equal(env_actions, act_out.numpy())
 
 
 @pytest.mark.parametrize("env_id,steps", [("Pendulum-v1", 201), ("CartPole-v1", 300),

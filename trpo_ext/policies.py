@@ -352,10 +352,11 @@ class Policy(_FlatModule):
 
     # --- observations ----------------------------------------------------------------------------
 
-    def encode_obs(self, obs: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    def encode_obs(self, obs: Union[np.ndarray, torch.Tensor],
+                   device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
         """Raw batched observations ``[B, *obs_shape]`` (Box) or ``[B]`` (Discrete) → float32
-        features ``[B, obs_dim]`` on this policy's device, before normalisation."""
-        device = self.flat.device
+        features ``[B, obs_dim]`` on ``device`` (default: this policy's), before normalisation."""
+        device = self.flat.device if device is None else torch.device(device)
         if self.spec["obs_kind"] == "discrete":
             idx = torch.as_tensor(np.asarray(obs) if not isinstance(obs, torch.Tensor) else obs,
                                   device=device).long().reshape(-1) - self.spec.get("obs_start", 0)

@@ -98,13 +98,15 @@ class RolloutCollector:
         self.episode_lengths: Deque[int] = collections.deque(maxlen=100)
         self.episodes = 0
         self.reset(seed)
+        # The per-step network always runs on the host, in NumPy (see collect): the step buffers
+        # live there, and go to the update's device once per rollout.
         T, N, D = n_steps, self.n_envs, spec["obs_dim"]
-        self._obs = torch.empty(T, N, D, device=device)
-        self._raw = torch.empty(T, N, D, device=device)
+        self._obs = torch.empty(T, N, D)
+        self._raw = torch.empty(T, N, D)
         if self.gaussian:
-            self._actions = torch.empty(T, N, spec["action_dim"], device=device)
+            self._actions = torch.empty(T, N, spec["action_dim"])
         else:
-            self._actions = torch.empty(T, N, dtype=torch.long, device=device)
+            self._actions = torch.empty(T, N, dtype=torch.long)
 
     def reset(self, seed: int) -> None:
         """Start fresh episodes in every environment, seeded ``seed, seed + 1, …``."""
@@ -121,25 +123,23 @@ class RolloutCollector:
         final_obs: List[Tuple[int, int, np.ndarray]] = []  # (t, i, final obs) of truncated steps
         box_obs = policy.spec["obs_kind"] == "box"
         # All of the rollout's randomness in one draw, so the loop below is only the network.
-        noise = policy.draw_noise((T, N), generator)
-        if self.device.type == "cpu":
-            # On CPU the per-step network runs in NumPy on zero-copy views of the parameter and
-            # statistics buffers: a NumPy op on an [8, 64] array costs a few µs, a torch op
-            # 2–4× that, and the loop is nothing but such ops.
-            step_fn = _numpy_policy_step(policy, noise.numpy(), self._obs.numpy(),
-                                         self._actions.numpy(), self.low if self.gaussian
-                                         else None, self.high if self.gaussian else None)
-        else:
-            step_fn = _torch_policy_step(policy, noise, self._obs, self._actions, self.device,
-                                         self.low if self.gaussian else None,
-                                         self.high if self.gaussian else None)
-        raw_np = self._raw.numpy() if self.device.type == "cpu" else None
+        noise = policy.draw_noise((T, N), generator).cpu()
+        # The per-step network runs in NumPy on the host: a NumPy op on an [8, 64] array costs a
+        # few µs, a torch op 2–4× that on the CPU, and on a GPU a launch plus a device-to-host
+        # wait for the env's actions every step (measured on an H200 machine: HalfCheetah sampled
+        # 2048 steps in 0.18 s that way against 0.105 s on the host).  With the policy on the CPU
+        # it reads zero-copy views of the parameter and statistics buffers; on a GPU, one host copy
+        # of them per rollout.
+        step_fn = _numpy_policy_step(policy, noise.numpy(), self._obs.numpy(),
+                                     self._actions.numpy(), self.low if self.gaussian else None,
+                                     self.high if self.gaussian else None)
+        raw_np = self._raw.numpy()
         for t in range(T):
-            if box_obs and raw_np is not None:
+            if box_obs:
                 raw_np[t] = np.asarray(self.obs).reshape(N, -1)
             else:
-                self._raw[t].copy_(policy.encode_obs(self.obs))
-            env_actions = step_fn(t, self._raw[t], raw_np)
+                self._raw[t].copy_(policy.encode_obs(self.obs, device="cpu"))
+            env_actions = step_fn(t, raw_np)
             if not self.gaussian and self.action_start:
                 env_actions = env_actions + self.action_start
             self.obs, r, term, trunc, infos = self.envs.step(env_actions)
@@ -159,7 +159,8 @@ class RolloutCollector:
                     self._ep_return[i] = 0.0
                     self._ep_length[i] = 0
 
-        obs = self._obs.clone()
+        # The rollout's tensors on the update's device (copies: the buffers are reused).
+        obs = self._obs.to(self.device, copy=True)
         # V(s_t) and V(s_{t+1}) in batched forwards after the loop rather than one per step.
         D = obs.shape[-1]
         last_obs = policy.normalize(policy.encode_obs(self.obs))
@@ -174,32 +175,46 @@ class RolloutCollector:
             next_values[ts, js] = v_final
         return Rollout(
             obs=obs,
-            actions=self._actions.clone(),
+            actions=self._actions.to(self.device, copy=True),
             rewards=torch.from_numpy(rewards).to(self.device),
             terminated=torch.from_numpy(terminated).to(self.device),
             truncated=torch.from_numpy(truncated).to(self.device),
             values=values,
             next_values=next_values,
-            raw_features=self._raw.clone(),
+            raw_features=self._raw.to(self.device, copy=True),
         )
 
     def close(self) -> None:
         self.envs.close()
 
 
+def host_policy_arrays(policy):
+    """NumPy arrays of the policy's parameters (in layout order) and of its observation
+    normaliser's ``(shift, scale)`` (None without one).  For a policy on the CPU they share memory
+    with its buffers; for one on another device they are one host copy, taken now."""
+    if policy.flat.device.type == "cpu":
+        views = [v.numpy() for v in policy._data_views()]
+    else:
+        flat = policy.flat.detach().cpu()
+        views = [c.view(s).numpy() for c, (_, s) in zip(flat.split(policy._numels), policy.layout)]
+    rms = policy.obs_rms
+    stats = (rms.shift.cpu().numpy(), rms.scale.cpu().numpy()) if rms is not None else None
+    return views, stats
+
+
 def _numpy_policy_step(policy, noise, obs_out, actions_out, low, high):
-    """``step(t, raw) → env actions`` for CPU: normalise features ``raw[t]`` into ``obs_out[t]``,
-    sample into ``actions_out[t]`` (Gaussian unclipped), return what the env gets."""
-    views = [v.numpy() for v in policy._data_views()]  # shares memory with policy.flat
+    """``step(t, raw) → env actions``, in NumPy on the host: normalise features ``raw[t]`` into
+    ``obs_out[t]``, sample into ``actions_out[t]`` (Gaussian unclipped), return what the env gets."""
+    views, stats = host_policy_arrays(policy)
     n_layers = len(policy.hidden_sizes) + 1
     rms = policy.obs_rms
-    shift, scale = (rms.shift.numpy(), rms.scale.numpy()) if rms is not None else (None, None)
+    shift, scale = stats if stats is not None else (None, None)
     clip = rms.clip if rms is not None else None
     weights_t = [views[2 * i].T for i in range(n_layers)]
     biases = [views[2 * i + 1] for i in range(n_layers)]
     std = np.exp(views[-1]) if policy.gaussian else None
 
-    def step(t, raw_t, raw_np):
+    def step(t, raw_np):
         x = obs_out[t]
         if shift is not None:
             np.subtract(raw_np[t], shift, out=x)
@@ -225,22 +240,5 @@ def _numpy_policy_step(policy, noise, obs_out, actions_out, low, high):
         index = np.minimum(below.sum(-1), x.shape[-1] - 1)
         actions_out[t] = index
         return index
-
-    return step
-
-
-def _torch_policy_step(policy, noise, obs_out, actions_out, device, low, high):
-    """The same step in torch, for CUDA (the env still needs its actions on the host)."""
-    std = policy.named_views()["log_std"].exp() if policy.gaussian else None
-    low_t = torch.as_tensor(low, device=device) if low is not None else None
-    high_t = torch.as_tensor(high, device=device) if high is not None else None
-
-    def step(t, raw_t, raw_np):
-        obs_t = policy.normalize(raw_t, out=obs_out[t])
-        params = policy.distribution_params(obs_t)
-        if std is not None:
-            actions = torch.addcmul(params[0], std, noise[t], out=actions_out[t])
-            return torch.maximum(torch.minimum(actions, high_t), low_t).cpu().numpy()
-        return policy.categorical_from_uniform(params[0], noise[t], out=actions_out[t]).cpu().numpy()
 
     return step
