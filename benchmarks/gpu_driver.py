@@ -51,7 +51,7 @@ def sync_audit(env_id: str, steps: int) -> collections.Counter:
     updates = 0
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message).lower():
+        if "called a synchronizing" in str(message):
             counts[_innermost_package_frame(traceback.extract_stack()[:-1])] += 1
 
     def audited(*args, **kwargs):
