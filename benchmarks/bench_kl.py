@@ -11,12 +11,12 @@ Bytes floor: every input read once (means/actions/logits ``[B, ·]``, logp_old a
 bandwidth (``benchmarks/_common.measure_copy_bandwidth``, read + write counted).
 
 On CUDA, "graph us" is our op's GPU time alone: 20 calls captured in one CUDA graph, the median
-replay time divided by 20 (``benchmarks/_common.cuda_graph_time``); "ours us" loops calls from Python without
-synchronising, so below ~20 us it measures the host's dispatch and launch, not the kernel.  "% bw
-(graph)" is the bytes floor's rate at the graph time.  Batches that fit the L2 cache (B ≤ 65536)
-stay there across replays, so their graph rate can exceed the memory bandwidth.  Rows of at most
-32 elements run the tiled CUDA kernels unless ``TRPO_EXT_KL_CUDA_TILES=0`` (G-lane kernels): run
-the benchmark once each way to compare them.
+replay time divided by 20 (``benchmarks/_common.cuda_graph_time``); "ours us" loops calls from
+Python without synchronising, so below ~20 us it measures the host's dispatch and launch, not the
+kernel. "% bw (graph)" is the bytes floor's rate at the graph time. Batches that fit the L2 cache
+(B ≤ 65536) stay there across replays, so their graph rate can exceed the memory bandwidth. Rows of
+at most 32 elements run the tiled CUDA kernels unless ``TRPO_EXT_KL_CUDA_TILES=0`` (G-lane
+kernels): run the benchmark once each way to compare them.
 
 Math floor: the exponentials and logarithms an op cannot avoid (categorical: one exp per logit of
 each distribution and one log per row of each, plus the surrogate's exp per row — for K = 2, whose
