@@ -76,6 +76,36 @@ def timeit(fn: Callable[[], object], device="cpu", *, min_time=0.2, batches=5, m
     return statistics.median(samples)
 
 
+def cuda_graph_time(fn: Callable[[], object], *, calls=20, replays=7, warmup=3) -> float:
+    """Median seconds per call of ``fn``'s GPU work without the host: ``calls`` calls captured in one
+    CUDA graph (after ``warmup`` calls on a side stream, as torch.cuda.graph's documentation asks),
+    each of ``replays`` replays timed with CUDA events and divided by ``calls``.  Raises whatever
+    the capture raises (an op that synchronises, for one)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()  # the first replay also uploads the graph
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e-3 / calls)
+    del graph
+    return statistics.median(samples)
+
+
 def measure_copy_bandwidth(device="cpu", nbytes=256 * 2**20) -> float:
     """Bytes/s moved by a large device-local copy (read + write counted), the machine's practical
     memory bandwidth that the benchmarks measure themselves against."""

@@ -10,6 +10,14 @@ Bytes floor: every input read once (means/actions/logits ``[B, ·]``, logp_old a
 ``[B]``, int64 actions ``[B]``).  "% bw" compares that floor's rate with the device's measured copy
 bandwidth (``benchmarks/_common.measure_copy_bandwidth``, read + write counted).
 
+On CUDA, "graph us" is our op's GPU time alone: 20 calls captured in one CUDA graph, the median
+replay time divided by 20 (``benchmarks/_common.cuda_graph_time``); "ours us" loops calls from
+Python without synchronising, so below ~20 us it measures the host's dispatch and launch, not the
+kernel. "% bw (graph)" is the bytes floor's rate at the graph time. Batches that fit the L2 cache
+(B ≤ 65536) stay there across replays, so their graph rate can exceed the memory bandwidth. Rows of
+at most 32 elements run the tiled CUDA kernels unless ``TRPO_EXT_KL_CUDA_TILES=0`` (G-lane
+kernels): run the benchmark once each way to compare them.
+
 Math floor: the exponentials and logarithms an op cannot avoid (categorical: one exp per logit of
 each distribution and one log per row of each, plus the surrogate's exp per row — for K = 2, whose
 closed form needs exp(−|ℓ₁ − ℓ₀|) of each distribution and one log, two exps and one log per row,
@@ -33,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import trpo_ext  # noqa: E402
 from benchmarks._common import (  # noqa: E402
-    describe_machine, measure_copy_bandwidth, print_table, timeit)
+    cuda_graph_time, describe_machine, measure_copy_bandwidth, print_table, timeit)
 
 BATCHES = [2048, 65536, 1_000_000]
 ACTION_DIMS = [1, 6, 17]
@@ -113,14 +121,29 @@ def measure_math_rates(device: str, n: int = 1_000_000):
 
 def run(device: str, quick: bool) -> None:
     batches = BATCHES[:2] if quick else BATCHES
+    on_gpu = torch.device(device).type == "cuda"
     bw = measure_copy_bandwidth(device)
     t_exp, t_log = measure_math_rates(device)
     print(f"# bench_kl on {device}: {describe_machine(device)}")
     print(f"# measured copy bandwidth {bw / 1e9:.1f} GB/s; torch exp {t_exp * 1e9:.2f} ns and log "
           f"{t_log * 1e9:.2f} ns per float32 element; {datetime.datetime.now():%Y-%m-%d %H:%M}")
+    if on_gpu:
+        tiles = os.environ.get("TRPO_EXT_KL_CUDA_TILES", "1") != "0"
+        print(f"# forward kernels for rows of <= 32 elements: "
+              f"{'tiled' if tiles else 'G-lane (TRPO_EXT_KL_CUDA_TILES=0)'}")
     headers = ["op", "B", "A/K", "ours us", "baseline us", "speedup", "floor MB", "ours GB/s",
                "% bw", "math floor us", "% floor"]
+    if on_gpu:
+        headers += ["graph us", "% bw (graph)"]
     rows = []
+
+    def graph_cells(ours_fn, nbytes):
+        try:
+            t = cuda_graph_time(ours_fn)
+        except Exception as e:  # noqa: BLE001  the table says what went wrong, the run goes on
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            return [f"capture failed: {type(e).__name__}: {first_line[:100]}", ""]
+        return [t * 1e6, 100 * nbytes / t / bw]
 
     def add(op, B, width, nbytes, ours_fn, base_fn, n_exp=0, n_log=0):
         check(ours_fn(), base_fn(), f"{op} B={B} {width}")
@@ -130,7 +153,8 @@ def run(device: str, quick: bool) -> None:
         math_floor = n_exp * t_exp + n_log * t_log
         floor = max(nbytes / bw, math_floor)
         rows.append([op, B, width, t_ours * 1e6, t_base * 1e6, t_base / t_ours, nbytes / 1e6,
-                     rate / 1e9, 100 * rate / bw, math_floor * 1e6, 100 * floor / t_ours])
+                     rate / 1e9, 100 * rate / bw, math_floor * 1e6, 100 * floor / t_ours]
+                    + (graph_cells(ours_fn, nbytes) if on_gpu else []))
 
     el = 4  # float32
     for B in batches:

@@ -21,11 +21,17 @@ def device(request):
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_with_cpu_isa(isa: str, script: str, timeout: float = 600) -> None:
-    """Runs ``script`` (Python source) in a fresh interpreter with TRPO_EXT_CPU_ISA=``isa`` (which
-    CPU build of the twice-compiled kernels to use: "baseline", or anything else for the default),
-    the repository and ``tests/`` importable.  The script hands its results back through a file."""
-    env = dict(os.environ, TRPO_EXT_CPU_ISA=isa)
+def run_with_env(variables: dict, script: str, timeout: float = 600) -> None:
+    """Runs ``script`` (Python source) in a fresh interpreter with the environment variables
+    ``variables`` added (trpo_ext reads its switches once per process), the repository and
+    ``tests/`` importable.  The script hands its results back through a file."""
+    env = dict(os.environ, **variables)
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(TESTS), TESTS] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=timeout)
+
+
+def run_with_cpu_isa(isa: str, script: str, timeout: float = 600) -> None:
+    """``run_with_env`` with TRPO_EXT_CPU_ISA=``isa`` (which CPU build of the twice-compiled kernels
+    to use: "baseline", or anything else for the default)."""
+    run_with_env({"TRPO_EXT_CPU_ISA": isa}, script, timeout)

@@ -2,6 +2,7 @@
 values, gradients, Hessian-vector products, opcheck, edge cases and bad input."""
 import decimal
 import math
+import os
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from trpo_ext._reference import (
     surrogate_kl_diag_gaussian_reference,
 )
 
-from conftest import CUDA, TESTS, run_with_cpu_isa
+from conftest import CUDA, TESTS, run_with_cpu_isa, run_with_env
 
 DTYPES = [torch.float32, torch.float64]
 F64 = torch.float64
@@ -650,6 +651,104 @@ def test_categorical_reproducible_across_thread_counts(K):
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# --- CUDA: the tiled forward path against the G-lane path -------------------------------------------
+# Rows of at most 32 elements (an [A] log_std with A <= 32, or K <= 32) take the tiled kernels by
+# default; TRPO_EXT_KL_CUDA_TILES=0 (read once per process) keeps the G-lane kernels, so those run in
+# a subprocess.  Batches straddle the tiles (R = 32 ... 256 rows, chosen by width and dtype) and
+# their last partial tile; W = 33 and per-state log_stds take the G-lane path either way.
+
+TILE_B = [1, 31, 257, 70_001]
+# (kind, B, W, per-state log_std)
+TILE_CASES = ([("gauss", B, A, False) for B in TILE_B for A in (1, 6, 17, 32, 33)]
+              + [("gauss", B, 17, True) for B in TILE_B]
+              + [("cat", B, K, False) for B in TILE_B for K in (2, 18, 32, 33)])
+
+
+def _tile_case_inputs(kind, B, W, per_state, dtype, device):
+    if kind == "gauss":
+        return gaussian_inputs(B, W, dtype, device, (per_state, per_state), seed=B + W)
+    return categorical_inputs(B, W, dtype, device, seed=B + W)
+
+
+def _tile_case_outputs(kind, args):
+    """(surrogate, mean_kl, max_kl) of the fused op, then mean_kl of the KL-only op."""
+    if kind == "gauss":
+        return (*trpo_ext.surrogate_kl_diag_gaussian(*args),
+                trpo_ext.mean_kl_diag_gaussian(*args[:4]))
+    return (*trpo_ext.surrogate_kl_categorical(*args), trpo_ext.mean_kl_categorical(*args[:2]))
+
+
+_G_LANE_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_kl import DTYPES, TILE_CASES, _tile_case_inputs, _tile_case_outputs
+out = {{}}
+for case in TILE_CASES:
+    for dtype in DTYPES:
+        args = _tile_case_inputs(*case, dtype, "cuda")
+        out[case + (str(dtype),)] = [t.cpu() for t in _tile_case_outputs(case[0], args)]
+torch.save(out, {out!r})
+"""
+
+
+@pytest.fixture(scope="module")
+def g_lane_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("g_lane") / "results.pt"
+    run_with_env({"TRPO_EXT_KL_CUDA_TILES": "0"},
+                 _G_LANE_SCRIPT.format(tests=TESTS, out=str(out)), timeout=300)
+    return torch.load(out)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build of trpo_ext")
+@pytest.mark.skipif(os.environ.get("TRPO_EXT_KL_CUDA_TILES") == "0",
+                    reason="TRPO_EXT_KL_CUDA_TILES=0 switches the tiled path off in this process")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: f"{c[0]}-B{c[1]}-W{c[2]}"
+                         + ("-per_state" if c[3] else ""))
+def test_cuda_tiled_path_matches_reference_and_g_lane_path(case, dtype, g_lane_results):
+    kind, B, W, per_state = case
+    args = _tile_case_inputs(kind, B, W, per_state, dtype, "cuda")
+    got = [t.cpu() for t in _tile_case_outputs(kind, args)]
+    to64 = [t.cpu().double() if t.is_floating_point() else t.cpu() for t in args]
+    ref = (surrogate_kl_diag_gaussian_reference(*to64) if kind == "gauss"
+           else surrogate_kl_categorical_reference(*to64))
+    old = g_lane_results[case + (str(dtype),)]
+    tiled = W <= 32 and not per_state
+    # the two paths run the same kl.h helpers, a row's terms in another order: they differ by
+    # rounding (float32: up to ~1e-5 relative on a surrogate that cancels to ~1e-2, by a CPU
+    # simulation of both orders), where a wrong row or column would show at 1e-3 or more
+    agree = dict(rtol=1e-10, atol=1e-12) if dtype == F64 else dict(rtol=2e-5, atol=2e-6)
+    for name, g, o, e in zip(("surrogate", "mean_kl", "max_kl", "mean_kl (KL-only op)"), got, old,
+                             (*ref, ref[1])):
+        assert g.shape == () and g.dtype == dtype
+        torch.testing.assert_close(g.double(), e, **tol(dtype), msg=lambda m: f"{name}: {m}")
+        if tiled:
+            torch.testing.assert_close(g, o, **agree, msg=lambda m: f"{name} vs G-lane: {m}")
+        else:  # the same G-lane kernel in both processes
+            assert torch.equal(g, o), f"{name}: {g} != {o} (both on the G-lane path)"
+    # identical old and new distributions: exactly zero KL on either path
+    same = list(args)
+    if kind == "gauss":
+        same[2], same[3] = same[0], same[1]
+    else:
+        same[1] = same[0]
+    _, kl, max_kl, kl_only = _tile_case_outputs(kind, same)
+    assert float(kl) == 0.0 and float(max_kl) == 0.0 and float(kl_only) == 0.0
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build of trpo_ext")
+@pytest.mark.parametrize("K", [3, 18, 32])
+def test_cuda_tiled_path_out_of_range_action_gives_nan(K):
+    # The tiled categorical reads the action's logit from shared memory: an index outside [0, K)
+    # must give NaN (no read), in the last row of a partial tile too.
+    args = categorical_inputs(300, K, torch.float32, "cuda")
+    for bad in (K, -1):
+        a = args[2].clone()
+        a[299] = bad
+        s, k, m = trpo_ext.surrogate_kl_categorical(args[0], args[1], a, *args[3:])
+        assert torch.isnan(s) and torch.isfinite(k) and torch.isfinite(m)
 
 
 # --- layouts, sizes ---------------------------------------------------------------------------

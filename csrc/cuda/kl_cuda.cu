@@ -2,6 +2,8 @@
 //   host wrappers  kl_*_cuda            — device guard, checks (shared with the CPU), outputs
 //   launchers      launch_*<scalar_t>   — dtype dispatch, lanes per row, grid from the device
 //   kernels        kl_diag_gaussian_reduce_kernel, kl_categorical_reduce_kernel (forward),
+//                  kl_diag_gaussian_tiled_reduce_kernel, kl_categorical_tiled_reduce_kernel
+//                  (forward, rows of at most 32 elements),
 //                  kl_diag_gaussian_backward_kernel, kl_categorical_backward_kernel
 //
 // Forward: ONE kernel launch per call (plus a 4-byte cudaMemsetAsync of the completion counter, a
@@ -15,6 +17,14 @@
 // adds the slots in slot order and writes the three outputs: single pass, deterministic for a
 // given device, no host synchronisation.  Batch sums are in double (see kl.h).
 //
+// Rows of at most 32 elements (a state-independent [A] log_std with A ≤ 32, or K ≤ 32 classes) take
+// the tiled path instead, kl_diag_gaussian_tiled_reduce_kernel and kl_categorical_tiled_reduce_kernel:
+// a block copies a tile of consecutive rows into shared memory with coalesced loads, then each
+// thread reduces one row with a sequential loop (same kl.h helpers, same reduction and finish; the
+// two paths agree to rounding).  Per-state [B, A] log_stds and wider rows keep the G-lane kernels.
+// The environment variable TRPO_EXT_KL_CUDA_TILES=0 (read once per process) sends every forward
+// reduction down the G-lane path, to compare the two or to fall back.
+//
 // Out-of-range class indices cannot be reported without a host synchronisation: the row's
 // log-probability becomes NaN (no out-of-bounds read), which makes the surrogate and its gradient
 // NaN.  The CPU raises instead.
@@ -27,6 +37,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <numeric>
 #include <optional>
 #include <type_traits>
 
@@ -113,7 +127,8 @@ __device__ __forceinline__ Sums warp_reduce(Sums s) {
   return s;
 }
 
-// Fixed-order block reduction; the result is valid on thread 0.
+// Fixed-order block reduction; the result is valid on thread 0.  blockDim.x is a multiple of 32,
+// at most kThreads (the tiled kernels run blocks of fewer threads).
 __device__ __forceinline__ Sums block_reduce(Sums s, Sums* scratch /* [kWarps] shared */) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -122,7 +137,7 @@ __device__ __forceinline__ Sums block_reduce(Sums s, Sums* scratch /* [kWarps] s
   if (lane == 0) scratch[warp] = s;
   __syncthreads();
   if (warp == 0) {
-    s = lane < kWarps ? scratch[lane] : kl::sums_empty();
+    s = lane < static_cast<int>(blockDim.x >> 5) ? scratch[lane] : kl::sums_empty();
     s = warp_reduce(s);
   }
   return s;
@@ -374,6 +389,213 @@ __global__ void __launch_bounds__(kThreads) kl_categorical_backward_kernel(
   });
 }
 
+// --- forward, rows of at most 32 elements: tiles staged in shared memory ------------------------
+// With G = 32 lanes per row a warp spends most of its time in shuffles with half its lanes idle on
+// rows such as A = 17 or K = 18.  Here a block of R threads (R a multiple of 32, at most kThreads)
+// copies R consecutive rows of each [B, W] input — one contiguous stretch of R·W elements — into
+// shared memory with coalesced loads, then each thread reduces ONE row from shared memory with a
+// sequential loop over its W elements, calling the same kl.h helpers as the G-lane kernels.
+//
+// A row of W elements sits at stride W in shared memory; thread t reading element a of its row
+// would hit bank (t·W + a) mod 32, a gcd(W, 32)-way conflict (32-way for W = 32).  So each thread
+// starts its loop at a column shifted by  s(t) = (t mod P) / (P / gcd(W, P))  (P = 32 four-byte
+// banks for float, 16 eight-byte words per half-warp wavefront for double): the threads that would
+// collide start at different columns, which makes every access conflict-free for all W ≤ 32
+// (checked exhaustively on the bank model).  The row's terms are then added in the order
+// s, s+1, …, W−1, 0, …, s−1: the same helpers on the same values as the G-lane kernels, in another
+// order, so the two paths agree to rounding; identical old and new rows still give exactly 0.
+
+constexpr int kMaxTileWidth = 32;
+
+// Copies elements [begin, begin + n) of each of kArrays inputs to dst + k·stride, k < kArrays.
+// Consecutive threads take consecutive elements; each thread has kUnroll loads per array in flight
+// before it stores any, about 64 bytes in all (more costs registers, hence resident blocks, on
+// the 3-array Gaussian surrogate).  No barrier inside: trip counts may differ between threads.
+template <int kArrays, typename scalar_t>
+__device__ __forceinline__ void stage_rows(const scalar_t* const* src,  // [≥ kArrays]
+                                           scalar_t* __restrict__ dst, int stride, int64_t begin,
+                                           int n) {
+  constexpr int kUnroll = 64 / (kArrays * int(sizeof(scalar_t)));
+  const int step = blockDim.x;
+  for (int base = threadIdx.x; base < n; base += kUnroll * step) {
+    scalar_t v[kArrays][kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * step;
+#pragma unroll
+      for (int k = 0; k < kArrays; ++k) v[k][u] = i < n ? src[k][begin + i] : scalar_t(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * step;
+      if (i < n) {
+#pragma unroll
+        for (int k = 0; k < kArrays; ++k) dst[k * stride + i] = v[k][u];
+      }
+    }
+  }
+}
+
+// The first column of this thread's row loop (see the section comment); `shift_div` is
+// P / gcd(W, P), computed on the host.
+template <typename scalar_t>
+__device__ __forceinline__ int tile_start_column(int shift_div) {
+  constexpr int P = sizeof(scalar_t) == 4 ? 32 : 16;
+  return (static_cast<int>(threadIdx.x) % P) / shift_div;
+}
+
+// Visits the tiles of R = blockDim.x rows with a loop whose trip count depends on blockIdx only, so
+// every barrier inside is reached by the whole block.  stage(row0, rows) runs between the barriers
+// that protect the tile; body(row) then runs on each thread whose row exists.
+template <typename Stage, typename Body>
+__device__ __forceinline__ void for_tiles(int64_t B, const Stage& stage, const Body& body) {
+  const int R = blockDim.x;
+  const int64_t tiles = (B + R - 1) / R;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t row0 = tile * R;
+    const int rows = B - row0 < R ? static_cast<int>(B - row0) : R;
+    __syncthreads();  // every thread is done reading the previous tile (and any setup is written)
+    stage(row0, rows);
+    __syncthreads();  // the tile is in shared memory
+    if (static_cast<int>(threadIdx.x) < rows) body(row0 + threadIdx.x);
+  }
+}
+
+// A state-independent [A] log_std, A ≤ 32.  Dynamic shared memory: the tile's means (old, new) and,
+// for the surrogate, actions, each [R, A].  The per-dimension parts that depend on the log-stds only
+// (1/σ_new and the KL's scale term) are computed once per block, by the same helpers.
+template <typename scalar_t, typename acc_t, bool kSurrogate>
+__global__ void __launch_bounds__(kThreads) kl_diag_gaussian_tiled_reduce_kernel(
+    const scalar_t* __restrict__ mean_old,     // [B, A]
+    const scalar_t* __restrict__ log_std_old,  // [A]
+    const scalar_t* __restrict__ mean_new,     // [B, A]
+    const scalar_t* __restrict__ log_std_new,  // [A]
+    const scalar_t* __restrict__ actions,      // [B, A], surrogate only
+    const scalar_t* __restrict__ logp_old,     // [B], surrogate only
+    const scalar_t* __restrict__ advantages,   // [B], surrogate only
+    int64_t B, int64_t A, int shift_div,
+    Sums* __restrict__ partials,              // [gridDim.x]
+    unsigned int* __restrict__ blocks_done,   // [1], zero on entry
+    scalar_t* __restrict__ out_surrogate,     // [] or null
+    scalar_t* __restrict__ out_mean_kl,       // []
+    scalar_t* __restrict__ out_max_kl) {      // [] or null
+  constexpr int kArrays = kSurrogate ? 3 : 2;
+  extern __shared__ __align__(16) unsigned char kl_tile_smem[];
+  scalar_t* const tile = reinterpret_cast<scalar_t*>(kl_tile_smem);  // [kArrays][R, A]
+  __shared__ acc_t scale_term[kMaxTileWidth];  // ½ (eˣ − 1 − x), x = 2 (ℓ_old − ℓ_new)
+  __shared__ acc_t inv_std[kMaxTileWidth];     // e^{−ℓ_new}
+  __shared__ acc_t log_std[kMaxTileWidth];     // ℓ_new
+  const int W = static_cast<int>(A);
+  const int stride = static_cast<int>(blockDim.x) * W;
+  for (int a = threadIdx.x; a < W; a += blockDim.x) {
+    const acc_t ln = static_cast<acc_t>(log_std_new[a]);
+    const acc_t lo = static_cast<acc_t>(log_std_old[a]);
+    scale_term[a] = kl::gaussian_kl_scale_term<acc_t>(lo, ln);
+    inv_std[a] = kl::k_exp(-ln);
+    log_std[a] = ln;
+  }
+  const scalar_t* const src[3] = {mean_old, mean_new, actions};  // the first kArrays are staged
+  const int start = tile_start_column<scalar_t>(shift_div);
+  Sums sums = kl::sums_empty();
+  acc_t lp_row = 0;
+  acc_t adv_row = 0;
+  for_tiles(
+      B,
+      [&](int64_t row0, int rows) {
+        if (kSurrogate && static_cast<int>(threadIdx.x) < rows) {
+          // issued before the tile's loads, consumed after the barrier
+          lp_row = static_cast<acc_t>(logp_old[row0 + threadIdx.x]);
+          adv_row = static_cast<acc_t>(advantages[row0 + threadIdx.x]);
+        }
+        stage_rows<kArrays, scalar_t>(src, tile, stride, row0 * A, rows * W);
+      },
+      [&](int64_t row) {
+        const scalar_t* const mo = tile + threadIdx.x * W;
+        const scalar_t* const mn = mo + stride;
+        const scalar_t* const act = kSurrogate ? mn + stride : nullptr;
+        acc_t kl_row = 0;
+        acc_t logp = 0;
+        int a = start;
+        for (int n = 0; n < W; ++n) {
+          const acc_t m_new = static_cast<acc_t>(mn[a]);
+          kl_row += kl::gaussian_kl_from_parts<acc_t>(scale_term[a], inv_std[a],
+                                                      static_cast<acc_t>(mo[a]), m_new);
+          if (kSurrogate) {
+            logp += kl::gaussian_log_prob_from_parts<acc_t>(static_cast<acc_t>(act[a]), m_new,
+                                                            log_std[a], inv_std[a]);
+          }
+          a = a + 1 == W ? 0 : a + 1;
+        }
+        sums.kl += static_cast<double>(kl_row);
+        sums.max_kl = kl::nan_max(sums.max_kl, static_cast<double>(kl_row));
+        if (kSurrogate) {
+          sums.surrogate += static_cast<double>(kl::surrogate_term<acc_t>(
+              logp - static_cast<acc_t>(A * kl::kHalfLog2Pi), lp_row, adv_row));
+        }
+      });
+  finish_reduction<scalar_t>(sums, partials, blocks_done, B, out_surrogate, out_mean_kl,
+                             out_max_kl);
+}
+
+// K ≤ 32 classes.  Dynamic shared memory: the tile's logits, old and new, each [R, K].
+template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
+__global__ void __launch_bounds__(kThreads) kl_categorical_tiled_reduce_kernel(
+    const scalar_t* __restrict__ logits_old,  // [B, K]
+    const scalar_t* __restrict__ logits_new,  // [B, K]
+    const index_t* __restrict__ actions,      // [B], surrogate only
+    const scalar_t* __restrict__ logp_old,    // [B], surrogate only
+    const scalar_t* __restrict__ advantages,  // [B], surrogate only
+    int64_t B, int64_t K, int shift_div,
+    Sums* __restrict__ partials,             // [gridDim.x]
+    unsigned int* __restrict__ blocks_done,  // [1], zero on entry
+    scalar_t* __restrict__ out_surrogate,    // [] or null
+    scalar_t* __restrict__ out_mean_kl,      // []
+    scalar_t* __restrict__ out_max_kl) {     // [] or null
+  extern __shared__ __align__(16) unsigned char kl_tile_smem[];
+  scalar_t* const tile = reinterpret_cast<scalar_t*>(kl_tile_smem);  // [2][R, K]
+  const int W = static_cast<int>(K);
+  const int stride = static_cast<int>(blockDim.x) * W;
+  const scalar_t* const src[2] = {logits_old, logits_new};
+  const int start = tile_start_column<scalar_t>(shift_div);
+  Sums sums = kl::sums_empty();
+  index_t action = 0;
+  acc_t lp_row = 0;
+  acc_t adv_row = 0;
+  for_tiles(
+      B,
+      [&](int64_t row0, int rows) {
+        if (kSurrogate && static_cast<int>(threadIdx.x) < rows) {
+          // issued before the tile's loads, consumed after the barrier
+          action = actions[row0 + threadIdx.x];
+          lp_row = static_cast<acc_t>(logp_old[row0 + threadIdx.x]);
+          adv_row = static_cast<acc_t>(advantages[row0 + threadIdx.x]);
+        }
+        stage_rows<2, scalar_t>(src, tile, stride, row0 * K, rows * W);
+      },
+      [&](int64_t row) {
+        const scalar_t* const lo = tile + threadIdx.x * W;
+        const scalar_t* const ln = lo + stride;
+        CatRow<acc_t> r = kl::cat_empty<acc_t>();
+        int k = start;
+        for (int n = 0; n < W; ++n) {
+          kl::cat_push<acc_t>(r, static_cast<acc_t>(lo[k]), static_cast<acc_t>(ln[k]));
+          k = k + 1 == W ? 0 : k + 1;
+        }
+        const acc_t kl_row = kl::cat_kl(r);
+        sums.kl += static_cast<double>(kl_row);
+        sums.max_kl = kl::nan_max(sums.max_kl, static_cast<double>(kl_row));
+        if (kSurrogate) {
+          // an out-of-range class gives NaN and reads nothing, as in the G-lane kernel
+          const acc_t logp = kl::action_in_range(action, K)
+                                 ? static_cast<acc_t>(ln[action]) - kl::cat_lse_new(r)
+                                 : std::numeric_limits<acc_t>::quiet_NaN();
+          sums.surrogate += static_cast<double>(kl::surrogate_term<acc_t>(logp, lp_row, adv_row));
+        }
+      });
+  finish_reduction<scalar_t>(sums, partials, blocks_done, B, out_surrogate, out_mean_kl,
+                             out_max_kl);
+}
+
 // --- Fisher metric products ----------------------------------------------------------------------
 
 // One grid-stride pass over [B, A]; the log_std part (A or B·A elements) rides along.
@@ -472,11 +694,130 @@ struct Outputs {
   at::Tensor surrogate, mean_kl, max_kl;
 };
 
+// --- the tiled forward path (rows of at most 32 elements) --------------------------------------
+
+// TRPO_EXT_KL_CUDA_TILES=0 sends every forward reduction down the G-lane path, to compare the two
+// paths or to fall back; read once per process.
+bool kl_tiles_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("TRPO_EXT_KL_CUDA_TILES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled;
+}
+
+// Dynamic shared memory of one block's tiles: under the 48 KB a block gets without opting in, less
+// 2 KB for the kernels' static shared memory (the reduction's scratch and the Gaussian's
+// per-dimension table, under 1 KB).
+constexpr int64_t kTileSmemBytes = 46 * 1024;
+
+struct TileShape {
+  unsigned int blocks;
+  int rows;           // R: rows per tile = threads per block
+  size_t smem_bytes;  // `arrays` tiles of [R, W]
+  int shift_div;      // see tile_start_column
+  cudaStream_t stream;
+};
+
+// R is the largest multiple of 32, at most kThreads, whose tiles fit kTileSmemBytes (at least 32:
+// 3 arrays × 32 rows × 32 double = 24 KB).  Blocks of R threads rather than kThreads threads
+// looping over R-row tiles: one thread per row keeps every thread busy in the compute phase,
+// which matters where R < kThreads (W > 24 for float, W > 12 for double).  The shared memory per
+// SM, not the threads, bounds the rows in flight either way.  The grid is what the device holds at
+// once (the tile loop covers the rest), no more than the tiles.
+template <typename Kernel>
+TileShape tile_shape(Kernel kernel, int64_t B, int64_t W, int arrays, size_t elem) {
+  TileShape s{};
+  s.rows = kThreads;
+  while (s.rows > 32 && int64_t(arrays) * s.rows * W * int64_t(elem) > kTileSmemBytes) s.rows -= 32;
+  s.smem_bytes = size_t(arrays) * size_t(s.rows) * size_t(W) * elem;
+  int per_sm = 0;
+  C10_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, s.rows, s.smem_bytes));
+  const int64_t resident = int64_t(cuda::device_shape().sm_count) * std::max(1, per_sm);
+  const int64_t tiles = (B + s.rows - 1) / s.rows;
+  s.blocks = static_cast<unsigned int>(std::max<int64_t>(1, std::min(resident, tiles)));
+  const int P = elem == 4 ? 32 : 16;  // as in tile_start_column
+  s.shift_div = P / std::gcd(static_cast<int>(W), P);
+  s.stream = cuda::current_stream();
+  return s;
+}
+
+// One launch of a tiled reduction kernel: inputs..., then (B, W, shift_div, workspace, outputs).
+template <typename scalar_t, typename... Params, typename... Inputs>
+void launch_tiled(void (*kernel)(Params...), const at::Tensor& like, int64_t B, int64_t W,
+                  int arrays, const Outputs& out, Inputs... inputs) {
+  TORCH_INTERNAL_ASSERT(W >= 1 && W <= kMaxTileWidth);
+  const TileShape s = tile_shape(kernel, B, W, arrays, sizeof(scalar_t));
+  const Workspace w = make_workspace(like, s.blocks, s.stream);
+  kernel<<<s.blocks, s.rows, s.smem_bytes, s.stream>>>(
+      inputs..., B, W, s.shift_div, w.partials, w.blocks_done, ptr_or_null<scalar_t>(out.surrogate),
+      out.mean_kl.data_ptr<scalar_t>(), out.max_kl.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The tiled path takes a state-independent [A] log_std with A ≤ 32; per-state [B, A] log_stds and
+// wider rows stay on the G-lane path.
+bool gaussian_tiled(const kl::GaussianInputs& in) {
+  return kl_tiles_enabled() && in.A <= kMaxTileWidth && in.log_std_old_row_stride == 0 &&
+         in.log_std_new_row_stride == 0;
+}
+
+void gaussian_forward_tiled(const kl::GaussianInputs& in, const Outputs& out) {
+  AT_DISPATCH_FLOATING_TYPES(in.mean_old.scalar_type(), "kl_diag_gaussian_cuda_tiled", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* const mo = in.mean_old.data_ptr<scalar_t>();
+    const scalar_t* const lo = in.log_std_old.data_ptr<scalar_t>();
+    const scalar_t* const mn = in.mean_new.data_ptr<scalar_t>();
+    const scalar_t* const ln = in.log_std_new.data_ptr<scalar_t>();
+    if (in.surrogate) {
+      launch_tiled<scalar_t>(kl_diag_gaussian_tiled_reduce_kernel<scalar_t, acc_t, true>,
+                             in.mean_old, in.B, in.A, 3, out, mo, lo, mn, ln,
+                             in.actions.data_ptr<scalar_t>(), in.logp_old.data_ptr<scalar_t>(),
+                             in.advantages.data_ptr<scalar_t>());
+    } else {
+      const scalar_t* const none = nullptr;
+      launch_tiled<scalar_t>(kl_diag_gaussian_tiled_reduce_kernel<scalar_t, acc_t, false>,
+                             in.mean_old, in.B, in.A, 2, out, mo, lo, mn, ln, none, none, none);
+    }
+  });
+}
+
+bool categorical_tiled(const kl::CategoricalInputs& in) {
+  return kl_tiles_enabled() && in.K <= kMaxTileWidth;
+}
+
+void categorical_forward_tiled(const kl::CategoricalInputs& in, const Outputs& out) {
+  AT_DISPATCH_FLOATING_TYPES(in.logits_old.scalar_type(), "kl_categorical_cuda_tiled", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* const lo = in.logits_old.data_ptr<scalar_t>();
+    const scalar_t* const ln = in.logits_new.data_ptr<scalar_t>();
+    if (in.surrogate) {
+      dispatch_index(in.actions.scalar_type(), [&](auto tag) {
+        using index_t = decltype(tag);
+        launch_tiled<scalar_t>(kl_categorical_tiled_reduce_kernel<scalar_t, acc_t, index_t, true>,
+                               in.logits_old, in.B, in.K, 2, out, lo, ln,
+                               in.actions.data_ptr<index_t>(), in.logp_old.data_ptr<scalar_t>(),
+                               in.advantages.data_ptr<scalar_t>());
+      });
+    } else {
+      const int64_t* const no_actions = nullptr;
+      const scalar_t* const none = nullptr;
+      launch_tiled<scalar_t>(kl_categorical_tiled_reduce_kernel<scalar_t, acc_t, int64_t, false>,
+                             in.logits_old, in.B, in.K, 2, out, lo, ln, no_actions, none, none);
+    }
+  });
+}
+
 Outputs gaussian_forward(const kl::GaussianInputs& in) {
   Outputs out;
   out.mean_kl = at::empty({}, in.mean_old.options());
   out.max_kl = at::empty({}, in.mean_old.options());
   if (in.surrogate) out.surrogate = at::empty({}, in.mean_old.options());
+  if (gaussian_tiled(in)) {
+    gaussian_forward_tiled(in, out);
+    return out;
+  }
   with_group_lanes(in.A, [&](auto g) {
     constexpr int G = decltype(g)::value;
     const Launch l = launch_shape(in.B, G);
@@ -578,6 +919,10 @@ Outputs categorical_forward(const kl::CategoricalInputs& in) {
   out.mean_kl = at::empty({}, in.logits_old.options());
   out.max_kl = at::empty({}, in.logits_old.options());
   if (in.surrogate) out.surrogate = at::empty({}, in.logits_old.options());
+  if (categorical_tiled(in)) {
+    categorical_forward_tiled(in, out);
+    return out;
+  }
   const at::ScalarType index_type = in.surrogate ? in.actions.scalar_type() : at::kLong;
   with_group_lanes(in.K, [&](auto g) {
     constexpr int G = decltype(g)::value;
