@@ -135,20 +135,24 @@ class _FlatModule(nn.Module):
         """The parameters by name, each a view of ``self.flat`` (no copies)."""
         return {name: v for (name, _), v in zip(self.layout, self._data_views())}
 
+    def split_flat(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        """A flat vector laid out like ``self.flat`` (the parameters, a direction, a host copy) as
+        views shaped like the parameters, in layout order."""
+        return [c.view(s) for c, (_, s) in zip(flat.split(self._numels), self.layout)]
+
     def _data_views(self) -> List[torch.Tensor]:
         # Views of flat's storage without autograd, for sampling and line-search trials; rebuilt
         # only when the storage moves (.to(), a new tensor assigned).
         key = (self.flat.data_ptr(), self.flat.device)
         if key != self._views_key:
-            data = self.flat.detach()
-            self._views = [c.view(s) for c, (_, s) in zip(data.split(self._numels), self.layout)]
+            self._views = self.split_flat(self.flat.detach())
             self._views_key = key
         return self._views
 
     def _views_for(self, differentiable: bool) -> List[torch.Tensor]:
         if differentiable:
             # split's backward is one concatenation, so ∂/∂flat arrives as one flat gradient.
-            return [c.view(s) for c, (_, s) in zip(self.flat.split(self._numels), self.layout)]
+            return self.split_flat(self.flat)
         return self._data_views()
 
     def _mlp(self, x: torch.Tensor, views: List[torch.Tensor]) -> torch.Tensor:
@@ -190,8 +194,7 @@ class Linearization:
         self.output = x
 
     def _split(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        m = self._module
-        return [c.view(s) for c, (_, s) in zip(flat.split(m._numels), m.layout)]
+        return self._module.split_flat(flat)
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
         """J v ``[B, out]`` for a flat parameter direction ``v`` (entries past the network's, such as

@@ -195,8 +195,7 @@ def host_policy_arrays(policy):
     if policy.flat.device.type == "cpu":
         views = [v.numpy() for v in policy._data_views()]
     else:
-        flat = policy.flat.detach().cpu()
-        views = [c.view(s).numpy() for c, (_, s) in zip(flat.split(policy._numels), policy.layout)]
+        views = [v.numpy() for v in policy.split_flat(policy.flat.detach().cpu())]
     rms = policy.obs_rms
     stats = (rms.shift.cpu().numpy(), rms.scale.cpu().numpy()) if rms is not None else None
     return views, stats
