@@ -13,7 +13,11 @@ is everything but sampling: for ours the sum of the history's time split, for sb
 the same number of steps (one env, random actions) plus our update time; sb3's total over that
 floor is the largest end-to-end speedup possible without stepping environments in parallel.
 
+``--env-workers K`` passes ``env_workers=K`` to ours (``-1``: auto, one worker per spare core), to
+measure stepping in parallel on machines with more cores; without it ours keeps its default.
+
     python benchmarks/compare_sb3.py [--envs HalfCheetah-v5 Hopper-v5] [--steps 20480]
+        [--repeats 2] [--sb3-n-envs 8] [--env-workers K]
 """
 from __future__ import annotations
 
@@ -34,9 +38,9 @@ from benchmarks._common import describe_machine, print_table  # noqa: E402
 N_ENVS, N_STEPS = 8, 256
 
 
-def run_ours(env_id: str, steps: int, seed: int):
+def run_ours(env_id: str, steps: int, seed: int, settings=None):
     t0 = time.perf_counter()
-    result = trpo_ext.train(env_id, steps, seed=seed)
+    result = trpo_ext.train(env_id, steps, seed=seed, **(settings or {}))
     total = time.perf_counter() - t0
     h = result.history
     # Correctness first: every accepted step inside the trust region with a positive improvement.
@@ -97,17 +101,21 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20480)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sb3-n-envs", type=int, default=N_ENVS)
+    ap.add_argument("--env-workers", type=int, default=None,
+                    help="env_workers for ours (default: ours' default setting)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    ours_settings = {} if args.env_workers is None else {"env_workers": args.env_workers}
     print(f"machine: {describe_machine()}; steps {args.steps}, {N_ENVS}×{N_STEPS} samples per "
-          f"update; sb3 with {args.sb3_n_envs} env(s)")
+          f"update; sb3 with {args.sb3_n_envs} env(s); ours on its defaults"
+          + (f" but env_workers={args.env_workers}" if ours_settings else ""))
     rows, splits, rates, ceilings = [], [], [], []
     for env_id in args.envs:
-        run_ours(env_id, N_ENVS * N_STEPS, 0)  # warm-up, untimed
+        run_ours(env_id, N_ENVS * N_STEPS, 0, ours_settings)  # warm-up, untimed
         run_sb3(env_id, N_ENVS * N_STEPS, 0, args.sb3_n_envs)
         ours, theirs = [], []
         for r in range(args.repeats):
-            ours.append(run_ours(env_id, args.steps, r))
+            ours.append(run_ours(env_id, args.steps, r, ours_settings))
             theirs.append(run_sb3(env_id, args.steps, r, args.sb3_n_envs))
         o_tot = statistics.median(x[0] for x in ours)
         o_upd = statistics.median(x[1] for x in ours)

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (device tool): build with CUDA, run the CUDA tests, then
 # every benchmark with --device cuda and the driver's GPU check.  Logs go to $OUT (or ./gpu_logs).
-# Python packages missing there (gymnasium, MuJoCo) travel as wheels in .whl/ (see RESULTS.md).
+# Python packages missing there travel as cp312 wheels in .whl/ (git-ignored; `run` with carry
+# [".whl"]): gymnasium 1.4.0, farama-notifications, mujoco 4.0.0 with mujoco-core, mujoco-studio,
+# glfw, pyopengl and websockets; stable-baselines3 and sb3-contrib 2.9.2 for the comparison.
 # On the H200 machine lent on 2026-11-26 it took 5.4 min (build 55 s, CUDA tests 90 s, benchmarks
-# 2.7 min); the last stage, the CPU tests, needs its own 2-3 min.
+# 2.7 min); the CPU tests need their own 2-3 min, and the sb3-contrib comparisons (when its wheels
+# are in .whl/; SKIP_SB3=1 skips them) up to 5 min more.
 #   bash benchmarks/gpu_check.sh            # from the repository root
 set -u
 OUT=${OUT:-gpu_logs}
@@ -49,4 +52,15 @@ stage "CPU tests on this machine's torch (not slow)"
 timeout ${CPU_TEST_TIMEOUT:-150} python3 -m pytest -v -rf -p no:cacheprovider -n 16 -m "not slow" \
     -k "not cuda and not CUDA" --ignore=tests/test_cpp.py tests 2>&1 | tee "$OUT/cpu_tests.log" \
     | grep -E "FAILED|ERROR|passed|failed" | tail -12
+# The driver against sb3-contrib on this machine's many cores (the development VM has 2): our
+# defaults, then the environments stepped in worker processes (env_workers=-1, one per spare core).
+# Needs sb3-contrib and stable-baselines3 wheels in .whl/ (pure Python).
+if python3 -c "import sb3_contrib" 2>/dev/null && [ -z "${SKIP_SB3:-}" ]; then
+    stage "compare_sb3, defaults"
+    timeout 150 python3 benchmarks/compare_sb3.py --repeats 2 2>&1 | grep -v "settotalmass\|^$" \
+        | tee "$OUT/compare_sb3.log" | tail -24
+    stage "compare_sb3, env_workers=-1"
+    timeout 150 python3 benchmarks/compare_sb3.py --repeats 2 --env-workers -1 2>&1 \
+        | grep -v "settotalmass\|^$" | tee "$OUT/compare_sb3_workers.log" | tail -24
+fi
 stage "done"
