@@ -480,7 +480,10 @@ def test_e2e_train_files_and_report(trained_run):
     assert [int(r["time/total_steps"]) for r in rows] == [128, 256, 384, 512]
     assert [int(r["time/iteration"]) for r in rows] == [1, 2, 3, 4]
     assert set(CONTRACT_KEYS) <= set(rows[0]), set(CONTRACT_KEYS) - set(rows[0])
-    assert glob.glob(os.path.join(run_dir, "tb", "events.out.tfevents.*"))
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert glob.glob(os.path.join(run_dir, "tb", "events.out.tfevents.*"))
+    else:  # an optional dependency: the run says so and goes on
+        assert "tensorboard is not installed" in proc.stderr, proc.stderr
 
     from trpo_ext.checkpoint import load_checkpoint
 

@@ -291,6 +291,7 @@ def test_heavy_libraries_are_imported_only_when_used(tmp_path):
     """`import trpo_ext`, the CLI's parser and a logger without files or bar import none of them
     (beyond what torch itself imports: torch.hub takes tqdm when it is installed); a logger with a log
     directory imports TensorBoard but not tqdm (no terminal)."""
+    pytest.importorskip("tensorboard")
     script = f"""
         import sys
         import torch, numpy, gymnasium
