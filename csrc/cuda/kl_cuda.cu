@@ -731,9 +731,8 @@ TileShape tile_shape(Kernel kernel, int64_t B, int64_t W, int arrays, size_t ele
   s.rows = kThreads;
   while (s.rows > 32 && int64_t(arrays) * s.rows * W * int64_t(elem) > kTileSmemBytes) s.rows -= 32;
   s.smem_bytes = size_t(arrays) * size_t(s.rows) * size_t(W) * elem;
-  int per_sm = 0;
-  C10_CUDA_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, s.rows, s.smem_bytes));
+  const int per_sm =
+      cuda::blocks_per_sm(reinterpret_cast<const void*>(kernel), s.rows, s.smem_bytes);
   const int64_t resident = int64_t(cuda::device_shape().sm_count) * std::max(1, per_sm);
   const int64_t tiles = (B + s.rows - 1) / s.rows;
   s.blocks = static_cast<unsigned int>(std::max<int64_t>(1, std::min(resident, tiles)));
