@@ -20,8 +20,13 @@ as one JSON line to ``--out`` as soon as it finishes; a run that already has an 
 for the same (task, library, seed, steps, episodes, eval seed) is skipped, so an interrupted run
 resumes where it stopped.  ``--table-only`` prints the table from the file without training.
 
+``--settings '{"vf_epochs": 10}'`` trains ours with those settings instead of its defaults (an A/B of
+a setting; the records and the table keep runs with different settings apart).  The same script
+measures the MuJoCo tasks at 10⁶ steps (``--libs ours``; see benchmarks/RESULTS.md).
+
     python benchmarks/classic_control.py [--tasks Acrobot-v1 ...] [--seeds 0 1] [--steps 100000]
-        [--libs ours sb3] [--episodes 20] [--out classic_control.jsonl] [--table-only]
+        [--libs ours sb3] [--episodes 20] [--settings JSON] [--out classic_control.jsonl]
+        [--table-only]
 """
 from __future__ import annotations
 
@@ -53,9 +58,10 @@ def eval_seed(base: int, seed: int) -> int:
     return base + 1000 * seed
 
 
-def run_ours(task: str, steps: int, seed: int, episodes: int, ev_seed: int) -> Dict[str, Any]:
+def run_ours(task: str, steps: int, seed: int, episodes: int, ev_seed: int,
+             settings: Dict[str, Any]) -> Dict[str, Any]:
     t0 = time.perf_counter()
-    result = trpo_ext.train(task, steps, seed=seed)
+    result = trpo_ext.train(task, steps, seed=seed, **settings)
     train_s = time.perf_counter() - t0
     h = result.history
     if h[-1]["time/total_steps"] < steps:
@@ -71,7 +77,8 @@ def run_ours(task: str, steps: int, seed: int, episodes: int, ev_seed: int) -> D
             "train_return_last": _finite_or_none(h[-1].get("rollout/ep_return_mean"))}
 
 
-def run_sb3(task: str, steps: int, seed: int, episodes: int, ev_seed: int) -> Dict[str, Any]:
+def run_sb3(task: str, steps: int, seed: int, episodes: int, ev_seed: int,
+            settings: Dict[str, Any]) -> Dict[str, Any]:
     from sb3_contrib import TRPO
 
     t0 = time.perf_counter()
@@ -112,8 +119,14 @@ def _finite_or_none(x):
 RUNNERS = {"ours": run_ours, "sb3": run_sb3}
 
 
+def _settings_key(settings: Dict[str, Any]) -> str:
+    return json.dumps(settings, sort_keys=True)
+
+
 def _key(rec: Dict[str, Any]) -> Tuple:
-    return (rec["task"], rec["lib"], rec["seed"], rec["steps"], rec["episodes"], rec["eval_seed"])
+    # Records written before --settings existed have no "settings": the defaults.
+    return (rec["task"], rec["lib"], rec["seed"], rec["steps"], rec["episodes"], rec["eval_seed"],
+            _settings_key(rec.get("settings", {})))
 
 
 def load(path: str) -> List[Dict[str, Any]]:
@@ -156,6 +169,8 @@ def run_all(args) -> None:
                 rec = {"task": task, "lib": lib, "seed": seed, "steps": args.steps,
                        "episodes": args.episodes,
                        "eval_seed": eval_seed(args.eval_seed_base, seed)}
+                if lib == "ours" and args.settings:
+                    rec["settings"] = args.settings
                 if _key(rec) in done:
                     print(f"skip {task} {lib} seed {seed}: already in {args.out}", flush=True)
                     continue
@@ -163,7 +178,7 @@ def run_all(args) -> None:
                 t0 = time.perf_counter()
                 try:
                     rec.update(RUNNERS[lib](task, args.steps, seed, args.episodes,
-                                            rec["eval_seed"]))
+                                            rec["eval_seed"], rec.get("settings", {})))
                     rec["mean_return"] = float(np.mean(rec["returns"]))
                     rec["status"] = "ok"
                 except KeyboardInterrupt:
@@ -187,15 +202,18 @@ def run_all(args) -> None:
 
 
 def table(args) -> None:
+    wanted = _settings_key(args.settings)
     recs = [r for r in load(args.out) if r.get("steps") == args.steps
             and r.get("episodes") == args.episodes and r["task"] in args.tasks
-            and r["lib"] in args.libs and r["seed"] in args.seeds]
+            and r["lib"] in args.libs and r["seed"] in args.seeds
+            and (r["lib"] != "ours" or _settings_key(r.get("settings", {})) == wanted)]
     # The latest record per key wins (a redone run replaces an earlier failure).
     latest: Dict[Tuple, Dict[str, Any]] = {}
     for r in recs:
         latest[(r["task"], r["lib"], r["seed"])] = r
     print(f"\n{args.steps} steps per run, deterministic evaluation over {args.episodes} episodes; "
-          f"per-seed returns in seed order {args.seeds}; times are training wall seconds")
+          f"per-seed returns in seed order {args.seeds}; times are training wall seconds"
+          + (f"; ours with {wanted}" if args.settings else ""))
     rows, verdicts = [], []
     for task in args.tasks:
         means = {}
@@ -243,8 +261,12 @@ def main(argv=None) -> None:
                     help="episode i of training seed s resets with base + 1000*s + i")
     ap.add_argument("--out", default="classic_control.jsonl",
                     help="JSON-lines file the results are appended to (and resumed from)")
+    ap.add_argument("--settings", type=json.loads, default={},
+                    help="JSON object of trpo_ext.train settings for ours (default: its defaults)")
     ap.add_argument("--table-only", action="store_true", help="print the table from --out only")
     args = ap.parse_args(argv)
+    if not isinstance(args.settings, dict):
+        ap.error("--settings must be a JSON object, e.g. '{\"vf_epochs\": 10}'")
     if args.steps <= 0 or args.episodes <= 0:
         ap.error("--steps and --episodes must be positive")
     for task in args.tasks:  # an unknown id should fail now, not after hours of other runs
