@@ -242,6 +242,28 @@ def test_rejects_bad_dims(shape):
         trpo_ext.gae(*args, 0.99, 0.95)
 
 
+@pytest.mark.parametrize("index,name", [(0, "rewards"), (1, "values"), (2, "next_values")])
+def test_refuses_inputs_that_require_grad(index, name):
+    # gae has no backward: a gradient would silently never reach such an input.
+    args = _good()
+    args[index] = args[index].clone().requires_grad_()
+    with pytest.raises(ValueError, match=rf"gae is not differentiable, but {name} requires grad"):
+        trpo_ext.gae(*args, 0.99, 0.95)
+    with torch.no_grad():  # no graph is built: allowed, and the same values
+        adv, ret = trpo_ext.gae(*args, 0.99, 0.95)
+    ref_adv, ref_ret = trpo_ext.gae(*[a.detach() for a in args], 0.99, 0.95)
+    assert torch.equal(adv, ref_adv) and torch.equal(ret, ref_ret)
+
+
+@pytest.mark.parametrize("index,name", [(1, "values"), (4, "done")])
+def test_refuses_meta_mixed_with_real_tensors(index, name):
+    # Such a call reaches the fake kernel, which would return uninitialised CPU tensors.
+    args = _good()
+    args[index] = args[index].to("meta")
+    with pytest.raises(RuntimeError, match=rf"{name} is on meta but rewards is on cpu"):
+        trpo_ext.gae(*args, 0.99, 0.95)
+
+
 def test_rejects_mixed_dtypes():
     args = _good()
     args[1] = args[1].double()

@@ -462,6 +462,38 @@ def test_metric_ops_bad_input(device):
         trpo_ext.fisher_metric_categorical(lg, 1.0)
 
 
+def test_metric_ops_refuse_inputs_that_require_grad(device):
+    mo, lo, *_ = gaussian_inputs(9, 3, F64, device)
+    u = torch.randn_like(mo).requires_grad_()
+    with pytest.raises(ValueError, match="fisher_metric_diag_gaussian is not differentiable, but "
+                                         "u_mean requires grad"):
+        trpo_ext.fisher_metric_diag_gaussian(lo, u, torch.randn_like(lo))
+    lg, *_ = categorical_inputs(9, 5, F64, device)
+    with pytest.raises(ValueError, match="fisher_metric_categorical is not differentiable, but "
+                                         "logits requires grad"):
+        trpo_ext.fisher_metric_categorical(lg.clone().requires_grad_(), torch.randn_like(lg))
+    with torch.no_grad():
+        got = trpo_ext.fisher_metric_categorical(lg, u.new_ones(9, 5).requires_grad_())
+    assert torch.equal(got, trpo_ext.fisher_metric_categorical(lg, torch.ones_like(lg)))
+
+
+def test_meta_mixed_with_real_tensors_is_refused():
+    # Such calls reach the fake kernels, which would hand back uninitialised real tensors.
+    mo, lo, mn, ln, a, lp, adv = gaussian_inputs(6, 3, F64, "cpu")
+    with pytest.raises(RuntimeError, match="mean_new is on meta but mean_old is on cpu"):
+        trpo_ext.mean_kl_diag_gaussian(mo, lo, mn.to("meta"), ln)
+    with pytest.raises(RuntimeError, match="advantages is on meta"):
+        trpo_ext.surrogate_kl_diag_gaussian(mo, lo, mn, ln, a, lp, adv.to("meta"))
+    lg, *_ = categorical_inputs(6, 4, F64, "cpu")
+    with pytest.raises(RuntimeError, match="logits_new is on meta but logits_old is on cpu"):
+        trpo_ext.mean_kl_categorical(lg, lg.to("meta"))
+    with pytest.raises(RuntimeError, match="u is on meta but logits is on cpu"):
+        trpo_ext.fisher_metric_categorical(lg, lg.to("meta"))
+    # All on meta: the shape-only result, as before.
+    out = trpo_ext.mean_kl_diag_gaussian(mo.to("meta"), lo.to("meta"), mn.to("meta"), ln.to("meta"))
+    assert out.device.type == "meta" and out.shape == ()
+
+
 @pytest.mark.parametrize("discrete", [False, True])
 def test_fisher_vector_product_through_a_network(discrete, device):
     # The driver's FVP: double backward of the mean KL at θ_old through a policy network,

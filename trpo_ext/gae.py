@@ -6,7 +6,7 @@ from typing import Tuple
 import torch
 
 from . import _build  # noqa: F401  (loads the op registrations)
-from ._checks import require_tensor, require_unit_interval
+from ._checks import fake_same_device, refuse_grad, require_tensor, require_unit_interval
 
 __all__ = ["gae"]
 
@@ -47,6 +47,7 @@ def gae(
     for name, t in (("rewards", rewards), ("values", values), ("next_values", next_values),
                     ("terminated", terminated), ("done", done)):
         require_tensor(t, name)
+    refuse_grad("gae", rewards=rewards, values=values, next_values=next_values)
     gamma = require_unit_interval(gamma, "gamma")
     lam = require_unit_interval(lam, "lam")
     return torch.ops.trpo_ext.gae(rewards, values, next_values, terminated, done, gamma, lam)
@@ -54,6 +55,8 @@ def gae(
 
 @torch.library.register_fake("trpo_ext::gae")
 def _gae_fake(rewards, values, next_values, terminated, done, gamma, lam):
+    fake_same_device(rewards=rewards, values=values, next_values=next_values,
+                     terminated=terminated, done=done)
     torch._check(rewards.dim() in (1, 2), lambda: "rewards must be [T] or [T, N]")
     for t in (values, next_values, terminated, done):
         torch._check(t.shape == rewards.shape, lambda: "all GAE inputs must share one shape")

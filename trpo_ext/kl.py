@@ -28,6 +28,7 @@ from typing import Tuple
 import torch
 
 from . import _build  # noqa: F401  (loads the op registrations)
+from ._checks import fake_same_device, refuse_grad
 
 __all__ = ["mean_kl_diag_gaussian", "mean_kl_categorical", "surrogate_kl_diag_gaussian",
            "surrogate_kl_categorical", "fisher_metric_diag_gaussian", "fisher_metric_categorical"]
@@ -133,6 +134,7 @@ def fisher_metric_diag_gaussian(log_std: torch.Tensor, u_mean: torch.Tensor,
     Jacobian of the distribution parameters in the network's.  One fused pass, not differentiable.
     """
     _require_tensors(log_std=log_std, u_mean=u_mean, u_log_std=u_log_std)
+    refuse_grad("fisher_metric_diag_gaussian", log_std=log_std, u_mean=u_mean, u_log_std=u_log_std)
     return _ops.kl_metric_diag_gaussian(log_std, u_mean, u_log_std)
 
 
@@ -144,6 +146,7 @@ def fisher_metric_categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Te
     not differentiable.
     """
     _require_tensors(logits=logits, u=u)
+    refuse_grad("fisher_metric_categorical", logits=logits, u=u)
     return _ops.kl_metric_categorical(logits, u)
 
 
@@ -285,6 +288,8 @@ torch.library.register_autograd("trpo_ext::kl_categorical_backward", _bwd_cat_ba
 # --- fake (meta) kernels --------------------------------------------------------------------------
 
 def _check_gaussian_meta(mean_old, log_std_old, mean_new, log_std_new) -> None:
+    fake_same_device(mean_old=mean_old, log_std_old=log_std_old, mean_new=mean_new,
+                     log_std_new=log_std_new)
     torch._check(mean_old.dim() == 2, lambda: "mean_old must be [B, A]")
     torch._check(mean_new.shape == mean_old.shape, lambda: "mean_new must have the shape of mean_old")
     for name, ls in (("log_std_old", log_std_old), ("log_std_new", log_std_new)):
@@ -295,6 +300,7 @@ def _check_gaussian_meta(mean_old, log_std_old, mean_new, log_std_new) -> None:
 
 
 def _check_surrogate_meta(ref, actions, logp_old, advantages) -> None:
+    fake_same_device(first_input=ref, actions=actions, logp_old=logp_old, advantages=advantages)
     torch._check(logp_old.shape == ref.shape[:1], lambda: "logp_old must be [B]")
     torch._check(advantages.shape == ref.shape[:1], lambda: "advantages must be [B]")
 
@@ -321,11 +327,14 @@ def _surr_gauss_fake(mean_old, log_std_old, mean_new, log_std_new, actions, logp
 def _bwd_gauss_fake(grad_mean_kl, grad_surrogate, mean_old, log_std_old, mean_new, log_std_new,
                     actions, logp_old, advantages):
     _check_gaussian_meta(mean_old, log_std_old, mean_new, log_std_new)
+    fake_same_device(mean_old=mean_old, grad_mean_kl=grad_mean_kl, grad_surrogate=grad_surrogate,
+                     actions=actions, logp_old=logp_old, advantages=advantages)
     return (torch.empty_like(mean_new, memory_format=torch.contiguous_format),
             torch.empty_like(log_std_new, memory_format=torch.contiguous_format))
 
 
 def _check_categorical_meta(logits_old, logits_new) -> None:
+    fake_same_device(logits_old=logits_old, logits_new=logits_new)
     torch._check(logits_old.dim() == 2, lambda: "logits_old must be [B, K]")
     torch._check(logits_new.shape == logits_old.shape,
                  lambda: "logits_new must have the shape of logits_old")
@@ -351,12 +360,16 @@ def _surr_cat_fake(logits_old, logits_new, actions, logp_old, advantages):
 def _bwd_cat_fake(grad_mean_kl, grad_surrogate, logits_old, logits_new, actions, logp_old,
                   advantages):
     _check_categorical_meta(logits_old, logits_new)
+    fake_same_device(logits_old=logits_old, grad_mean_kl=grad_mean_kl,
+                     grad_surrogate=grad_surrogate, actions=actions, logp_old=logp_old,
+                     advantages=advantages)
     return torch.empty_like(logits_new, memory_format=torch.contiguous_format)
 
 
 
 @torch.library.register_fake("trpo_ext::kl_metric_diag_gaussian")
 def _metric_gauss_fake(log_std, u_mean, u_log_std):
+    fake_same_device(log_std=log_std, u_mean=u_mean, u_log_std=u_log_std)
     torch._check(u_mean.dim() == 2, lambda: "u_mean must be [B, A]")
     torch._check(u_log_std.shape == log_std.shape, lambda: "u_log_std must have the shape of log_std")
     torch._check(u_mean.dtype == log_std.dtype and u_log_std.dtype == log_std.dtype,
@@ -367,6 +380,7 @@ def _metric_gauss_fake(log_std, u_mean, u_log_std):
 
 @torch.library.register_fake("trpo_ext::kl_metric_categorical")
 def _metric_cat_fake(logits, u):
+    fake_same_device(logits=logits, u=u)
     torch._check(logits.dim() == 2, lambda: "logits must be [B, K]")
     torch._check(u.shape == logits.shape, lambda: "u must have the shape of logits")
     torch._check(u.dtype == logits.dtype, lambda: "u must have the dtype of logits")
