@@ -320,6 +320,10 @@ class _CountingEnv:
     (dict(max_kll=0.01), TypeError, "max_kll.*valid settings"),
     (dict(normalize_obs="yes"), TypeError, "normalize_obs"),
     (dict(normalize_value_targets=1), TypeError, "normalize_value_targets"),
+    (dict(num_threads=100_000), ValueError, "num_threads must be at most 1024"),
+    (dict(log_dir=""), ValueError, "log_dir must be a directory path"),
+    (dict(seed=2**64 - 1), ValueError, "seed must be at most"),
+    (dict(resume=5), TypeError, "resume must be a checkpoint path"),
 ])
 def test_invalid_settings_raise_before_any_work(kwargs, error, match):
     factory = _CountingEnv()
@@ -328,6 +332,75 @@ def test_invalid_settings_raise_before_any_work(kwargs, error, match):
     with pytest.raises(error, match=match):
         trpo_ext.train(factory, total, **kwargs)
     assert factory.calls == 0
+
+
+def test_log_dir_that_cannot_take_the_run_is_refused_before_any_work(tmp_path):
+    factory = _CountingEnv()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="log_dir .* exists and is not a directory"):
+        trpo_ext.train(factory, 1000, log_dir=str(a_file))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("")
+    with pytest.raises(ValueError, match="checkpoints/ .* exists and is not a directory"):
+        trpo_ext.train(factory, 1000, log_dir=str(tmp_path / "run"))
+    assert factory.calls == 0
+
+
+def test_log_dir_of_another_run_is_refused_for_a_new_run(tmp_path):
+    # A new run there would overwrite some of that run's checkpoints and leave the others.
+    run = tmp_path / "run"
+    first = trpo_ext.train("CartPole-v1", 2 * 128, seed=1, log_dir=str(run), **SMALL)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    with pytest.raises(ValueError, match="holds the checkpoints of another run .*resume="):
+        trpo_ext.train("CartPole-v1", 128, seed=2, log_dir=str(run), **SMALL)
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+    # Resuming it is fine; a run directory stands for its checkpoints/last.pt, as in the CLI.
+    resumed = trpo_ext.train(None, 3 * 128, resume=str(run), log_dir=str(run))
+    assert len(resumed.history) == 3 and resumed.history[:2] == first.history
+
+
+def test_numpy_scalars_are_taken_as_settings():
+    a = trpo_ext.train("Pendulum-v1", 128, seed=np.int64(3), hidden_sizes=(np.int64(8),),
+                       init_log_std=np.float32(-0.5), progress=np.bool_(False), **SMALL)
+    b = trpo_ext.train("Pendulum-v1", 128, seed=3, hidden_sizes=(8,), init_log_std=-0.5, **SMALL)
+    assert a.history[0]["train/kl"] == b.history[0]["train/kl"]
+    assert torch.equal(a.policy.flat, b.policy.flat)
+    assert torch.equal(a.value_fn.flat, b.value_fn.flat)
+
+
+class _Poisoned:
+    """CartPole whose n-th step (counted over every copy) returns a NaN reward or an infinite
+    observation entry."""
+
+    def __init__(self, what: str, at: int):
+        self.what, self.at, self.steps = what, at, 0
+
+    def __call__(self):
+        import gymnasium as gym
+
+        outer = self
+
+        class Wrapper(gym.Wrapper):
+            def step(self, action):
+                obs, r, term, trunc, info = self.env.step(action)
+                outer.steps += 1
+                if outer.steps == outer.at:
+                    if outer.what == "reward":
+                        r = float("nan")
+                    else:
+                        obs = obs.copy()
+                        obs[1] = np.inf
+                return obs, r, term, trunc, info
+
+        return Wrapper(gym.make("CartPole-v1"))
+
+
+@pytest.mark.parametrize("what", ["reward", "observation"])
+def test_non_finite_rewards_and_observations_are_a_clear_error(what):
+    # Silently, one NaN would poison the observation statistics or the critic for the whole run.
+    with pytest.raises(ValueError, match=f"non-finite {what} .* at step .* of environment"):
+        trpo_ext.train(_Poisoned(what, 150), 3 * 128, seed=0, **SMALL)
 
 
 def test_unknown_env_id_is_a_clear_error():
@@ -390,6 +463,25 @@ def test_policy_act_applies_normalisation_and_clips():
                     generator=torch.Generator().manual_seed(0))
     assert samples.max() <= 2.0 and samples.min() >= -2.0
     assert trpo_ext.evaluate(p, "Pendulum-v1", episodes=2) < 0
+
+
+def test_act_and_evaluate_refuse_what_the_policy_was_not_built_for():
+    p = trpo_ext.train("CartPole-v1", 128, **SMALL).policy  # observations (4,), Discrete(2)
+    # A flat array whose length is a multiple of 4 is no batch of observations.
+    for bad in (np.arange(8.0), np.zeros((2, 2)), np.zeros((3, 5))):
+        with pytest.raises(ValueError, match=r"obs must have the policy's observation shape "
+                                             r"\(4,\)"):
+            p.act(bad)
+    assert p.act(np.zeros(4)).shape == () and p.act(np.zeros((3, 4))).shape == (3,)
+    with pytest.raises(ValueError, match="evaluate: the environment's spaces .* are not the "
+                                         "policy's: obs_shape"):
+        trpo_ext.evaluate(p, "Pendulum-v1", episodes=1)
+    with pytest.raises(TypeError, match="policy must be a trpo_ext Policy"):
+        trpo_ext.evaluate(None, "CartPole-v1")
+    lake = trpo_ext.train("FrozenLake-v1", 128, **SMALL).policy  # Discrete(16) observations
+    with pytest.raises(ValueError, match=r"obs holds 16..16, outside the policy's Discrete "
+                                         r"observations 0..15"):
+        lake.act(np.int64(16))
 
 
 def test_no_logging_libraries_without_log_dir():

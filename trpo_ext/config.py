@@ -51,7 +51,8 @@ class TRPOConfig:
     log_dir: Optional[str] = _f(None, "directory for CSV/TensorBoard logs, plot and checkpoints")
     progress: bool = _f(False, "show a progress bar (only when attached to a terminal)")
     checkpoint_every: int = _f(10, "write a checkpoint every K iterations (and at the end); 0: end only")
-    resume: Optional[str] = _f(None, "checkpoint to continue from")
+    resume: Optional[str] = _f(None, "checkpoint to continue from (or a run directory: its "
+                                     "checkpoints/last.pt)")
 
 
 def config_fields():

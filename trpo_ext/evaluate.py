@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from . import _checks
+from .policies import Policy
 from .rollout import check_env_id
 from .train import _torch_threads
 
@@ -25,8 +26,13 @@ def evaluate_returns(policy, env: Union[str, Callable[[], Any], None] = None, ep
     come from ``policy.act`` (its saved observation normalisation; the distribution's mode when
     ``deterministic``, else samples drawn from a generator seeded with ``seed``).
     """
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a trpo_ext Policy (TrainResult.policy or "
+                        f"trpo_ext.load(...)), got {type(policy).__name__}")
     episodes = _checks.require_int(episodes, "episodes", 1)
-    seed = _checks.require_int(seed, "seed", 0)
+    seed = _checks.require_seed(seed)
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     if env is None:
         env = getattr(policy, "env_id", None)
         if env is None:
@@ -49,6 +55,7 @@ def _run(policy, env, episodes, seed, deterministic, generator, was_training) ->
             n = min(_MAX_PARALLEL, episodes - start)
             envs = [env_factory(env)() for _ in range(n)]
             try:
+                policy.check_spaces(envs[0].observation_space, envs[0].action_space, "evaluate")
                 obs = [e.reset(seed=seed + start + i)[0] for i, e in enumerate(envs)]
                 total = [0.0] * n
                 running = list(range(n))

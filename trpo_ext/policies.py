@@ -380,7 +380,17 @@ class Policy(_FlatModule):
         offset by the space's ``start``.  A single observation gives a single action; a batch
         ``[B, ...]`` gives ``[B, ...]``."""
         obs_arr = obs if isinstance(obs, torch.Tensor) else np.asarray(obs)
-        single = tuple(obs_arr.shape) == tuple(self.spec["obs_shape"])
+        obs_shape, shape = tuple(self.spec["obs_shape"]), tuple(obs_arr.shape)
+        single = shape == obs_shape
+        if not single and shape[1:] != obs_shape:
+            raise ValueError(f"obs must have the policy's observation shape {obs_shape} (one "
+                             f"observation) or (B, *{obs_shape}) (a batch), got shape {shape}")
+        if self.spec["obs_kind"] == "discrete":
+            lo = self.spec.get("obs_start", 0)
+            values = np.asarray(obs_arr.cpu() if isinstance(obs_arr, torch.Tensor) else obs_arr)
+            if values.size and (values.min() < lo or values.max() >= lo + self.spec["obs_dim"]):
+                raise ValueError(f"obs holds {values.min()}..{values.max()}, outside the policy's "
+                                 f"Discrete observations {lo}..{lo + self.spec['obs_dim'] - 1}")
         x = self.normalize(self.encode_obs(obs_arr))
         a = self.mode(x) if deterministic else self.sample(x, generator)
         if self.gaussian:
@@ -390,6 +400,18 @@ class Policy(_FlatModule):
         else:
             out = (a + self.spec.get("action_start", 0)).cpu().numpy()
         return out[0] if single else out
+
+    def check_spaces(self, observation_space, action_space, where: str) -> None:
+        """A clear error when an environment's spaces are not those this policy was built for."""
+        theirs = space_spec(observation_space, action_space)
+        keys = ("obs_kind", "obs_shape", "obs_dim", "obs_start", "action_kind", "action_dim",
+                "action_start")
+        mismatch = [k for k in keys if theirs.get(k) != self.spec.get(k)]
+        if mismatch:
+            raise ValueError(f"{where}: the environment's spaces ({observation_space}, "
+                             f"{action_space}) are not the policy's: "
+                             + ", ".join(f"{k} {theirs.get(k)} vs {self.spec.get(k)}"
+                                         for k in mismatch))
 
     def extra_repr(self) -> str:
         kind = "gaussian" if self.gaussian else "categorical"

@@ -159,6 +159,19 @@ class RolloutCollector:
                     self._ep_return[i] = 0.0
                     self._ep_length[i] = 0
 
+        # A NaN or infinite reward or observation would poison the observation statistics, the
+        # critic and every later update without an error: refuse it where it enters.
+        _require_finite(rewards, "reward")
+        if box_obs:
+            _require_finite(raw_np, "observation")
+            _require_finite(np.asarray(self.obs, dtype=np.float32).reshape(N, -1)[None],
+                            "observation", first_step=T)
+            for t, i, o in final_obs:
+                if not np.isfinite(np.asarray(o, dtype=np.float32)).all():
+                    raise ValueError(f"the environment returned a non-finite final observation "
+                                     f"at step {t} of environment {i} of this rollout; trpo_ext "
+                                     f"cannot learn from NaN or infinite observations (in float32)")
+
         # The rollout's tensors on the update's device (copies: the buffers are reused).
         obs = self._obs.to(self.device, copy=True)
         # V(s_t) and V(s_{t+1}) in batched forwards after the loop rather than one per step.
@@ -186,6 +199,18 @@ class RolloutCollector:
 
     def close(self) -> None:
         self.envs.close()
+
+
+def _require_finite(x: np.ndarray, what: str, first_step: int = 0) -> None:
+    """``x [T, N, ...]`` of one rollout: a clear error naming the first non-finite entry."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return
+    idx = tuple(np.argwhere(~finite)[0])
+    raise ValueError(f"the environment returned a non-finite {what} ({float(x[idx])}) at step "
+                     f"{first_step + int(idx[0])} of environment {int(idx[1])} of this rollout; "
+                     f"trpo_ext cannot learn from NaN or infinite {what}s (in float32): clean them "
+                     f"in a wrapper around the environment")
 
 
 def host_policy_arrays(policy):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import os
 import random
 import time
@@ -205,6 +206,11 @@ def _make_config(settings: Dict[str, Any]) -> TRPOConfig:
     return cfg
 
 
+# torch.set_num_threads of tens of thousands makes the OpenMP runtime fail to create them, and
+# the process crash; no machine has more than a few hundred cores.
+_MAX_NUM_THREADS = 1024
+
+
 def _validate(cfg: TRPOConfig) -> None:
     _checks.require_int(cfg.n_envs, "n_envs", 1)
     _checks.require_int(cfg.n_steps, "n_steps", 1)
@@ -218,23 +224,29 @@ def _validate(cfg: TRPOConfig) -> None:
     _checks.require_unit_interval(cfg.gamma, "gamma")
     _checks.require_unit_interval(cfg.gae_lambda, "gae_lambda")
     hs = cfg.hidden_sizes
-    if (not isinstance(hs, (tuple, list)) or
-            not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hs)):
+    if (not isinstance(hs, (tuple, list)) or not all(
+            isinstance(h, numbers.Integral) and not isinstance(h, (bool, np.bool_)) and h > 0
+            for h in hs)):
         raise ValueError(f"hidden_sizes must be a sequence of positive ints, got {hs!r}")
-    cfg.hidden_sizes = tuple(hs)
-    if isinstance(cfg.init_log_std, bool) or not isinstance(cfg.init_log_std, (int, float)) \
-            or not math.isfinite(cfg.init_log_std):
+    cfg.hidden_sizes = tuple(int(h) for h in hs)
+    if isinstance(cfg.init_log_std, (bool, np.bool_)) or \
+            not isinstance(cfg.init_log_std, numbers.Real) or not math.isfinite(cfg.init_log_std):
         raise ValueError(f"init_log_std must be a finite number, got {cfg.init_log_std!r}")
+    cfg.init_log_std = float(cfg.init_log_std)
     _checks.require_positive(cfg.vf_lr, "vf_lr")
     _checks.require_int(cfg.vf_epochs, "vf_epochs", 0)
     _checks.require_int(cfg.vf_minibatch_size, "vf_minibatch_size", 1)
-    _checks.require_int(cfg.num_threads, "num_threads", 0)
+    _checks.require_int(cfg.num_threads, "num_threads", 0, _MAX_NUM_THREADS)
     _checks.require_int(cfg.checkpoint_every, "checkpoint_every", 0)
     _checks.require_int(cfg.env_workers, "env_workers", -1)
     for name in ("async_envs", "normalize_obs", "normalize_advantages", "normalize_value_targets",
                  "progress"):
-        if not isinstance(getattr(cfg, name), bool):
-            raise TypeError(f"{name} must be a bool, got {type(getattr(cfg, name)).__name__}")
+        value = getattr(cfg, name)
+        if isinstance(value, np.bool_):  # a NumPy bool is a bool here
+            value = bool(value)
+            setattr(cfg, name, value)
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     try:
         device = torch.device(cfg.device)
     except (RuntimeError, TypeError):
@@ -245,8 +257,16 @@ def _validate(cfg: TRPOConfig) -> None:
         raise ValueError(f"device={cfg.device!r} but torch sees no CUDA device")
     if cfg.log_dir is not None and not isinstance(cfg.log_dir, (str, os.PathLike)):
         raise TypeError(f"log_dir must be a path or None, got {type(cfg.log_dir).__name__}")
-    if cfg.resume is not None and not os.path.isfile(os.fspath(cfg.resume)):
-        raise ValueError(f"resume: checkpoint {os.fspath(cfg.resume)!r} does not exist")
+    if cfg.resume is not None:
+        if not isinstance(cfg.resume, (str, os.PathLike)):
+            raise TypeError(f"resume must be a checkpoint path or None, got "
+                            f"{type(cfg.resume).__name__}")
+        path = os.fspath(cfg.resume)
+        in_run_dir = os.path.join(path, "checkpoints", "last.pt")
+        if os.path.isdir(path) and os.path.isfile(in_run_dir):  # a run directory, as the CLI takes
+            cfg.resume = in_run_dir
+        elif not os.path.isfile(path):
+            raise ValueError(f"resume: checkpoint {path!r} does not exist")
 
 
 @contextlib.contextmanager
@@ -316,8 +336,8 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
     measure it.
     """
     cfg = _make_config(settings)
-    _checks.require_int(total_steps, "total_steps", 1)
-    _checks.require_int(seed, "seed", 0)
+    total_steps = _checks.require_int(total_steps, "total_steps", 1)
+    seed = _checks.require_seed(seed)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     ckpt = None
@@ -347,8 +367,39 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
     if ckpt is not None and env_id is not None and ckpt["env_id"] not in (None, env_id):
         raise ValueError(f"resume: env {env_id!r} differs from the checkpoint's {ckpt['env_id']!r}")
 
+    _check_log_dir(cfg.log_dir, cfg.resume)
+
     with _torch_threads(cfg.num_threads):
         return _train(cfg, env, env_id, total_steps, seed, callback, ckpt)
+
+
+def _check_log_dir(log_dir, resume) -> None:
+    """Refuse, before any work, a log_dir that could not take the run's files, and, for a new run
+    (not a resume), one that holds another run's checkpoints: the new run would overwrite some of
+    them and leave the others, two runs mixed."""
+    if log_dir is None:
+        return
+    path = os.fspath(log_dir)
+    if not path:
+        raise ValueError("log_dir must be a directory path or None, got ''")
+    checkpoints = os.path.join(path, "checkpoints")
+    for p, what in ((path, "log_dir"), (checkpoints, "its checkpoints/")):
+        if os.path.exists(p) and not os.path.isdir(p):
+            raise ValueError(f"log_dir: {what} {p!r} exists and is not a directory")
+    if resume is None and os.path.isdir(checkpoints):
+        existing = sorted(f for f in os.listdir(checkpoints) if f.endswith(".pt"))
+        if existing:
+            raise ValueError(
+                f"log_dir {path!r} holds the checkpoints of another run ({', '.join(existing[:3])}"
+                f"{', ...' if len(existing) > 3 else ''}), which a new run there would overwrite: "
+                f"continue that run with resume={os.path.join(checkpoints, 'last.pt')!r}, or "
+                f"choose another log_dir")
+    try:
+        os.makedirs(checkpoints, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"log_dir {path!r} cannot be created: {e}") from None
+    if not os.access(checkpoints, os.W_OK):
+        raise ValueError(f"log_dir {path!r} is not writable")
 
 
 def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> TrainResult:
