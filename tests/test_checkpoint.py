@@ -150,6 +150,33 @@ def test_resume_refuses_incompatible_settings(tmp_path, fake_logger):
         trpo_ext.train("Pendulum-v1", 256, resume=first.checkpoint_path)
 
 
+_DAMAGE = {
+    "config without hidden_sizes": lambda s: s["config"].pop("hidden_sizes"),
+    "config a list": lambda s: s.__setitem__("config", [1, 2]),
+    "policy state a list": lambda s: s.__setitem__("policy_state", [1]),
+    "value state of another shape": lambda s: s["value_state"].__setitem__(
+        next(iter(s["value_state"])), torch.zeros(3)),
+    "optimizer state foreign": lambda s: s.__setitem__("optimizer_state", {"bogus": 1}),
+    "history entries foreign": lambda s: s.__setitem__("history", [{"x": 1}]),
+    "seed a string": lambda s: s.__setitem__("seed", "x"),
+    "negative step count": lambda s: s.__setitem__("total_steps_done", -100),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(_DAMAGE))
+def test_damaged_entries_are_a_checkpoint_error_naming_the_file(tmp_path, fake_logger, damage):
+    good = trpo_ext.train("CartPole-v1", 128, log_dir=str(tmp_path / "a"), **SMALL).checkpoint_path
+    state = torch.load(good, weights_only=True)
+    _DAMAGE[damage](state)
+    path = tmp_path / "damaged.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"damaged\.pt' is a damaged trpo_ext checkpoint"):
+        trpo_ext.train(None, 256, resume=str(path))
+    if damage in ("config without hidden_sizes", "config a list", "policy state a list"):
+        with pytest.raises(CheckpointError, match="is a damaged trpo_ext checkpoint"):
+            trpo_ext.load(str(path))
+
+
 def test_bad_files_are_refused_with_checkpoint_error(tmp_path, fake_logger):
     good = trpo_ext.train("CartPole-v1", 128, log_dir=str(tmp_path / "a"), **SMALL).checkpoint_path
     data = open(good, "rb").read()

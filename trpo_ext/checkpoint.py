@@ -7,6 +7,7 @@ moment leaves either the previous file or the new one, never a torn one.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from typing import Any, Dict, Iterable
@@ -14,7 +15,7 @@ from typing import Any, Dict, Iterable
 import torch
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load",
-           "write_atomic"]
+           "write_atomic", "reading"]
 
 FORMAT = "trpo_ext.checkpoint"
 VERSION = 1
@@ -24,6 +25,20 @@ REQUIRED_KEYS = ("format", "version", "env_id", "config", "policy_spec", "policy
 
 class CheckpointError(ValueError):
     """A file that is not a readable trpo_ext checkpoint of a supported version."""
+
+
+@contextlib.contextmanager
+def reading(path):
+    """Around code that takes a loaded checkpoint's entries apart: an entry of the wrong type or
+    shape (a damaged or hand-edited file) surfaces as a CheckpointError that names the file, not
+    as a KeyError or a state-dict mismatch from deep inside."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{os.fspath(path)!r} is a damaged trpo_ext checkpoint: "
+                              f"{type(e).__name__}: {e}") from e
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -94,14 +109,15 @@ def policy_from_state(state: Dict[str, Any]):
     cfg = state["config"]
     policy = Policy(state["policy_spec"], hidden_sizes=cfg["hidden_sizes"],
                     normalize_obs=cfg["normalize_obs"], env_id=state["env_id"])
-    try:
-        policy.load_state_dict(state["policy_state"])
-    except (RuntimeError, KeyError) as e:
-        raise CheckpointError(f"checkpoint policy does not match its recorded spec: {e}") from None
+    policy.load_state_dict(state["policy_state"])
     return policy
 
 
 def load(path: str):
     """The policy stored in a checkpoint, ready for :func:`trpo_ext.evaluate` (CPU, eval mode);
     ``policy.env_id`` is the environment it was trained on (None when trained on a callable)."""
-    return policy_from_state(load_checkpoint(path)).eval()
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a checkpoint path, got {type(path).__name__}")
+    state = load_checkpoint(path)
+    with reading(path):
+        return policy_from_state(state).eval()

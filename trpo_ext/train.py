@@ -342,11 +342,12 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     ckpt = None
     if cfg.resume is not None:
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint, reading
 
         ckpt = load_checkpoint(cfg.resume)
-        saved = dict(ckpt["config"])
-        saved["hidden_sizes"] = tuple(saved["hidden_sizes"])
+        with reading(cfg.resume):
+            saved = dict(ckpt["config"])
+            saved["hidden_sizes"] = tuple(saved["hidden_sizes"])
         # Checkpoints from before the setting existed were trained without target normalisation.
         saved.setdefault("normalize_value_targets", False)
         for name in _STRUCTURAL:
@@ -361,7 +362,8 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
             env = ckpt["env_id"]
             if env is None:
                 raise ValueError("resume: the checkpoint was trained on a callable env; pass env=")
-        seed = int(ckpt["seed"])
+        with reading(cfg.resume):
+            seed = _checks.require_seed(ckpt["seed"])
     env = "CartPole-v1" if env is None else env
     env_id = check_env_id(env)
     if ckpt is not None and env_id is not None and ckpt["env_id"] not in (None, env_id):
@@ -371,6 +373,16 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
 
     with _torch_threads(cfg.num_threads):
         return _train(cfg, env, env_id, total_steps, seed, callback, ckpt)
+
+
+@contextlib.contextmanager
+def _closing_on_error(envs):
+    """Closes the environments (and any worker processes) when the block raises."""
+    try:
+        yield
+    except BaseException:
+        envs.close()
+        raise
 
 
 def _check_log_dir(log_dir, resume) -> None:
@@ -425,22 +437,31 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
     steps_done, iteration = 0, 0
     env_seed = seed
     if ckpt is not None:
-        policy.load_state_dict(ckpt["policy_state"])
-        value_fn.load_state_dict(ckpt["value_state"])
-        vf_optimizer.load_state_dict(ckpt["optimizer_state"])
-        _restore_rng(ckpt["rng"], generator if device.type == "cpu" else cpu_generator)
-        if device.type != "cpu" and "device_generator" in ckpt["rng"]:
-            generator.set_state(ckpt["rng"]["device_generator"])
-        history = list(ckpt["history"])
-        steps_done, iteration = int(ckpt["total_steps_done"]), int(ckpt["iteration"])
+        from .checkpoint import reading
+
+        with _closing_on_error(envs), reading(cfg.resume):
+            policy.load_state_dict(ckpt["policy_state"])
+            value_fn.load_state_dict(ckpt["value_state"])
+            vf_optimizer.load_state_dict(ckpt["optimizer_state"])
+            _restore_rng(ckpt["rng"], generator if device.type == "cpu" else cpu_generator)
+            if device.type != "cpu" and "device_generator" in ckpt["rng"]:
+                generator.set_state(ckpt["rng"]["device_generator"])
+            history = list(ckpt["history"])
+            for entry in history:
+                float(entry["time/elapsed_s"])  # what the resumed run reads of its history
+            steps_done = _checks.require_int(ckpt["total_steps_done"], "total_steps_done", 0)
+            iteration = _checks.require_int(ckpt["iteration"], "iteration", 0)
+            episode_returns = [float(x) for x in ckpt.get("episode_returns", [])]
+            episode_lengths = [int(x) for x in ckpt.get("episode_lengths", [])]
+            episodes = _checks.require_int(ckpt.get("episodes", 0), "episodes", 0)
         # Environments cannot be restored mid-episode: start fresh episodes, seeded by position.
         env_seed = seed + 7919 * iteration
 
     collector = RolloutCollector(envs, policy, cfg.n_steps, env_seed, device)
     if ckpt is not None:
-        collector.episode_returns.extend(ckpt.get("episode_returns", []))
-        collector.episode_lengths.extend(ckpt.get("episode_lengths", []))
-        collector.episodes = int(ckpt.get("episodes", 0))
+        collector.episode_returns.extend(episode_returns)
+        collector.episode_lengths.extend(episode_lengths)
+        collector.episodes = episodes
 
     logger = None
     if cfg.log_dir is not None or cfg.progress:
