@@ -446,6 +446,7 @@ def _ok():
     (dict(x0=torch.ones(3, dtype=torch.float64)), ValueError, r"x0 must have the shape of b \[4\], got \[3\]"),
     (dict(x0=torch.ones(4)), TypeError, r"x0 must have the dtype of b"),
     (dict(x0=[0.0] * 4), TypeError, r"x0 must be a torch.Tensor"),
+    (dict(sync=None), TypeError, r"sync must be a bool, got NoneType"),
 ])
 def test_bad_input(kwargs, exc, match):
     A, b = _ok()

@@ -153,6 +153,8 @@ def test_box_observations_of_any_shape_are_flattened():
     (spaces.Box(-1, 1, (3,)), spaces.MultiDiscrete([2, 3]), "action"),
     (spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (2, 2)), "action"),
     (spaces.Dict({"a": spaces.Box(-1, 1, (3,))}), spaces.Discrete(2), "observation"),
+    (spaces.Box(-1, 1, (0,)), spaces.Discrete(2), "observation"),
+    (spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (0,)), "action"),
 ])
 def test_unsupported_spaces_are_refused_with_a_clear_error(obs_space, act_space, what):
     with pytest.raises(ValueError, match=f"unsupported {what} space"):
@@ -165,6 +167,12 @@ def test_unsupported_spaces_are_refused_with_a_clear_error(obs_space, act_space,
 
     with pytest.raises(ValueError, match=f"unsupported {what} space"):
         trpo_ext.train(Odd, 1000, n_envs=1, n_steps=8)
+
+
+@pytest.mark.parametrize("made", [None, 5, "CartPole-v1"])
+def test_env_callable_must_return_an_env(made):
+    with pytest.raises(TypeError, match=f"returned {type(made).__name__}, not a gymnasium.Env"):
+        trpo_ext.train(lambda: made, 1000, n_envs=1, n_steps=8)
 
 
 @pytest.mark.parametrize("box_actions", [True, False])

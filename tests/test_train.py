@@ -323,6 +323,7 @@ class _CountingEnv:
     (dict(num_threads=100_000), ValueError, "num_threads must be at most 1024"),
     (dict(log_dir=""), ValueError, "log_dir must be a directory path"),
     (dict(seed=2**64 - 1), ValueError, "seed must be at most"),
+    (dict(init_log_std=100.0), ValueError, r"init_log_std must be in \[-20, 20\]"),
     (dict(resume=5), TypeError, "resume must be a checkpoint path"),
 ])
 def test_invalid_settings_raise_before_any_work(kwargs, error, match):

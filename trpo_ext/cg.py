@@ -196,6 +196,8 @@ def conjugate_gradient(
     atol = require_nonnegative(atol, "atol")
     damping = require_nonnegative(damping, "damping")
     check_every = 5 if check_every is None else require_int(check_every, "check_every", 1)
+    if not isinstance(sync, bool):
+        raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
     x, xAx, state = _solve(op, b, x0, maxiter, rtol, atol, damping, check_every,
                            poll=rtol > 0 or atol > 0)
     result = CGResult(x, None, None, None, xAx, state)

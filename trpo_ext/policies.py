@@ -37,6 +37,9 @@ def space_spec(observation_space, action_space) -> dict:
     from gymnasium import spaces
 
     if isinstance(observation_space, spaces.Box):
+        if observation_space.shape is None or int(np.prod(observation_space.shape)) == 0:
+            raise ValueError(f"unsupported observation space {observation_space!r}: a Box "
+                             "observation needs at least one element")
         obs = {"obs_kind": "box", "obs_shape": [int(d) for d in observation_space.shape],
                "obs_dim": int(np.prod(observation_space.shape, dtype=np.int64))}
     elif isinstance(observation_space, spaces.Discrete):
@@ -47,8 +50,9 @@ def space_spec(observation_space, action_space) -> dict:
                          "(flattened) and Discrete (one-hot) observations; wrap the env (e.g. "
                          "gymnasium.wrappers.FlattenObservation) to use it")
     if isinstance(action_space, spaces.Box):
-        if len(action_space.shape) != 1:
-            raise ValueError(f"unsupported action space {action_space!r}: Box actions must be 1-D")
+        if len(action_space.shape) != 1 or action_space.shape[0] == 0:
+            raise ValueError(f"unsupported action space {action_space!r}: Box actions must be 1-D "
+                             "with at least one dimension")
         act = {"action_kind": "box", "action_dim": int(action_space.shape[0]),
                "action_low": [float(x) for x in action_space.low],
                "action_high": [float(x) for x in action_space.high]}

@@ -42,7 +42,24 @@ def env_factory(env: EnvSpec) -> Callable[[], "object"]:
     if isinstance(env, str):
         # The passive env checker wraps every step in Python checks; the env is a registered one.
         return lambda: gym.make(env, disable_env_checker=True)
-    return env
+    return _CheckedFactory(env)
+
+
+class _CheckedFactory:
+    """A user's env callable whose result is checked to be a gymnasium Env (a class, not a
+    closure, so that it pickles to worker processes whenever the callable does)."""
+
+    def __init__(self, fn: Callable[[], "object"]):
+        self.fn = fn
+
+    def __call__(self):
+        import gymnasium as gym
+
+        env = self.fn()
+        if not isinstance(env, gym.Env):
+            raise TypeError(f"env: the callable {self.fn!r} returned {type(env).__name__}, not a "
+                            f"gymnasium.Env")
+        return env
 
 
 def make_vector_env(env: EnvSpec, n_envs: int, async_envs: bool = False, workers: int = 0):

@@ -209,6 +209,8 @@ def _make_config(settings: Dict[str, Any]) -> TRPOConfig:
 # torch.set_num_threads of tens of thousands makes the OpenMP runtime fail to create them, and
 # the process crash; no machine has more than a few hundred cores.
 _MAX_NUM_THREADS = 1024
+# Beyond e^±20 the Gaussian's float32 densities under- or overflow and no step is ever accepted.
+_MAX_ABS_INIT_LOG_STD = 20
 
 
 def _validate(cfg: TRPOConfig) -> None:
@@ -233,6 +235,10 @@ def _validate(cfg: TRPOConfig) -> None:
             not isinstance(cfg.init_log_std, numbers.Real) or not math.isfinite(cfg.init_log_std):
         raise ValueError(f"init_log_std must be a finite number, got {cfg.init_log_std!r}")
     cfg.init_log_std = float(cfg.init_log_std)
+    if abs(cfg.init_log_std) > _MAX_ABS_INIT_LOG_STD:
+        raise ValueError(f"init_log_std must be in [-{_MAX_ABS_INIT_LOG_STD}, "
+                         f"{_MAX_ABS_INIT_LOG_STD}] (a standard deviation of e^±"
+                         f"{_MAX_ABS_INIT_LOG_STD}), got {cfg.init_log_std}")
     _checks.require_positive(cfg.vf_lr, "vf_lr")
     _checks.require_int(cfg.vf_epochs, "vf_epochs", 0)
     _checks.require_int(cfg.vf_minibatch_size, "vf_minibatch_size", 1)
