@@ -150,6 +150,16 @@ def test_resume_refuses_incompatible_settings(tmp_path, fake_logger):
         trpo_ext.train("Pendulum-v1", 256, resume=first.checkpoint_path)
 
 
+def test_resume_with_an_env_of_other_spaces_is_refused(tmp_path, fake_logger):
+    import gymnasium as gym
+
+    first = trpo_ext.train("CartPole-v1", 128, log_dir=str(tmp_path / "a"), **SMALL)
+    with pytest.raises(ValueError, match=r"resume: the environment's spaces .* are not those the "
+                                         r"checkpoint was trained on \(obs_dim 6 vs 4, action_dim 3 "
+                                         r"vs 2\)"):
+        trpo_ext.train(lambda: gym.make("Acrobot-v1"), 256, resume=first.checkpoint_path)
+
+
 _DAMAGE = {
     "config without hidden_sizes": lambda s: s["config"].pop("hidden_sizes"),
     "config a list": lambda s: s.__setitem__("config", [1, 2]),

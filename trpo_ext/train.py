@@ -425,11 +425,18 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
     workers = 0 if cfg.async_envs else choose_workers(env, env_factory(env), cfg.n_envs,
                                                       cfg.env_workers)
     envs = make_vector_env(env, cfg.n_envs, cfg.async_envs, workers)
-    try:
+    with _closing_on_error(envs):
         spec = space_spec(envs.single_observation_space, envs.single_action_space)
-    except ValueError:
-        envs.close()
-        raise
+        if ckpt is not None:
+            saved = ckpt.get("policy_spec")
+            saved = saved if isinstance(saved, dict) else {}
+            differ = [f"{k} {spec[k]} vs {saved.get(k)}"
+                      for k in ("obs_kind", "obs_dim", "action_kind", "action_dim")
+                      if saved.get(k) != spec[k]]
+            if differ:
+                spaces = f"{envs.single_observation_space}, {envs.single_action_space}"
+                raise ValueError(f"resume: the environment's spaces ({spaces}) are not those the "
+                                 f"checkpoint was trained on ({', '.join(differ)})")
 
     init_gen = torch.Generator().manual_seed(seed)
     policy = Policy(spec, cfg.hidden_sizes, cfg.init_log_std, cfg.normalize_obs, init_gen,
