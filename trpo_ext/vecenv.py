@@ -205,16 +205,24 @@ _OK, _OK_FINALS_ON_PIPE, _ERROR = 0, 1, 2  # status: results in the buffers / fi
 #                                            pipe / a traceback follows on the pipe
 
 
+# A spinning wait yields its core at every try: without that, a spinner that shares a core with
+# the process it waits for (more workers than cores, or another program's load) holds it for whole
+# scheduler time slices.  8 HalfCheetah-v5 envs, 2 workers on the 2-vCPU VM: 4.5 ms a vector step
+# without, 0.74–0.85 ms with (one process: 0.69–0.87 ms); no cost with 1 worker (0.5–0.67 ms).
+_yield_core = getattr(os, "sched_yield", lambda: None)  # not on Windows
+
+
 def _acquire(sem, spin_seconds: float, alive: Callable[[], bool]) -> bool:
-    """Acquire ``sem``: spin on non-blocking tries for ``spin_seconds``, then block in slices of
-    ``_BLOCK_SLICE_SECONDS``.  False (not acquired) once ``alive()`` says the process that should
-    release it has gone."""
+    """Acquire ``sem``: spin on non-blocking tries (yielding the core in between) for
+    ``spin_seconds``, then block in slices of ``_BLOCK_SLICE_SECONDS``.  False (not acquired) once
+    ``alive()`` says the process that should release it has gone."""
     if sem.acquire(False):
         return True
     deadline = time.perf_counter() + spin_seconds
     while time.perf_counter() < deadline:
         if sem.acquire(False):
             return True
+        _yield_core()
     while not sem.acquire(timeout=_BLOCK_SLICE_SECONDS):
         if not alive():
             return sem.acquire(False)  # it may have released just before it exited
