@@ -21,11 +21,12 @@ the same environments and seeds, bit for bit.
 A step's round trip goes through shared memory (``_StepBuffers``: the actions in, the results out)
 with two semaphores per worker, waited on by spinning before blocking: a pickled message each way
 over a pipe costs about 450 µs per step on the 2-vCPU development VM (a blocked process is slow to
-wake there; still 180 µs with the receiver polling), the semaphore handshake about 1 µs.  With one
-worker, 8 HalfCheetah-v5 environments took 1470–1540 µs a vector step over the pipe, 560–600 µs
-this way, against 890–1030 µs in one process.  The pipe stays for start-up, ``reset``, error
-tracebacks, spaces of no fixed shape and dtype (anything but Box and Discrete), and actions not of
-the action space's dtype (which reach the environments unconverted, as in one process).
+wake there; still 180 µs with the receiver polling), the semaphore handshake about 2 µs.  With one
+worker, 8 HalfCheetah-v5 environments took 1470–1540 µs a vector step over the pipe, 585–677 µs
+this way, against 837–949 µs in one process (Hopper-v5: 1307–1383 µs against 2107–2270 µs).  The
+pipe stays for start-up, ``reset``, error tracebacks, spaces of no fixed shape and dtype (anything
+but Box and Discrete), and actions not of the action space's dtype (which reach the environments
+unconverted, as in one process).
 
 Sharded stepping: ``choose_workers`` decides how many workers pay off: none on a single core, or when one
 environment step is too cheap for a message round trip to be worth it.
