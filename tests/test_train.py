@@ -529,10 +529,13 @@ def test_sharded_env_matches_sync_env_and_reports_worker_errors():
         np.testing.assert_array_equal(o1, o2)
         rng = np.random.default_rng(0)
         for t in range(201):  # through the 200-step truncation
-            a = rng.uniform(-2, 2, size=(5, 1)).astype(np.float32)
+            # float32 actions go through the workers' shared memory, float64 ones (not the action
+            # space's dtype) through the pipe, unconverted: both as in one process.
+            a = rng.uniform(-2, 2, size=(5, 1)).astype(np.float64 if t % 7 == 0 else np.float32)
             r1 = sync.step(a)
             r2 = sharded.step(a)
             for x, y in zip(r1[:4], r2[:4]):
+                assert x.dtype == y.dtype
                 np.testing.assert_array_equal(x, y)
             if r1[3].any():
                 for i in np.flatnonzero(r1[3]):
@@ -569,6 +572,97 @@ def test_a_failing_env_worker_is_a_clear_error():
 
     with pytest.raises(RuntimeError, match="worker process failed(.|\n)*no display"):
         ShardedVectorEnv(_FailsInAWorker(), 2, 1)
+
+
+class _Float64Obs:
+    """CartPole with float64 observations in its float32 observation space: its final observations
+    do not fit a worker's shared buffer and must come back unconverted."""
+
+    def __call__(self):
+        import gymnasium as gym
+
+        env = gym.make("CartPole-v1")
+        return gym.wrappers.TransformObservation(env, lambda o: o.astype(np.float64),
+                                                 env.observation_space)
+
+
+class _StepFailsInAWorker(_FailsInAWorker):
+    """CartPole whose steps raise in any process but the one that made the factory."""
+
+    def __call__(self):
+        import gymnasium as gym
+
+        env = gym.make("CartPole-v1")
+        if os.getpid() != self.parent:
+            def fail(action):
+                raise OSError("the simulator lost its licence")
+            env.step = fail
+        return env
+
+
+def test_sharded_env_returns_final_observations_unconverted():
+    from trpo_ext.vecenv import SameStepVectorEnv, ShardedVectorEnv
+
+    one = SameStepVectorEnv([_Float64Obs() for _ in range(3)])
+    sharded = ShardedVectorEnv(_Float64Obs(), 3, 1)
+    try:
+        one.reset(seed=[0, 1, 2])
+        sharded.reset(seed=[0, 1, 2])
+        rng, ended = np.random.default_rng(0), 0
+        for _ in range(100):
+            a = rng.integers(0, 2, size=3)
+            r1, r2 = one.step(a), sharded.step(a)
+            for x, y in zip(r1[:4], r2[:4]):
+                np.testing.assert_array_equal(x, y)
+            for i in np.flatnonzero(r1[2] | r1[3]):
+                f1, f2 = r1[4]["final_obs"][i], r2[4]["final_obs"][i]
+                assert f2.dtype == f1.dtype == np.float64
+                np.testing.assert_array_equal(f1, f2)
+                ended += 1
+        assert ended > 3
+    finally:
+        one.close()
+        sharded.close()
+
+
+def test_a_dead_or_failing_env_worker_is_a_clear_error_and_close_does_not_hang():
+    import signal
+    import time
+
+    from trpo_ext.vecenv import ShardedVectorEnv
+
+    a = np.zeros((3, 1), dtype=np.float32)
+    envs = ShardedVectorEnv("Pendulum-v1", 3, 1)
+    try:
+        envs.reset(seed=[0, 1, 2])
+        envs.step(a)
+        time.sleep(0.05)  # past the worker's spin: it now blocks on its semaphore
+        envs.step(a)
+        os.kill(envs._procs[0].pid, signal.SIGKILL)
+        start = time.perf_counter()
+        with pytest.raises(RuntimeError, match="died during a step"):
+            envs.step(a)
+        assert time.perf_counter() - start < 3
+        with pytest.raises(RuntimeError, match="failed earlier"):
+            envs.step(a)
+    finally:
+        start = time.perf_counter()
+        envs.close()
+        assert time.perf_counter() - start < 3
+
+    envs = ShardedVectorEnv("Pendulum-v1", 3, 1)
+    os.kill(envs._procs[0].pid, signal.SIGKILL)
+    start = time.perf_counter()
+    envs.close()
+    assert time.perf_counter() - start < 3
+
+    envs = ShardedVectorEnv(_StepFailsInAWorker(), 3, 1)
+    try:
+        envs.reset(seed=[0, 1, 2])
+        with pytest.raises(RuntimeError, match="worker process failed(.|\n)*lost its licence"):
+            envs.step(np.zeros(3, dtype=np.int64))
+    finally:
+        envs.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
