@@ -112,6 +112,8 @@ def test_flags_parse_to_typed_settings():
     (["--max-kl", "abc"], "--max-kl"),
     (["--cg-iters", "2.5"], "--cg-iters"),
     (["--hidden-sizes", "64,x"], "--hidden-sizes"),
+    (["--hidden-sizes", "8,,8"], "--hidden-sizes"),
+    (["--hidden-sizes", "64,"], "--hidden-sizes"),
     (["--steps", "0"], "--steps"),
     (["--steps", "-5"], "--steps"),
     (["--steps", "12.5"], "--steps"),

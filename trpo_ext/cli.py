@@ -123,7 +123,12 @@ def _value_parser(element: Any, optional: bool, is_tuple: bool, name: str) -> Ca
         if optional and text.strip().lower() == "none":
             return None
         if is_tuple:
-            parts = [p for p in text.split(",") if p.strip()]
+            if not text.strip():
+                return ()
+            parts = text.split(",")
+            if any(not p.strip() for p in parts):
+                raise argparse.ArgumentTypeError(f"{name}: an empty entry in {text!r} (expected "
+                                                 f"comma-separated values, e.g. 64,64)")
             return tuple(scalar(p) for p in parts)
         return scalar(text)
 
