@@ -98,9 +98,11 @@ def test_iteration_count_matches_scipy(name, A, damping, device):
         assert ours.iterations == ref_iters
     else:
         # Past n iterations (cond ≥ 1e3 here) finite-precision CG has lost the orthogonality of its
-        # residuals, and two implementations' rounding sends their residual histories apart by
-        # tens of percent: the counts agree only to a few iterations.
-        assert abs(ours.iterations - ref_iters) <= 0.02 * ref_iters
+        # residuals, and rounding alone moves the count: perturbing cond1e4's matrix by 1e-15 of
+        # its largest entry gave 274–289 iterations for ours and 276–295 for scipy's (8 draws),
+        # and the matrix itself comes from LAPACK, whose last bits differ between CPUs.  So the
+        # counts agree only to within that spread.
+        assert abs(ours.iterations - ref_iters) <= 0.08 * ref_iters
     np.testing.assert_allclose(ours.x.cpu().numpy(), ref, rtol=0,
                                atol=1e-8 * np.linalg.cond(Ad) * np.linalg.norm(ref))
 
