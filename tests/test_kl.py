@@ -16,7 +16,7 @@ from trpo_ext._reference import (
     surrogate_kl_diag_gaussian_reference,
 )
 
-from conftest import CUDA, TESTS, run_with_cpu_isa, run_with_env
+from conftest import CPU_ISAS, CUDA, TESTS, require_cpu_isa, run_with_cpu_isa, run_with_env
 
 DTYPES = [torch.float32, torch.float64]
 F64 = torch.float64
@@ -228,12 +228,12 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 import trpo_ext
 from test_kl import categorical_inputs, gaussian_inputs
-out = {{}}
+out = {{"isa": trpo_ext.build_info()["cpu_isa"]}}
 for A in (1, 6, 17):
     args = gaussian_inputs(5003, A, torch.float32, "cpu")
     out["gauss", A] = (trpo_ext.surrogate_kl_diag_gaussian(*args),
                        trpo_ext.mean_kl_diag_gaussian(*args[:4]))
-for K in (2, 18, 40):
+for K in (2, 3, 9, 18, 40):
     args = categorical_inputs(3001, K, torch.float32, "cpu")
     out["cat", K] = (trpo_ext.surrogate_kl_categorical(*args),
                      trpo_ext.mean_kl_categorical(*args[:2]))
@@ -241,15 +241,18 @@ torch.save(out, {out!r})
 """
 
 
-@pytest.mark.parametrize("isa", ["baseline", "auto"])
+@pytest.mark.parametrize("isa", CPU_ISAS)
 def test_cpu_instruction_sets_agree(isa, tmp_path):
-    # The CPU row kernels are compiled for the x86-64 baseline and for AVX2 + FMA (chosen at run
-    # time; TRPO_EXT_CPU_ISA=baseline forces the baseline).  Each build, run in a subprocess, is
-    # held to the float64 reference of the same float32 inputs (the two builds may differ in the
-    # last bits: FMA contraction, the order of a row's sum).
+    # The CPU row kernels are compiled for the x86-64 baseline, for AVX2 + FMA and for AVX-512
+    # (the best the CPU has is chosen at run time; TRPO_EXT_CPU_ISA names a lower one).  Each
+    # build, run in a subprocess, is held to the float64 reference of the same float32 inputs (the
+    # builds may differ in the last bits: FMA contraction, the order of a row's sum).
+    require_cpu_isa(isa)
     out = tmp_path / "results.pt"
     run_with_cpu_isa(isa, _ISA_SCRIPT.format(tests=TESTS, out=str(out)))
     theirs = torch.load(out)
+    assert theirs.pop("isa") == (trpo_ext.build_info()["cpu_isa_supported"] if isa == "auto"
+                                 else isa)
     for (kind, width), (fused, kl) in theirs.items():
         if kind == "gauss":
             args = gaussian_inputs(5003, width, torch.float32, "cpu")
@@ -581,9 +584,11 @@ def test_constant_inputs_must_not_require_grad(index, name):
 
 # --- the CPU kernel's code paths: two classes, tiles of short rows, long rows ----------------------
 # K = 2 has its own closed form, 3 <= K <= 32 runs in tiles of 64 rows, K > 32 along each row;
-# batch sizes straddle the 64-row tiles and the 8 partial-sum lanes.
+# batch sizes straddle the 64-row tiles and the 8 or 16 partial-sum lanes.  The float tiles are
+# copied 8 rows at a time by 8×8 transposes (AVX2 and AVX-512 builds): K < 8 reads past a row and
+# stops 16 rows before the end of the batch, K > 8 and not a multiple of 8 overlaps its last block.
 
-CAT_PATH_K = [1, 2, 3, 18, 32, 33, 1000]
+CAT_PATH_K = [1, 2, 3, 7, 8, 9, 17, 18, 32, 33, 1000]
 
 
 def _cat_expected(lo, ln, act, lp, adv):

@@ -27,8 +27,12 @@ def build_info() -> dict:
 
     Returns a dict with ``cuda`` (bool: CUDA kernels compiled in), ``cuda_version`` (toolkit
     version string or None), ``cuda_archs`` (the ``TORCH_CUDA_ARCH_LIST`` used, or None),
-    ``torch`` (the torch version it was built against, major.minor) and ``cuda_available``
-    (whether a GPU can be used now: compiled in and ``torch.cuda.is_available()``).
+    ``torch`` (the torch version it was built against, major.minor), ``cuda_available``
+    (whether a GPU can be used now: compiled in and ``torch.cuda.is_available()``), ``cpu_isa``
+    (the instruction set the CPU kernels of the KL ops and the networks run with: "baseline",
+    "avx2" or "avx512"; the best this CPU offers unless the environment variable
+    ``TRPO_EXT_CPU_ISA`` named a lower one when the extension was loaded) and
+    ``cpu_isa_supported`` (the best this CPU offers).
     """
     with_cuda = bool(_C.with_cuda)
     return {
@@ -37,4 +41,6 @@ def build_info() -> dict:
         "cuda_archs": _C.cuda_archs or None,
         "torch": f"{_C.torch_version_major}.{_C.torch_version_minor}",
         "cuda_available": with_cuda and torch.cuda.is_available(),
+        "cpu_isa": _C.cpu_isa,
+        "cpu_isa_supported": _C.cpu_isa_supported,
     }

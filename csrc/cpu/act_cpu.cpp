@@ -2,9 +2,9 @@
 // linearisation (trpo_ext/policies.py, Linearization) needs both for every hidden layer — for the
 // critic's gradient per minibatch, the Fisher-vector products and the policy gradient — where
 // torch.tanh followed by 1 − y² costs three passes and, on the project's VM, ~4.6 ns per element
-// for tanh alone.  float uses vmath.h's branch-free vtanh (compiled for the x86-64 baseline and for
-// AVX2 + FMA, picked at run time as the KL kernels are); float64 uses std::tanh.  Elements are
-// independent, so the result does not depend on the thread count.
+// for tanh alone.  float uses vmath.h's branch-free vtanh (compiled for the x86-64 baseline, for
+// AVX2 + FMA and for AVX-512, picked at run time as the KL kernels are); float64 uses std::tanh.
+// Elements are independent, so the result does not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -35,6 +35,13 @@ namespace isa_avx2 {
 #include "act_cpu_kernels.h"
 }  // namespace isa_avx2
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+namespace isa_avx512 {
+#include "vmath.h"
+#include "act_cpu_kernels.h"
+}  // namespace isa_avx512
+#pragma GCC pop_options
 #endif
 
 
@@ -50,7 +57,11 @@ std::tuple<at::Tensor, at::Tensor> tanh_and_derivative_cpu(const at::Tensor& x_i
     scalar_t* dp = d.data_ptr<scalar_t>();
     at::parallel_for(0, n, 32768, [&](int64_t i0, int64_t i1) {
 #ifdef TRPO_ACT_HAVE_AVX2
-      if (cpu_avx2_fma_selected()) {
+      if (cpu_isa_selected() == CpuIsa::kAvx512) {
+        isa_avx512::tanh_deriv_range<scalar_t>(xp + i0, yp + i0, dp + i0, i1 - i0);
+        return;
+      }
+      if (cpu_isa_selected() == CpuIsa::kAvx2) {
         isa_avx2::tanh_deriv_range<scalar_t>(xp + i0, yp + i0, dp + i0, i1 - i0);
         return;
       }

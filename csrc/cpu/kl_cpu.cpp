@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -136,6 +137,7 @@ struct CategoricalPtrs {
   const void* actions;         // [B] int64 or int32, surrogate only
   const scalar_t* logp_old;    // [B], surrogate only
   const scalar_t* advantages;  // [B], surrogate only
+  int64_t B;
   int64_t K;
 };
 
@@ -146,18 +148,19 @@ CategoricalPtrs<scalar_t> categorical_ptrs(const kl::CategoricalInputs& in) {
           in.surrogate ? in.actions.data_ptr() : nullptr,
           in.surrogate ? in.logp_old.data_ptr<scalar_t>() : nullptr,
           in.surrogate ? in.advantages.data_ptr<scalar_t>() : nullptr,
+          in.B,
           in.K};
 }
 
 // --- the vectorised row kernels -------------------------------------------------------------
 //
 // The row kernels (kl_cpu_kernels.h: categorical rows, and the Gaussian rows of a state-independent
-// log_std), compiled twice: for the x86-64 baseline and for AVX2 + FMA, chosen once at run time.
-// Each copy lives in its own namespace and has internal linkage (we are inside an anonymous
-// namespace), so the two never meet at link time.  The AVX2 copy also gets a few hand-written
+// log_std), compiled three times: for the x86-64 baseline, for AVX2 + FMA and for AVX-512, chosen
+// once at run time (cpu_isa.h).  Each copy lives in its own namespace and has internal linkage (we
+// are inside an anonymous namespace), so the copies never meet at link time.  The AVX2 copy also gets a few hand-written
 // intrinsics where GCC's vectoriser falls short (TRPO_KL_AVX2_KERNELS).  AVX2 machines and others
 // may differ in the last bits (FMA contraction, summation order inside a row); on one machine
-// results are reproducible.
+// and build results are reproducible.
 namespace isa_base {
 #include "vmath.h"
 #include "kl_cpu_kernels.h"
@@ -172,6 +175,17 @@ namespace isa_avx2 {
 #include "vmath.h"
 #include "kl_cpu_kernels.h"
 }  // namespace isa_avx2
+#pragma GCC pop_options
+// AVX-512 (F, VL, BW, DQ): the same source with 16-float vectors (GCC's generic tuning would keep
+// 256-bit ones), and the AVX2 intrinsics above, which AVX-512 machines also run.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+#define TRPO_KL_LANES 16
+namespace isa_avx512 {
+#include "vmath.h"
+#include "kl_cpu_kernels.h"
+}  // namespace isa_avx512
+#undef TRPO_KL_LANES
 #undef TRPO_KL_AVX2_KERNELS
 #pragma GCC pop_options
 #endif
@@ -266,7 +280,11 @@ Sums gaussian_forward_shared(const GaussianPtrs<scalar_t>& p, const GaussianColu
   }
   return reduce_blocks(B, A, [&](int64_t r0, int64_t r1) {
 #ifdef TRPO_KL_HAVE_AVX2
-    if (cpu_avx2_fma_selected()) {
+    if (cpu_isa_selected() == CpuIsa::kAvx512) {
+      return kSurrogate ? isa_avx512::gauss_surrogate_tiles<scalar_t, acc_t>(p, c, r0, r1)
+                        : isa_avx512::gauss_kl_sum<scalar_t, acc_t>(p, c, r0, r1);
+    }
+    if (cpu_isa_selected() == CpuIsa::kAvx2) {
       return kSurrogate ? isa_avx2::gauss_surrogate_tiles<scalar_t, acc_t>(p, c, r0, r1)
                         : isa_avx2::gauss_kl_sum<scalar_t, acc_t>(p, c, r0, r1);
     }
@@ -425,7 +443,10 @@ void check_actions_in_range(const kl::CategoricalInputs& in) {
 template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
 Sums categorical_forward_rows(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1) {
 #ifdef TRPO_KL_HAVE_AVX2
-  if (cpu_avx2_fma_selected()) {
+  if (cpu_isa_selected() == CpuIsa::kAvx512) {
+    return isa_avx512::cat_forward_rows<scalar_t, acc_t, index_t, kSurrogate>(p, r0, r1);
+  }
+  if (cpu_isa_selected() == CpuIsa::kAvx2) {
     return isa_avx2::cat_forward_rows<scalar_t, acc_t, index_t, kSurrogate>(p, r0, r1);
   }
 #endif
@@ -438,7 +459,12 @@ void categorical_backward_rows(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl
                                int64_t r1) {
   // grad_logits: [B, K]; grad_kl and grad_surrogate already carry the 1/B of the mean.
 #ifdef TRPO_KL_HAVE_AVX2
-  if (cpu_avx2_fma_selected()) {
+  if (cpu_isa_selected() == CpuIsa::kAvx512) {
+    isa_avx512::cat_backward_rows<scalar_t, acc_t, index_t, kSurrogate>(p, grad_kl, grad_surrogate,
+                                                                        grad_logits, r0, r1);
+    return;
+  }
+  if (cpu_isa_selected() == CpuIsa::kAvx2) {
     isa_avx2::cat_backward_rows<scalar_t, acc_t, index_t, kSurrogate>(p, grad_kl, grad_surrogate,
                                                                       grad_logits, r0, r1);
     return;
