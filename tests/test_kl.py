@@ -662,6 +662,22 @@ def test_categorical_paths_masked_classes(K, masked, dtype, device):
     torch.testing.assert_close(s.cpu().double(), (ratio * adv.cpu().double()).mean(), **tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [2, 3, 9, 18, 1000])
+@pytest.mark.parametrize("side", ["old", "new"])
+def test_categorical_paths_nan_logit_gives_nan(side, K, dtype, device):
+    # A NaN logit in one row makes the mean KL and its maximum NaN (torch.distributions agrees),
+    # on every path (the vectorised exps clamp their inputs, which must let NaN through).
+    lo, ln, act, lp, adv = categorical_inputs(150, K, dtype, device, seed=3)
+    (lo if side == "old" else ln)[77, K // 2] = float("nan")
+    assert torch.isnan(kl_divergence(Categorical(logits=lo.cpu().double(), validate_args=False),
+                                     Categorical(logits=ln.cpu().double(), validate_args=False)
+                                     ).mean())
+    assert torch.isnan(trpo_ext.mean_kl_categorical(lo, ln))
+    _, k, m = trpo_ext.surrogate_kl_categorical(lo, ln, act, lp, adv)
+    assert torch.isnan(k) and torch.isnan(m)
+
+
 @pytest.mark.parametrize("K", [2, 18, 1000])
 def test_categorical_paths_non_contiguous(K, device):
     lo, ln, act, lp, adv = categorical_inputs(50, K, torch.float32, device)

@@ -181,10 +181,12 @@ namespace isa_avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
 #define TRPO_KL_LANES 16
+#define TRPO_KL_AVX512_KERNELS 1
 namespace isa_avx512 {
 #include "vmath.h"
 #include "kl_cpu_kernels.h"
 }  // namespace isa_avx512
+#undef TRPO_KL_AVX512_KERNELS
 #undef TRPO_KL_LANES
 #undef TRPO_KL_AVX2_KERNELS
 #pragma GCC pop_options
