@@ -988,6 +988,18 @@ def test_categorical_out_of_range_action_cpu(bad):
         torch.ops.trpo_ext.kl_categorical_backward(g, g, args[0], args[1], *args[2:])
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("bad", [2, -1, "min"])
+def test_categorical_out_of_range_action_in_a_large_batch(bad, index_dtype):
+    # The CPU scans the actions in parallel blocks first; the message names the first bad one.
+    lo, ln, act, lp, adv = categorical_inputs(200_000, 2, torch.float32, index_dtype=index_dtype)
+    value = torch.iinfo(index_dtype).min if bad == "min" else bad
+    act[150_001] = value
+    act[199_999] = value
+    with pytest.raises(ValueError, match=rf"actions\[150001\] = {value} is out of range for K = 2"):
+        trpo_ext.surrogate_kl_categorical(lo, ln, act, lp, adv)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
 def test_categorical_out_of_range_action_cuda_gives_nan():
     args = categorical_inputs(10, 4, torch.float32, "cuda")

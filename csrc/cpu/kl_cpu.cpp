@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -429,11 +430,22 @@ std::tuple<at::Tensor, at::Tensor> kl_diag_gaussian_backward_cpu(
 
 // --- categorical -------------------------------------------------------------------------------
 
-// The CPU reads every action before any arithmetic: an out-of-range index is an error here.
+// The CPU reads every action before any arithmetic: an out-of-range index is an error here.  A
+// branch-free scan over blocks in parallel (it vectorises; the per-element check with its message
+// cost ~1 ns an action, a third of the fused K = 2 pass), then, only if one is out of range, a
+// search for the first for the message.
 void check_actions_in_range(const kl::CategoricalInputs& in) {
   dispatch_index(in.actions.scalar_type(), [&](auto tag) {
     using index_t = decltype(tag);
     const index_t* a = in.actions.data_ptr<index_t>();
+    const uint64_t K = static_cast<uint64_t>(in.K);
+    std::atomic<bool> bad{false};
+    at::parallel_for(0, in.B, 1 << 16, [&](int64_t i0, int64_t i1) {
+      bool out = false;  // as unsigned, a negative index is out of range too
+      for (int64_t i = i0; i < i1; ++i) out |= static_cast<uint64_t>(static_cast<int64_t>(a[i])) >= K;
+      if (out) bad.store(true, std::memory_order_relaxed);
+    });
+    if (!bad.load()) return;
     for (int64_t i = 0; i < in.B; ++i) {
       TRPO_CHECK_VALUE(kl::action_in_range(a[i], in.K), "actions[", i, "] = ",
                        static_cast<int64_t>(a[i]), " is out of range for K = ", in.K,

@@ -222,11 +222,19 @@ inline void tile_stats(const acc_t* __restrict lo, const acc_t* __restrict ln, i
 // x = ℓ − max <= 0 only.  exp_nonpositive: Cody–Waite reduction by a rounded n, the same Taylor
 // polynomial, and 2ⁿ by vscalefps; lanes with x <= −87.5 (e^x < 1e-38, or a −inf logit) give 0, as
 // vexp's do below −87, NaN gives NaN.  About 14 instructions for 16 elements.
+// (The all-lanes masked forms: GCC 12's _mm512_max_ps and _mm512_roundscale_ps pass an undefined
+// vector through their mask argument and warn "may be used uninitialized" at every inlined use.)
+constexpr __mmask16 kAll16 = 0xFFFF;
+
+// a > b ? a : b (b where either is NaN), as vmaxps.
+inline __m512 max16(__m512 a, __m512 b) { return _mm512_maskz_max_ps(kAll16, a, b); }
+
 inline __m512 exp_nonpositive(__m512 x, __mmask16& live) {
   live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.5f), _CMP_NLE_UQ);  // NaN stays live
-  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-87.5f), x);       // NaN passes through
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 xc = max16(_mm512_set1_ps(-87.5f), x);  // NaN passes through
+  const __m512 n =
+      _mm512_maskz_roundscale_ps(kAll16, _mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
@@ -247,8 +255,8 @@ inline void tile_stats(const float* __restrict lo, const float* __restrict ln, i
   for (int v = 0; v < kTileRows; v += 16) {
     __m512 mo = _mm512_loadu_ps(lo + v), mn = _mm512_loadu_ps(ln + v);
     for (int64_t k = 1; k < K; ++k) {
-      mo = _mm512_max_ps(_mm512_loadu_ps(lo + k * kTileRows + v), mo);
-      mn = _mm512_max_ps(_mm512_loadu_ps(ln + k * kTileRows + v), mn);
+      mo = max16(_mm512_loadu_ps(lo + k * kTileRows + v), mo);
+      mn = max16(_mm512_loadu_ps(ln + k * kTileRows + v), mn);
     }
     __m512 so = _mm512_setzero_ps(), cr = _mm512_setzero_ps(), sn = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; ++k) {
@@ -378,17 +386,17 @@ void cat_backward_tiles(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl, acc_t
 template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
 Sums cat_forward_binary(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1) {
   acc_t kl_rows[kTileRows], surrogate_rows[kTileRows];
-  acc_t logit_action[kTileRows], logp_old[kTileRows], advantage[kTileRows];
   LaneSums<acc_t> s;
   lanes_init(s);
   for (int64_t row0 = r0; row0 < r1; row0 += kTileRows) {
     const int n = static_cast<int>(std::min<int64_t>(kTileRows, r1 - row0));
     const scalar_t* __restrict lo = p.logits_old + row0 * 2;
     const scalar_t* __restrict ln = p.logits_new + row0 * 2;
-    if (kSurrogate) {
-      tile_surrogate_inputs<scalar_t, acc_t, index_t>(p, row0, n, logit_action, logp_old,
-                                                      advantage);
-    }
+    // (surrogate only) the taken actions, already checked to be 0 or 1: the taken logit is a
+    // select, not a gather, so that the loop vectorises
+    const index_t* __restrict act = static_cast<const index_t*>(p.actions) + row0;
+    const scalar_t* __restrict lp = p.logp_old + row0;
+    const scalar_t* __restrict adv = p.advantages + row0;
     for (int i = 0; i < n; ++i) {
       const acc_t lo0 = static_cast<acc_t>(lo[2 * i]), lo1 = static_cast<acc_t>(lo[2 * i + 1]);
       const acc_t ln0 = static_cast<acc_t>(ln[2 * i]), ln1 = static_cast<acc_t>(ln[2 * i + 1]);
@@ -409,8 +417,10 @@ Sums cat_forward_binary(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t 
       kl_rows[i] = (p0 == acc_t(0) ? acc_t(0) : p0 * r0_) + (p1 == acc_t(0) ? acc_t(0) : p1 * r1_);
       if (kSurrogate) {
         // log π_new(a) = ℓ_new,a − max(ℓ_new) − log(1 + e_new)
-        const acc_t logp = (logit_action[i] - std::max(ln0, ln1)) - vlog(one_new);
-        surrogate_rows[i] = vexp(logp - logp_old[i]) * advantage[i];
+        const acc_t logit_action = act[i] == 0 ? ln0 : ln1;
+        const acc_t logp = (logit_action - std::max(ln0, ln1)) - vlog(one_new);
+        surrogate_rows[i] =
+            vexp(logp - static_cast<acc_t>(lp[i])) * static_cast<acc_t>(adv[i]);
       }
     }
     lanes_add<acc_t, kSurrogate>(s, kl_rows, surrogate_rows, n);
