@@ -23,7 +23,7 @@ class TRPOConfig:
     async_envs: bool = _f(False, "step each environment in its own subprocess (gymnasium AsyncVectorEnv)")
     env_workers: int = _f(0, "worker processes stepping shares of the environments alongside this one; "
                              "0: all in this process; -1: auto (one per spare CPU core when an env "
-                             "step takes > 60 µs)")
+                             "step takes > 7 µs)")
     normalize_obs: bool = _f(True, "normalise observations with running mean/std")
     # the TRPO step
     max_kl: float = _f(0.01, "trust-region radius δ on the mean KL(π_old ‖ π_new)")

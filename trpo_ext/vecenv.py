@@ -49,9 +49,13 @@ EnvSpec = Union[str, Callable[[], Any]]
 
 # A worker pays off when the steps it takes over cost clearly more than its round trip (a few µs
 # of semaphore handshake and copies, a process wake-up after each learner update; a pickled pipe
-# message each way where the spaces keep steps off shared memory).  Measured on a 2-core VM:
-# CartPole ~10 µs a step (workers lose), MuJoCo HalfCheetah/Hopper ~150–300 µs (workers win).
-_MIN_STEP_SECONDS = 60e-6
+# message each way where the spaces keep steps off shared memory).  Measured with one worker and 8
+# environments on the 2-vCPU Intel VM (2026-12-05; probe, then train(env, 20480) twice each):
+# CartPole 5 µs a step, 0.46–0.50 s against 0.46–0.48 s in one process (even); Pendulum 8.5 µs,
+# 0.48–0.50 against 0.55–0.56 s; InvertedPendulum 17 µs, 0.73–0.75 against 0.86 s; HalfCheetah
+# 31 µs, 0.97–0.98 against 1.16–1.17 s; Hopper 81 µs, 1.44 against 2.11 s.  (On the earlier AMD
+# VM, before the shared-memory steps, the line was drawn at 60 µs.)
+_MIN_STEP_SECONDS = 7e-6
 
 
 def usable_cpus() -> int:
@@ -83,7 +87,7 @@ def _probe_step_seconds(make_env: Callable[[], Any], steps: int = 64) -> float:
 
 def choose_workers(env: EnvSpec, make_env: Callable[[], Any], n_envs: int, requested: int) -> int:
     """Worker processes for ``n_envs`` environments: ``requested`` when >= 0, else (auto) one per
-    spare CPU core when one step of the environment takes over 60 µs and ``env`` can be sent to a
+    spare CPU core when one step of the environment takes over 7 µs and ``env`` can be sent to a
     process (a gymnasium id or a picklable callable); 0 otherwise."""
     if requested >= 0:
         return min(requested, max(n_envs - 1, 0))
