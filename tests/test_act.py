@@ -1,5 +1,5 @@
-"""tanh_and_derivative: (tanh(x), 1 − tanh(x)²) against float64 torch.tanh, special values, every CPU
-build, layouts, opcheck and bad input."""
+"""tanh_and_derivative: (tanh(x), 1 − tanh(x)²) against float64 torch.tanh, special values, every
+CPU build, layouts, opcheck and bad input."""
 import pytest
 import torch
 

@@ -1,8 +1,8 @@
 // Which build of a multiply-compiled CPU kernel file to run: the x86-64 baseline, AVX2 + FMA, or
-// AVX-512 (F, VL, BW, DQ; 512-bit vectors).  The best one the CPU has, unless the environment variable
-// TRPO_EXT_CPU_ISA asks for a lower one: "baseline", "avx2" or "avx512" (a level the CPU lacks falls
-// back to the best it has; any other value means the default).  Tests use it to check every build.
-// Read once per process.  (The CG solver's copy in cg_cpu.cpp asks for AVX2 without FMA and ships
+// AVX-512 (F, VL, BW, DQ; 512-bit vectors).  The best one the CPU has, unless the environment
+// variable TRPO_EXT_CPU_ISA asks for a lower one: "baseline", "avx2" or "avx512" (a level the CPU
+// lacks falls back to the best it has; any other value means the default).  Tests use it to check
+// every build.  Read once per process.  (The CG solver's copy in cg_cpu.cpp asks for AVX2 without FMA and ships
 // alone to CMake consumers; it knows only "baseline".)
 #pragma once
 
@@ -17,7 +17,9 @@ enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 inline CpuIsa cpu_isa_supported() {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   static const CpuIsa best = [] {
-    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return CpuIsa::kBaseline;
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) {
+      return CpuIsa::kBaseline;
+    }
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
       return CpuIsa::kAvx512;

@@ -158,8 +158,9 @@ CategoricalPtrs<scalar_t> categorical_ptrs(const kl::CategoricalInputs& in) {
 // The row kernels (kl_cpu_kernels.h: categorical rows, and the Gaussian rows of a state-independent
 // log_std), compiled three times: for the x86-64 baseline, for AVX2 + FMA and for AVX-512, chosen
 // once at run time (cpu_isa.h).  Each copy lives in its own namespace and has internal linkage (we
-// are inside an anonymous namespace), so the copies never meet at link time.  The AVX2 copy also gets a few hand-written
-// intrinsics where GCC's vectoriser falls short (TRPO_KL_AVX2_KERNELS).  AVX2 machines and others
+// are inside an anonymous namespace), so the copies never meet at link time.  The AVX2 and
+// AVX-512 copies also get a few hand-written intrinsics where GCC's vectoriser falls short
+// (TRPO_KL_AVX2_KERNELS, and TRPO_KL_AVX512_KERNELS for the AVX-512 copy's categorical tiles).  AVX2 machines and others
 // may differ in the last bits (FMA contraction, summation order inside a row); on one machine
 // and build results are reproducible.
 namespace isa_base {
@@ -442,7 +443,9 @@ void check_actions_in_range(const kl::CategoricalInputs& in) {
     std::atomic<bool> bad{false};
     at::parallel_for(0, in.B, 1 << 16, [&](int64_t i0, int64_t i1) {
       bool out = false;  // as unsigned, a negative index is out of range too
-      for (int64_t i = i0; i < i1; ++i) out |= static_cast<uint64_t>(static_cast<int64_t>(a[i])) >= K;
+      for (int64_t i = i0; i < i1; ++i) {
+        out |= static_cast<uint64_t>(static_cast<int64_t>(a[i])) >= K;
+      }
       if (out) bad.store(true, std::memory_order_relaxed);
     });
     if (!bad.load()) return;

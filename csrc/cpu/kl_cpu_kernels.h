@@ -3,8 +3,8 @@
 // SIMD code.  This file is included three times by kl_cpu.cpp: once plainly (the x86-64 baseline,
 // SSE2), once under `#pragma GCC target("avx2,fma")` and once for AVX-512, the last two with
 // TRPO_KL_AVX2_KERNELS defined (which adds a few AVX2 intrinsics), each time inside its own
-// namespace, so that one source gives every instruction set and kl_cpu.cpp picks one at run time.  It therefore has no include guard and
-// includes nothing itself.
+// namespace, so that one source gives every instruction set and kl_cpu.cpp picks one at run time.
+// It therefore has no include guard and includes nothing itself.
 //
 // Why these kernels (and vmath.h's exp/log, included just before this file) are CPU-only and not
 // in kl.h: the GPU computes one element per lane with the accurate libdevice expf/logf, which costs
@@ -21,8 +21,8 @@
 constexpr int kTileRows = 64;
 constexpr int64_t kTileMaxK = 32;
 // Lanes of the partial sums: one vector of floats (16 in the AVX-512 build, which defines
-// TRPO_KL_LANES; with 8 there GCC split and recombined the lane loops across 16-float vectors and the
-// Gaussian mean KL ran 2.4× slower).
+// TRPO_KL_LANES; with 8 there GCC split and recombined the lane loops across 16-float vectors, and
+// the Gaussian mean KL ran 2.4× slower).
 #ifdef TRPO_KL_LANES
 constexpr int kLanes = TRPO_KL_LANES;
 #else
@@ -135,10 +135,11 @@ inline void tile_load_rows8(const float* __restrict src, int64_t K, float* __res
     const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
     const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
     const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    const __m256 c[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
-                         _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
-                         _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
-                         _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+    const __m256 c[8] = {
+        _mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+        _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+        _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+        _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
     const int cols = K >= 8 ? 8 : static_cast<int>(K);
     for (int j = 0; j < cols; ++j) _mm256_storeu_ps(out + (kk + j) * kTileRows, c[j]);
   }
