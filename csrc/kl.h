@@ -171,14 +171,15 @@ TRPO_HD void cat_push(CatRow<acc_t>& r, acc_t logit_old, acc_t logit_new) {
   } else {
     // A −inf logit (a masked class) adds nothing: not exp(−inf − (−inf)) = NaN while the partial is
     // still empty, and not 0 · (−inf − ℓ_new) = NaN to the cross term (torch.distributions agrees).
-    const acc_t e = logit_old > neg_inf<acc_t>() ? k_exp(logit_old - r.max_old) : acc_t(0);
+    // A NaN logit (no comparison holds for it) lands here and makes the sums NaN, as in torch.
+    const acc_t e = logit_old == neg_inf<acc_t>() ? acc_t(0) : k_exp(logit_old - r.max_old);
     r.sum_old += e;
     r.cross += e == acc_t(0) ? acc_t(0) : e * diff;
   }
   if (logit_new > r.max_new) {
     r.sum_new = r.sum_new * k_exp(r.max_new - logit_new) + acc_t(1);
     r.max_new = logit_new;
-  } else if (logit_new > neg_inf<acc_t>()) {
+  } else if (logit_new != neg_inf<acc_t>()) {
     r.sum_new += k_exp(logit_new - r.max_new);
   }
 }
