@@ -41,6 +41,11 @@ timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider -n 8 -k "c
 
 stage "bench_kl"
 timeout 90 python3 benchmarks/bench_kl.py --device cuda 2>&1 | tee "$OUT/bench_kl.log" | tail -45
+# The tiled categorical kernel with the two-pass row (opt-in until measured faster; its test ran in
+# the CUDA tests above): the categorical rows only.
+stage "bench_kl, TRPO_EXT_KL_CUDA_CAT_TWO_PASS=1"
+TRPO_EXT_KL_CUDA_CAT_TWO_PASS=1 timeout 90 python3 benchmarks/bench_kl.py --device cuda 2>&1 \
+    | tee "$OUT/bench_kl_two_pass.log" | grep -E "^#|cat " | tail -14
 stage "gpu_driver"
 timeout 60 python3 benchmarks/gpu_driver.py 2>&1 | grep -v "settotalmass\|^$" \
     | tee "$OUT/gpu_driver.log" | tail -20

@@ -791,6 +791,54 @@ def test_cuda_tiled_path_matches_reference_and_g_lane_path(case, dtype, g_lane_r
     assert float(kl) == 0.0 and float(max_kl) == 0.0 and float(kl_only) == 0.0
 
 
+# TRPO_EXT_KL_CUDA_CAT_TWO_PASS=1 (read once per process) gives the tiled categorical kernel a
+# two-pass row (maxima first, then branch-free sums) in place of the online log-sum-exp; it runs in a
+# subprocess, on the tiled categorical cases above and on masked, NaN and identical rows.
+_TWO_PASS_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_kl import DTYPES, TILE_CASES, _tile_case_inputs, _tile_case_outputs
+out = {{}}
+for case in TILE_CASES:
+    if case[0] != "cat" or case[2] > 32:
+        continue
+    for dtype in DTYPES:
+        args = _tile_case_inputs(*case, dtype, "cuda")
+        same = [args[0], args[0]] + list(args[2:])
+        masked = [a.clone() for a in args]
+        masked[0][:, 0] = float("-inf")
+        masked[1][:, 0] = float("-inf")
+        masked[2] = torch.where(masked[2] == 0, torch.ones_like(masked[2]), masked[2])
+        nan = [a.clone() for a in args]
+        nan[1][case[1] // 2, case[2] // 2] = float("nan")
+        out[case + (str(dtype),)] = [[t.cpu() for t in _tile_case_outputs("cat", a)]
+                                     for a in (args, same, masked, nan)]
+torch.save(out, {out!r})
+"""
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build of trpo_ext")
+def test_cuda_tiled_two_pass_row_matches_reference(tmp_path):
+    out = tmp_path / "two_pass.pt"
+    run_with_env({"TRPO_EXT_KL_CUDA_CAT_TWO_PASS": "1"},
+                 _TWO_PASS_SCRIPT.format(tests=TESTS, out=str(out)), timeout=300)
+    results = torch.load(out)
+    assert results
+    for (kind, B, K, per_state, dtype_name), (got, same, masked, nan) in results.items():
+        dtype = F64 if dtype_name == str(F64) else torch.float32
+        args = _tile_case_inputs(kind, B, K, per_state, dtype, "cpu")
+        to64 = [t.double() if t.is_floating_point() else t for t in args]
+        ref = surrogate_kl_categorical_reference(*to64)
+        for g, e in zip(got, (*ref, ref[1])):
+            torch.testing.assert_close(g.double(), e, **tol(dtype), msg=lambda m: f"B{B} K{K}: {m}")
+        assert float(same[1]) == 0.0 and float(same[2]) == 0.0 and float(same[3]) == 0.0
+        lo, ln = to64[0].clone(), to64[1].clone()
+        lo[:, 0] = ln[:, 0] = float("-inf")
+        kl_rows = kl_divergence(Categorical(logits=lo), Categorical(logits=ln))
+        torch.testing.assert_close(masked[1].double(), kl_rows.mean(), **tol(dtype))
+        assert torch.isnan(nan[1]) and torch.isnan(nan[2]) and torch.isnan(nan[3])
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build of trpo_ext")
 @pytest.mark.parametrize("K", [3, 18, 32])
 def test_cuda_tiled_path_out_of_range_action_gives_nan(K):

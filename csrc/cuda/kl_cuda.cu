@@ -23,7 +23,8 @@
 // thread reduces one row with a sequential loop (same kl.h helpers, same reduction and finish; the
 // two paths agree to rounding).  Per-state [B, A] log_stds and wider rows keep the G-lane kernels.
 // The environment variable TRPO_EXT_KL_CUDA_TILES=0 (read once per process) sends every forward
-// reduction down the G-lane path, to compare the two or to fall back.
+// reduction down the G-lane path, to compare the two or to fall back; TRPO_EXT_KL_CUDA_CAT_TWO_PASS=1
+// gives the tiled categorical kernel a two-pass row (cat_row_two_pass), to measure the two rows.
 //
 // Out-of-range class indices cannot be reported without a host synchronisation: the row's
 // log-probability becomes NaN (no out-of-bounds read), which makes the surrogate and its gradient
@@ -537,8 +538,38 @@ __global__ void __launch_bounds__(kThreads) kl_diag_gaussian_tiled_reduce_kernel
                              out_max_kl);
 }
 
+// The two-pass row of the tiled categorical kernel (kTwoPass, TRPO_EXT_KL_CUDA_CAT_TWO_PASS=1): the
+// two maxima first, then branch-free sums of exp(ℓ − max) and of the cross term, where kl::cat_push
+// rescales its running sums whenever a new maximum comes (a data-dependent branch, divergent
+// across a warp's rows).  One more pass over the row, in shared memory.  The same CatRow, to
+// rounding: a −inf logit adds nothing, a NaN one makes the sums NaN, identical rows give
+// identical sums.  Columns are visited in the rotated order of the one-pass loop.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ CatRow<acc_t> cat_row_two_pass(const scalar_t* lo, const scalar_t* ln,
+                                                          int W, int start) {
+  const acc_t neg_inf = kl::neg_inf<acc_t>();
+  acc_t max_old = neg_inf, max_new = neg_inf;
+  int k = start;
+  for (int n = 0; n < W; ++n) {
+    const acc_t a = static_cast<acc_t>(lo[k]), b = static_cast<acc_t>(ln[k]);
+    max_old = a > max_old ? a : max_old;
+    max_new = b > max_new ? b : max_new;
+    k = k + 1 == W ? 0 : k + 1;
+  }
+  CatRow<acc_t> r{max_old, acc_t(0), acc_t(0), max_new, acc_t(0)};
+  for (int n = 0; n < W; ++n) {
+    const acc_t a = static_cast<acc_t>(lo[k]), b = static_cast<acc_t>(ln[k]);
+    const acc_t e = a == neg_inf ? acc_t(0) : kl::k_exp(a - max_old);
+    r.sum_old += e;
+    r.cross += e == acc_t(0) ? acc_t(0) : e * (a - b);
+    r.sum_new += b == neg_inf ? acc_t(0) : kl::k_exp(b - max_new);
+    k = k + 1 == W ? 0 : k + 1;
+  }
+  return r;
+}
+
 // K ≤ 32 classes.  Dynamic shared memory: the tile's logits, old and new, each [R, K].
-template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
+template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate, bool kTwoPass>
 __global__ void __launch_bounds__(kThreads) kl_categorical_tiled_reduce_kernel(
     const scalar_t* __restrict__ logits_old,  // [B, K]
     const scalar_t* __restrict__ logits_new,  // [B, K]
@@ -576,10 +607,14 @@ __global__ void __launch_bounds__(kThreads) kl_categorical_tiled_reduce_kernel(
         const scalar_t* const lo = tile + threadIdx.x * W;
         const scalar_t* const ln = lo + stride;
         CatRow<acc_t> r = kl::cat_empty<acc_t>();
-        int k = start;
-        for (int n = 0; n < W; ++n) {
-          kl::cat_push<acc_t>(r, static_cast<acc_t>(lo[k]), static_cast<acc_t>(ln[k]));
-          k = k + 1 == W ? 0 : k + 1;
+        if (kTwoPass) {
+          r = cat_row_two_pass<scalar_t, acc_t>(lo, ln, W, start);
+        } else {
+          int k = start;
+          for (int n = 0; n < W; ++n) {
+            kl::cat_push<acc_t>(r, static_cast<acc_t>(lo[k]), static_cast<acc_t>(ln[k]));
+            k = k + 1 == W ? 0 : k + 1;
+          }
         }
         const acc_t kl_row = kl::cat_kl(r);
         sums.kl += static_cast<double>(kl_row);
@@ -706,6 +741,16 @@ bool kl_tiles_enabled() {
   return enabled;
 }
 
+// TRPO_EXT_KL_CUDA_CAT_TWO_PASS=1 gives the tiled categorical kernel the two-pass row
+// (cat_row_two_pass), to measure it against the one-pass row; read once per process.
+bool kl_cat_two_pass() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("TRPO_EXT_KL_CUDA_CAT_TWO_PASS");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return enabled;
+}
+
 // Dynamic shared memory of one block's tiles: under the 48 KB a block gets without opting in, less
 // 2 KB for the kernels' static shared memory (the reduction's scratch and the Gaussian's
 // per-dimension table, under 1 KB).
@@ -791,19 +836,28 @@ void categorical_forward_tiled(const kl::CategoricalInputs& in, const Outputs& o
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* const lo = in.logits_old.data_ptr<scalar_t>();
     const scalar_t* const ln = in.logits_new.data_ptr<scalar_t>();
-    if (in.surrogate) {
-      dispatch_index(in.actions.scalar_type(), [&](auto tag) {
-        using index_t = decltype(tag);
-        launch_tiled<scalar_t>(kl_categorical_tiled_reduce_kernel<scalar_t, acc_t, index_t, true>,
-                               in.logits_old, in.B, in.K, 2, out, lo, ln,
-                               in.actions.data_ptr<index_t>(), in.logp_old.data_ptr<scalar_t>(),
-                               in.advantages.data_ptr<scalar_t>());
-      });
+    const auto launch = [&](auto two_pass) {
+      constexpr bool kTwoPass = decltype(two_pass)::value;
+      if (in.surrogate) {
+        dispatch_index(in.actions.scalar_type(), [&](auto tag) {
+          using index_t = decltype(tag);
+          launch_tiled<scalar_t>(
+              kl_categorical_tiled_reduce_kernel<scalar_t, acc_t, index_t, true, kTwoPass>,
+              in.logits_old, in.B, in.K, 2, out, lo, ln, in.actions.data_ptr<index_t>(),
+              in.logp_old.data_ptr<scalar_t>(), in.advantages.data_ptr<scalar_t>());
+        });
+      } else {
+        const int64_t* const no_actions = nullptr;
+        const scalar_t* const none = nullptr;
+        launch_tiled<scalar_t>(
+            kl_categorical_tiled_reduce_kernel<scalar_t, acc_t, int64_t, false, kTwoPass>,
+            in.logits_old, in.B, in.K, 2, out, lo, ln, no_actions, none, none);
+      }
+    };
+    if (kl_cat_two_pass()) {
+      launch(std::true_type{});
     } else {
-      const int64_t* const no_actions = nullptr;
-      const scalar_t* const none = nullptr;
-      launch_tiled<scalar_t>(kl_categorical_tiled_reduce_kernel<scalar_t, acc_t, int64_t, false>,
-                             in.logits_old, in.B, in.K, 2, out, lo, ln, no_actions, none, none);
+      launch(std::false_type{});
     }
   });
 }
