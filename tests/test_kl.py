@@ -792,8 +792,8 @@ def test_cuda_tiled_path_matches_reference_and_g_lane_path(case, dtype, g_lane_r
 
 
 # TRPO_EXT_KL_CUDA_CAT_TWO_PASS=1 (read once per process) gives the tiled categorical kernel a
-# two-pass row (maxima first, then branch-free sums) in place of the online log-sum-exp; it runs in a
-# subprocess, on the tiled categorical cases above and on masked, NaN and identical rows.
+# two-pass row (maxima first, then branch-free sums) in place of the online log-sum-exp; it runs in
+# a subprocess, on the tiled categorical cases above and on masked, NaN and identical rows.
 _TWO_PASS_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})

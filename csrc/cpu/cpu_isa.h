@@ -2,8 +2,8 @@
 // AVX-512 (F, VL, BW, DQ; 512-bit vectors).  The best one the CPU has, unless the environment
 // variable TRPO_EXT_CPU_ISA asks for a lower one: "baseline", "avx2" or "avx512" (a level the CPU
 // lacks falls back to the best it has; any other value means the default).  Tests use it to check
-// every build.  Read once per process.  (The CG solver's copy in cg_cpu.cpp asks for AVX2 without FMA and ships
-// alone to CMake consumers; it knows only "baseline".)
+// every build.  Read once per process.  (The CG solver's copy in cg_cpu.cpp asks for AVX2 without
+// FMA and ships alone to CMake consumers; it knows only "baseline".)
 #pragma once
 
 #include <cstdlib>

@@ -160,9 +160,9 @@ CategoricalPtrs<scalar_t> categorical_ptrs(const kl::CategoricalInputs& in) {
 // once at run time (cpu_isa.h).  Each copy lives in its own namespace and has internal linkage (we
 // are inside an anonymous namespace), so the copies never meet at link time.  The AVX2 and
 // AVX-512 copies also get a few hand-written intrinsics where GCC's vectoriser falls short
-// (TRPO_KL_AVX2_KERNELS, and TRPO_KL_AVX512_KERNELS for the AVX-512 copy's categorical tiles).  AVX2 machines and others
-// may differ in the last bits (FMA contraction, summation order inside a row); on one machine
-// and build results are reproducible.
+// (TRPO_KL_AVX2_KERNELS, and TRPO_KL_AVX512_KERNELS for the AVX-512 copy's categorical tiles).
+// The builds may differ in the last bits (FMA contraction, summation order inside a row); on one
+// machine and build, results are reproducible.
 namespace isa_base {
 #include "vmath.h"
 #include "kl_cpu_kernels.h"

@@ -23,8 +23,9 @@
 // thread reduces one row with a sequential loop (same kl.h helpers, same reduction and finish; the
 // two paths agree to rounding).  Per-state [B, A] log_stds and wider rows keep the G-lane kernels.
 // The environment variable TRPO_EXT_KL_CUDA_TILES=0 (read once per process) sends every forward
-// reduction down the G-lane path, to compare the two or to fall back; TRPO_EXT_KL_CUDA_CAT_TWO_PASS=1
-// gives the tiled categorical kernel a two-pass row (cat_row_two_pass), to measure the two rows.
+// reduction down the G-lane path, to compare the two or to fall back;
+// TRPO_EXT_KL_CUDA_CAT_TWO_PASS=1 gives the tiled categorical kernel a two-pass row
+// (cat_row_two_pass), to measure the two rows.
 //
 // Out-of-range class indices cannot be reported without a host synchronisation: the row's
 // log-probability becomes NaN (no out-of-bounds read), which makes the surrogate and its gradient
