@@ -439,13 +439,10 @@ void check_actions_in_range(const kl::CategoricalInputs& in) {
   dispatch_index(in.actions.scalar_type(), [&](auto tag) {
     using index_t = decltype(tag);
     const index_t* a = in.actions.data_ptr<index_t>();
-    const uint64_t K = static_cast<uint64_t>(in.K);
     std::atomic<bool> bad{false};
     at::parallel_for(0, in.B, 1 << 16, [&](int64_t i0, int64_t i1) {
-      bool out = false;  // as unsigned, a negative index is out of range too
-      for (int64_t i = i0; i < i1; ++i) {
-        out |= static_cast<uint64_t>(static_cast<int64_t>(a[i])) >= K;
-      }
+      bool out = false;
+      for (int64_t i = i0; i < i1; ++i) out |= !kl::action_in_range(a[i], in.K);
       if (out) bad.store(true, std::memory_order_relaxed);
     });
     if (!bad.load()) return;
