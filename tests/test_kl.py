@@ -111,8 +111,11 @@ def test_categorical_matches_distributions(B, K, dtype, device):
         torch.testing.assert_close(g.cpu().double(), e, **tol(dtype))
 
 
-def test_int32_actions_match_int64(device):
-    args = categorical_inputs(300, 5, F64, device)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [2, 5, 18])
+def test_int32_actions_match_int64(K, dtype, device):
+    # (K = 2 reads the actions as vectors in the AVX-512 build, 16 rows a step)
+    args = categorical_inputs(300, K, dtype, device)
     ref = trpo_ext.surrogate_kl_categorical(*args)
     args[2] = args[2].to(torch.int32)
     got = trpo_ext.surrogate_kl_categorical(*args)

@@ -173,13 +173,62 @@ inline void tile_load(const scalar_t* x, int64_t K_runtime, int64_t B, int64_t r
   }
 }
 
+// Software prefetch of the next tile's rows (both logit matrices), a few cache lines at each step
+// of this tile's exponential pass.  Without it the tile copy found its rows in memory, not in the
+// cache: the hardware prefetchers run only a little ahead of a stream and stop at page boundaries,
+// while a tile's arithmetic leaves the memory idle, and K = 18 spent about as long waiting for the
+// copies as computing (B = 10⁶ in 26 ns a row on one thread, against 14 ns in cache).  Spread over
+// the steps rather than issued at once: a burst of prefetches fills the line-fill buffers and
+// stalls the core as the loads themselves did.
+struct TilePrefetch {
+  const char* old_rows = nullptr;  // the next tile's first line in each matrix
+  const char* new_rows = nullptr;
+  int64_t lines = 0;     // lines per matrix (0: nothing to prefetch)
+  int64_t per_step = 0;  // lines per matrix per step
+};
+
+inline uintptr_t line_floor(const void* x) { return reinterpret_cast<uintptr_t>(x) & ~uintptr_t(63); }
+
+// The next tile after the one at row0, spread over `steps` steps (none past row B).
+template <typename scalar_t>
+inline TilePrefetch next_tile_prefetch(const CategoricalPtrs<scalar_t>& p, int64_t row0, int64_t K,
+                                       int64_t steps) {
+  TilePrefetch f;
+  const int64_t next = row0 + kTileRows;
+  if (next >= p.B) return f;
+  const int64_t bytes = std::min<int64_t>(kTileRows, p.B - next) * K *
+                        static_cast<int64_t>(sizeof(scalar_t));
+  const scalar_t* a = p.logits_old + next * K;
+  const uintptr_t first = line_floor(a);
+  f.old_rows = reinterpret_cast<const char*>(first);
+  f.new_rows = reinterpret_cast<const char*>(line_floor(p.logits_new + next * K));
+  // lines covering [a, a + bytes) (the two matrices may sit differently against the lines: the
+  // new one's count is at most one more, and its last line is the next row's, harmless)
+  f.lines = (static_cast<int64_t>(reinterpret_cast<uintptr_t>(a) - first) + bytes + 63) / 64 + 1;
+  f.per_step = (f.lines + steps - 1) / steps;
+  return f;
+}
+
+inline void prefetch_step(const TilePrefetch& f, int64_t step) {
+  const int64_t end = std::min(f.lines, (step + 1) * f.per_step);
+  for (int64_t l = step * f.per_step; l < end; ++l) {
+    __builtin_prefetch(f.old_rows + 64 * l);
+    __builtin_prefetch(f.new_rows + 64 * l);
+  }
+}
+
 // Row maxima, then Σ exp(ℓ − max) and Σ exp(ℓ_old − max_old)(ℓ_old − ℓ_new), then the logs of the
 // sums.  Two passes over the (cache-resident) tile instead of an online log-sum-exp: no rescaling,
 // no branches.  A class with p_old = 0 (a −inf old logit) adds nothing to the cross term, as in
 // torch.distributions, rather than 0 · ∞ = NaN.
 template <typename acc_t>
+inline int64_t tile_stats_steps(int64_t K) {
+  return K;
+}
+
+template <typename acc_t>
 inline void tile_stats(const acc_t* __restrict lo, const acc_t* __restrict ln, int64_t K,
-                       Tile<acc_t>& __restrict t) {
+                       Tile<acc_t>& __restrict t, const TilePrefetch& f) {
   // Local copies and __restrict: without them GCC cannot rule out that the scratch and the
   // statistics overlap and falls back to scalar code for the maxima.
   acc_t mo[kTileRows], mn[kTileRows], so[kTileRows], cr[kTileRows], sn[kTileRows];
@@ -197,6 +246,7 @@ inline void tile_stats(const acc_t* __restrict lo, const acc_t* __restrict ln, i
   }
   for (int i = 0; i < kTileRows; ++i) so[i] = cr[i] = sn[i] = acc_t(0);
   for (int64_t k = 0; k < K; ++k) {
+    prefetch_step(f, k);
     const acc_t* __restrict a = lo + k * kTileRows;
     const acc_t* __restrict b = ln + k * kTileRows;
     for (int i = 0; i < kTileRows; ++i) {
@@ -251,8 +301,13 @@ inline __m512 exp_nonpositive(__m512 x, __mmask16& live) {
 
 // tile_stats for float tiles: 16 rows a vector, the same two passes, the cross term only where
 // p_old is not 0.
+template <>
+inline int64_t tile_stats_steps<float>(int64_t K) {
+  return (kTileRows / 16) * K;
+}
+
 inline void tile_stats(const float* __restrict lo, const float* __restrict ln, int64_t K,
-                       Tile<float>& __restrict t) {
+                       Tile<float>& __restrict t, const TilePrefetch& f) {
   for (int v = 0; v < kTileRows; v += 16) {
     __m512 mo = _mm512_loadu_ps(lo + v), mn = _mm512_loadu_ps(ln + v);
     for (int64_t k = 1; k < K; ++k) {
@@ -261,6 +316,7 @@ inline void tile_stats(const float* __restrict lo, const float* __restrict ln, i
     }
     __m512 so = _mm512_setzero_ps(), cr = _mm512_setzero_ps(), sn = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; ++k) {
+      prefetch_step(f, (v / 16) * K + k);
       const __m512 a = _mm512_loadu_ps(lo + k * kTileRows + v);
       const __m512 b = _mm512_loadu_ps(ln + k * kTileRows + v);
       __mmask16 live_old, live_new;
@@ -309,7 +365,7 @@ Sums cat_forward_tiles(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r
     const int n = static_cast<int>(std::min<int64_t>(kTileRows, r1 - row0));
     tile_load<KC>(p.logits_old, K, p.B, row0, n, lo);
     tile_load<KC>(p.logits_new, K, p.B, row0, n, ln);
-    tile_stats(lo, ln, K, t);
+    tile_stats(lo, ln, K, t, next_tile_prefetch(p, row0, K, tile_stats_steps<acc_t>(K)));
     for (int i = 0; i < kTileRows; ++i) {
       kl_rows[i] = cat_row_kl(t.max_old[i], t.sum_old[i], t.cross[i], t.max_new[i], t.sum_new[i],
                               t.log_sum_old[i], t.log_sum_new[i]);
@@ -343,7 +399,7 @@ void cat_backward_tiles(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl, acc_t
     const int n = static_cast<int>(std::min<int64_t>(kTileRows, r1 - row0));
     tile_load<KC>(p.logits_old, K, p.B, row0, n, lo);
     tile_load<KC>(p.logits_new, K, p.B, row0, n, ln);
-    tile_stats(lo, ln, K, t);
+    tile_stats(lo, ln, K, t, next_tile_prefetch(p, row0, K, tile_stats_steps<acc_t>(K)));
     for (int i = 0; i < kTileRows; ++i) {
       inv_old[i] = acc_t(1) / t.sum_old[i];
       inv_new[i] = acc_t(1) / t.sum_new[i];
@@ -384,11 +440,11 @@ void cat_backward_tiles(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl, acc_t
 // so a row costs two exponentials and one log (two with the surrogate) where the general tile
 // path spends four and two, and the [B, 2] rows are read in place.  Terms with p_old = 0 add
 // nothing (as in torch.distributions); identical rows give exactly 0.
+// Rows [r0, r1) into the lanes s (row r0 + i in lane i % kLanes).
 template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
-Sums cat_forward_binary(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1) {
+void binary_rows(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1,
+                 LaneSums<acc_t>& s) {
   acc_t kl_rows[kTileRows], surrogate_rows[kTileRows];
-  LaneSums<acc_t> s;
-  lanes_init(s);
   for (int64_t row0 = r0; row0 < r1; row0 += kTileRows) {
     const int n = static_cast<int>(std::min<int64_t>(kTileRows, r1 - row0));
     const scalar_t* __restrict lo = p.logits_old + row0 * 2;
@@ -426,6 +482,154 @@ Sums cat_forward_binary(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t 
     }
     lanes_add<acc_t, kSurrogate>(s, kl_rows, surrogate_rows, n);
   }
+}
+
+#ifdef TRPO_KL_AVX512_KERNELS
+// The AVX-512 copy of binary_rows for float, 16 rows a step, with intrinsics.  GCC's version of
+// the loop above spent most of its ~100 cycles per 16 rows in three divisions (1 / (1 + e_old),
+// the quotient, and vlog's own) and in a scalar fold of the lanes; here there is no division:
+//   - 1 / (1 + e) by vrcp14ps and one Newton step (relative error ~1e-8);
+//   - the log of the quotient as log1p_unit(e_new) − log1p_unit(e_old), each a polynomial in
+//     s = e / (2 + e); the same function of equal inputs, so equal rows still give exactly 0;
+//   - the lanes stay in vectors, kl and the surrogate in float64 as in lanes_add.
+// Returns the first row it left (r1 less fewer than 16 rows) for binary_rows.
+
+// log(1 + e) for e in [0, 1] (NaN gives NaN): 2 atanh(s), s = e / (2 + e) <= 1/3, with s·q(s²)
+// fitted to it on [0, 1/3] (relative error 4e-9 in exact arithmetic, below float's rounding).
+inline __m512 log1p_unit(__m512 e) {
+  const __m512 den = _mm512_add_ps(e, _mm512_set1_ps(2.0f));
+  __m512 y = _mm512_maskz_rcp14_ps(kAll16, den);
+  y = _mm512_fmadd_ps(y, _mm512_fnmadd_ps(den, y, _mm512_set1_ps(1.0f)), y);
+  const __m512 x = _mm512_mul_ps(e, y);
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 q = _mm512_set1_ps(0.2818977641329567f);
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(0.2795788809675191f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(0.40025118993569475f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(0.6666630909811211f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(2.000000008250399f));
+  // (a masked form: GCC compiles _mm512_mul_ps as a plain `*`, which it may contract with the
+  // caller's subtraction into an FMA for one operand only, and equal rows lost their exact 0)
+  return _mm512_maskz_mul_ps(kAll16, x, q);
+}
+
+// exp of any float: exp_nonpositive's reduction and polynomial on x clamped to [−104, 88.8]; 2ⁿ
+// by vscalefps, which overflows to +inf (x > 88.72) and underflows to 0 by itself.  NaN gives NaN.
+inline __m512 exp_any(__m512 x) {
+  const __m512 xc = _mm512_maskz_min_ps(kAll16, _mm512_set1_ps(88.8f),
+                                        max16(_mm512_set1_ps(-104.0f), x));  // NaN passes
+  const __m512 n =
+      _mm512_maskz_roundscale_ps(kAll16, _mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 q = _mm512_set1_ps(1.0f / 5040.0f);
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 720.0f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 120.0f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 24.0f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 6.0f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(kAll16, q, n);
+}
+
+// Adds the 16 floats of v to the float64 lanes lo (rows 0–7) and hi (rows 8–15).  (Masked forms
+// with all lanes set, as in max16, for GCC 12's warnings.)
+inline void add_lanes16(__m512d& lo, __m512d& hi, __m512 v) {
+  lo = _mm512_add_pd(lo, _mm512_maskz_cvtps_pd(0xFF, _mm512_maskz_extractf32x8_ps(0xFF, v, 0)));
+  hi = _mm512_add_pd(hi, _mm512_maskz_cvtps_pd(0xFF, _mm512_maskz_extractf32x8_ps(0xFF, v, 1)));
+}
+
+template <typename index_t, bool kSurrogate>
+int64_t binary_rows16(const CategoricalPtrs<float>& p, int64_t r0, int64_t r1,
+                      LaneSums<float>& s) {
+  static_assert(kLanes == 16, "one lane per row of a 16-row step");
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  __m512d kl_lo = _mm512_loadu_pd(s.kl), kl_hi = _mm512_loadu_pd(s.kl + 8);
+  __m512d su_lo = _mm512_loadu_pd(s.surrogate), su_hi = _mm512_loadu_pd(s.surrogate + 8);
+  __m512 mx = _mm512_loadu_ps(s.max_kl);
+  __mmask16 nan_seen = 0;  // max16 below keeps a NaN row only until the next row
+  const index_t* actions = static_cast<const index_t*>(p.actions);
+  int64_t row = r0;
+  for (; row + 16 <= r1; row += 16) {
+    const float* o = p.logits_old + 2 * row;
+    const float* w = p.logits_new + 2 * row;
+    const __m512 oa = _mm512_loadu_ps(o), ob = _mm512_loadu_ps(o + 16);
+    const __m512 wa = _mm512_loadu_ps(w), wb = _mm512_loadu_ps(w + 16);
+    const __m512 lo0 = _mm512_permutex2var_ps(oa, even, ob);
+    const __m512 lo1 = _mm512_permutex2var_ps(oa, odd, ob);
+    const __m512 ln0 = _mm512_permutex2var_ps(wa, even, wb);
+    const __m512 ln1 = _mm512_permutex2var_ps(wa, odd, wb);
+    const __m512 d_old = _mm512_sub_ps(lo1, lo0), d_new = _mm512_sub_ps(ln1, ln0);
+    __mmask16 live_old, live_new;
+    const __m512 e_old = exp_nonpositive(_mm512_or_ps(d_old, sign), live_old);  // e^{−|d|}
+    const __m512 e_new = exp_nonpositive(_mm512_or_ps(d_new, sign), live_new);
+    const __m512 den = _mm512_add_ps(one, e_old);
+    __m512 inv_old = _mm512_maskz_rcp14_ps(kAll16, den);
+    inv_old = _mm512_fmadd_ps(inv_old, _mm512_fnmadd_ps(den, inv_old, one), inv_old);
+    const __m512 e_inv = _mm512_mul_ps(e_old, inv_old);
+    const __mmask16 up = _mm512_cmp_ps_mask(d_old, zero, _CMP_GE_OQ);
+    const __m512 p1 = _mm512_mask_blend_ps(up, e_inv, inv_old);
+    const __m512 p0 = _mm512_mask_blend_ps(up, inv_old, e_inv);
+    const __m512 log_one_new = log1p_unit(e_new);
+    const __m512 log_ratio = _mm512_sub_ps(log_one_new, log1p_unit(e_old));
+    const __m512 r0v = _mm512_add_ps(
+        _mm512_sub_ps(max16(zero, d_new), max16(zero, d_old)), log_ratio);
+    const __m512 r1v = _mm512_add_ps(
+        _mm512_sub_ps(max16(zero, _mm512_xor_ps(d_new, sign)),
+                      max16(zero, _mm512_xor_ps(d_old, sign))),
+        log_ratio);
+    const __mmask16 nz0 = _mm512_cmp_ps_mask(p0, zero, _CMP_NEQ_UQ);
+    const __mmask16 nz1 = _mm512_cmp_ps_mask(p1, zero, _CMP_NEQ_UQ);
+    const __m512 kl = _mm512_mask3_fmadd_ps(p1, r1v, _mm512_maskz_mul_ps(nz0, p0, r0v), nz1);
+    add_lanes16(kl_lo, kl_hi, kl);
+    mx = max16(mx, kl);
+    nan_seen |= _mm512_cmp_ps_mask(kl, kl, _CMP_UNORD_Q);
+    if (kSurrogate) {
+      // the taken actions, already checked to be 0 or 1
+      __mmask16 take1;
+      if constexpr (sizeof(index_t) == 8) {
+        const __m512i a0 = _mm512_loadu_si512(actions + row);
+        const __m512i a1 = _mm512_loadu_si512(actions + row + 8);
+        take1 = static_cast<__mmask16>(
+            _mm512_test_epi64_mask(a0, a0) |
+            (static_cast<unsigned>(_mm512_test_epi64_mask(a1, a1)) << 8));
+      } else {
+        const __m512i a = _mm512_loadu_si512(actions + row);
+        take1 = _mm512_test_epi32_mask(a, a);
+      }
+      // log π_new(a) = ℓ_new,a − max(ℓ_new) − log(1 + e_new)
+      const __m512 logp = _mm512_sub_ps(
+          _mm512_sub_ps(_mm512_mask_blend_ps(take1, ln0, ln1), max16(ln0, ln1)),
+          log_one_new);
+      const __m512 ratio = exp_any(_mm512_sub_ps(logp, _mm512_loadu_ps(p.logp_old + row)));
+      add_lanes16(su_lo, su_hi, _mm512_mul_ps(ratio, _mm512_loadu_ps(p.advantages + row)));
+    }
+  }
+  mx = _mm512_mask_blend_ps(nan_seen, mx, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+  _mm512_storeu_pd(s.kl, kl_lo);
+  _mm512_storeu_pd(s.kl + 8, kl_hi);
+  _mm512_storeu_pd(s.surrogate, su_lo);
+  _mm512_storeu_pd(s.surrogate + 8, su_hi);
+  _mm512_storeu_ps(s.max_kl, mx);
+  return row;
+}
+#endif
+
+template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
+Sums cat_forward_binary(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1) {
+  LaneSums<acc_t> s;
+  lanes_init(s);
+  int64_t row = r0;
+#ifdef TRPO_KL_AVX512_KERNELS
+  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
+    row = binary_rows16<index_t, kSurrogate>(p, r0, r1, s);
+  }
+#endif
+  binary_rows<scalar_t, acc_t, index_t, kSurrogate>(p, row, r1, s);
   return lanes_fold(s);
 }
 
