@@ -1039,16 +1039,22 @@ def test_categorical_out_of_range_action_cpu(bad):
         torch.ops.trpo_ext.kl_categorical_backward(g, g, args[0], args[1], *args[2:])
 
 
+@pytest.mark.parametrize("K", [2, 18])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
-@pytest.mark.parametrize("bad", [2, -1, "min"])
-def test_categorical_out_of_range_action_in_a_large_batch(bad, index_dtype):
-    # The CPU scans the actions in parallel blocks first; the message names the first bad one.
-    lo, ln, act, lp, adv = categorical_inputs(200_000, 2, torch.float32, index_dtype=index_dtype)
-    value = torch.iinfo(index_dtype).min if bad == "min" else bad
+@pytest.mark.parametrize("bad", ["K", -1, "min"])
+def test_categorical_out_of_range_action_in_a_large_batch(bad, index_dtype, K):
+    # The CPU scans each block's actions before its arithmetic, blocks in parallel; the message
+    # names the first bad action, forward and backward.
+    lo, ln, act, lp, adv = categorical_inputs(200_000, K, torch.float32, index_dtype=index_dtype)
+    value = torch.iinfo(index_dtype).min if bad == "min" else K if bad == "K" else bad
     act[150_001] = value
     act[199_999] = value
-    with pytest.raises(ValueError, match=rf"actions\[150001\] = {value} is out of range for K = 2"):
+    msg = rf"actions\[150001\] = {value} is out of range for K = {K}"
+    with pytest.raises(ValueError, match=msg):
         trpo_ext.surrogate_kl_categorical(lo, ln, act, lp, adv)
+    g = torch.tensor(1.0)
+    with pytest.raises(ValueError, match=msg):
+        torch.ops.trpo_ext.kl_categorical_backward(g, g, lo, ln, act, lp, adv)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")

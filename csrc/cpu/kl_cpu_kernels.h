@@ -209,6 +209,13 @@ inline TilePrefetch next_tile_prefetch(const CategoricalPtrs<scalar_t>& p, int64
   return f;
 }
 
+inline void prefetch_range(const void* x, int64_t bytes) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(x) + static_cast<uintptr_t>(bytes);
+  for (uintptr_t line = line_floor(x); line < end; line += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(line));
+  }
+}
+
 inline void prefetch_step(const TilePrefetch& f, int64_t step) {
   const int64_t end = std::min(f.lines, (step + 1) * f.per_step);
   for (int64_t l = step * f.per_step; l < end; ++l) {
@@ -348,6 +355,14 @@ inline void tile_surrogate_inputs(const CategoricalPtrs<scalar_t>& p, int64_t ro
     logit_action[i] = static_cast<acc_t>(p.logits_new[row * p.K + actions[row]]);
     logp_old[i] = static_cast<acc_t>(p.logp_old[row]);
     advantage[i] = static_cast<acc_t>(p.advantages[row]);
+  }
+  // the next tile's surrogate inputs, a few lines each (its logits: TilePrefetch)
+  const int64_t next = row0 + kTileRows;
+  if (next < p.B) {
+    const int64_t rows = std::min<int64_t>(kTileRows, p.B - next);
+    prefetch_range(actions + next, rows * static_cast<int64_t>(sizeof(index_t)));
+    prefetch_range(p.logp_old + next, rows * static_cast<int64_t>(sizeof(scalar_t)));
+    prefetch_range(p.advantages + next, rows * static_cast<int64_t>(sizeof(scalar_t)));
   }
 }
 
