@@ -180,8 +180,8 @@ inline void tile_load(const scalar_t* x, int64_t K_runtime, int64_t B, int64_t r
 // copies as computing (B = 10⁶ in 26 ns a row on one thread, against 14 ns in cache).  Spread over
 // the steps rather than issued at once: a burst of prefetches fills the line-fill buffers and
 // stalls the core as the loads themselves did.
-struct TilePrefetch {
-  const char* old_rows = nullptr;  // the next tile's first line in each matrix
+struct RowPrefetch {
+  const char* old_rows = nullptr;  // the first line of the rows in each matrix
   const char* new_rows = nullptr;
   int64_t lines = 0;     // lines per matrix (0: nothing to prefetch)
   int64_t per_step = 0;  // lines per matrix per step
@@ -189,19 +189,18 @@ struct TilePrefetch {
 
 inline uintptr_t line_floor(const void* x) { return reinterpret_cast<uintptr_t>(x) & ~uintptr_t(63); }
 
-// The next tile after the one at row0, spread over `steps` steps (none past row B).
+// Rows [row, row + rows) of both matrices, spread over `steps` steps (none past row B).
 template <typename scalar_t>
-inline TilePrefetch next_tile_prefetch(const CategoricalPtrs<scalar_t>& p, int64_t row0, int64_t K,
-                                       int64_t steps) {
-  TilePrefetch f;
-  const int64_t next = row0 + kTileRows;
-  if (next >= p.B) return f;
-  const int64_t bytes = std::min<int64_t>(kTileRows, p.B - next) * K *
+inline RowPrefetch rows_prefetch(const CategoricalPtrs<scalar_t>& p, int64_t row, int64_t rows,
+                                 int64_t K, int64_t steps) {
+  RowPrefetch f;
+  if (row >= p.B) return f;
+  const int64_t bytes = std::min<int64_t>(rows, p.B - row) * K *
                         static_cast<int64_t>(sizeof(scalar_t));
-  const scalar_t* a = p.logits_old + next * K;
+  const scalar_t* a = p.logits_old + row * K;
   const uintptr_t first = line_floor(a);
   f.old_rows = reinterpret_cast<const char*>(first);
-  f.new_rows = reinterpret_cast<const char*>(line_floor(p.logits_new + next * K));
+  f.new_rows = reinterpret_cast<const char*>(line_floor(p.logits_new + row * K));
   // lines covering [a, a + bytes) (the two matrices may sit differently against the lines: the
   // new one's count is at most one more, and its last line is the next row's, harmless)
   f.lines = (static_cast<int64_t>(reinterpret_cast<uintptr_t>(a) - first) + bytes + 63) / 64 + 1;
@@ -216,7 +215,7 @@ inline void prefetch_range(const void* x, int64_t bytes) {
   }
 }
 
-inline void prefetch_step(const TilePrefetch& f, int64_t step) {
+inline void prefetch_step(const RowPrefetch& f, int64_t step) {
   const int64_t end = std::min(f.lines, (step + 1) * f.per_step);
   for (int64_t l = step * f.per_step; l < end; ++l) {
     __builtin_prefetch(f.old_rows + 64 * l);
@@ -235,7 +234,7 @@ inline int64_t tile_stats_steps(int64_t K) {
 
 template <typename acc_t>
 inline void tile_stats(const acc_t* __restrict lo, const acc_t* __restrict ln, int64_t K,
-                       Tile<acc_t>& __restrict t, const TilePrefetch& f) {
+                       Tile<acc_t>& __restrict t, const RowPrefetch& f) {
   // Local copies and __restrict: without them GCC cannot rule out that the scratch and the
   // statistics overlap and falls back to scalar code for the maxima.
   acc_t mo[kTileRows], mn[kTileRows], so[kTileRows], cr[kTileRows], sn[kTileRows];
@@ -314,7 +313,7 @@ inline int64_t tile_stats_steps<float>(int64_t K) {
 }
 
 inline void tile_stats(const float* __restrict lo, const float* __restrict ln, int64_t K,
-                       Tile<float>& __restrict t, const TilePrefetch& f) {
+                       Tile<float>& __restrict t, const RowPrefetch& f) {
   for (int v = 0; v < kTileRows; v += 16) {
     __m512 mo = _mm512_loadu_ps(lo + v), mn = _mm512_loadu_ps(ln + v);
     for (int64_t k = 1; k < K; ++k) {
@@ -356,7 +355,7 @@ inline void tile_surrogate_inputs(const CategoricalPtrs<scalar_t>& p, int64_t ro
     logp_old[i] = static_cast<acc_t>(p.logp_old[row]);
     advantage[i] = static_cast<acc_t>(p.advantages[row]);
   }
-  // the next tile's surrogate inputs, a few lines each (its logits: TilePrefetch)
+  // the next tile's surrogate inputs, a few lines each (its logits: RowPrefetch)
   const int64_t next = row0 + kTileRows;
   if (next < p.B) {
     const int64_t rows = std::min<int64_t>(kTileRows, p.B - next);
@@ -380,7 +379,7 @@ Sums cat_forward_tiles(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r
     const int n = static_cast<int>(std::min<int64_t>(kTileRows, r1 - row0));
     tile_load<KC>(p.logits_old, K, p.B, row0, n, lo);
     tile_load<KC>(p.logits_new, K, p.B, row0, n, ln);
-    tile_stats(lo, ln, K, t, next_tile_prefetch(p, row0, K, tile_stats_steps<acc_t>(K)));
+    tile_stats(lo, ln, K, t, rows_prefetch(p, row0 + kTileRows, kTileRows, K, tile_stats_steps<acc_t>(K)));
     for (int i = 0; i < kTileRows; ++i) {
       kl_rows[i] = cat_row_kl(t.max_old[i], t.sum_old[i], t.cross[i], t.max_new[i], t.sum_new[i],
                               t.log_sum_old[i], t.log_sum_new[i]);
@@ -414,7 +413,7 @@ void cat_backward_tiles(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl, acc_t
     const int n = static_cast<int>(std::min<int64_t>(kTileRows, r1 - row0));
     tile_load<KC>(p.logits_old, K, p.B, row0, n, lo);
     tile_load<KC>(p.logits_new, K, p.B, row0, n, ln);
-    tile_stats(lo, ln, K, t, next_tile_prefetch(p, row0, K, tile_stats_steps<acc_t>(K)));
+    tile_stats(lo, ln, K, t, rows_prefetch(p, row0 + kTileRows, kTileRows, K, tile_stats_steps<acc_t>(K)));
     for (int i = 0; i < kTileRows; ++i) {
       inv_old[i] = acc_t(1) / t.sum_old[i];
       inv_new[i] = acc_t(1) / t.sum_new[i];
@@ -669,9 +668,17 @@ inline acc_t lanes_sum(const acc_t* m) {
   return r;
 }
 
+// The next row, spread over the exponential pass's steps of kLanes elements (a row of 4 KiB or
+// more begins a page, where the hardware prefetchers stop).
+template <typename scalar_t>
+inline RowPrefetch next_row_prefetch(const CategoricalPtrs<scalar_t>& p, int64_t row) {
+  return rows_prefetch(p, row + 1, 1, p.K, std::max<int64_t>(1, p.K / kLanes));
+}
+
 // One row's statistics, element k in lane k % kLanes, lanes folded in order.
 template <typename scalar_t, typename acc_t>
-inline RowStats<acc_t> long_row_stats(const scalar_t* lo, const scalar_t* ln, int64_t K) {
+inline RowStats<acc_t> long_row_stats(const scalar_t* lo, const scalar_t* ln, int64_t K,
+                                      const RowPrefetch& f) {
   acc_t mo[kLanes], mn[kLanes];
   for (int j = 0; j < kLanes; ++j) mo[j] = mn[j] = kl::neg_inf<acc_t>();
   int64_t k = 0;
@@ -692,6 +699,7 @@ inline RowStats<acc_t> long_row_stats(const scalar_t* lo, const scalar_t* ln, in
   for (int j = 0; j < kLanes; ++j) so[j] = cr[j] = sn[j] = 0;
   k = 0;
   for (; k + kLanes <= K; k += kLanes) {
+    prefetch_step(f, k / kLanes);
     for (int j = 0; j < kLanes; ++j) {
       const acc_t a = static_cast<acc_t>(lo[k + j]);
       const acc_t b = static_cast<acc_t>(ln[k + j]);
@@ -724,7 +732,8 @@ Sums cat_forward_long(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1
   Sums s = kl::sums_empty();
   for (int64_t row = r0; row < r1; ++row) {
     const scalar_t* ln = p.logits_new + row * K;
-    const RowStats<acc_t> r = long_row_stats<scalar_t, acc_t>(p.logits_old + row * K, ln, K);
+    const RowStats<acc_t> r = long_row_stats<scalar_t, acc_t>(p.logits_old + row * K, ln, K,
+                                                               next_row_prefetch(p, row));
     const acc_t kl_row = cat_row_kl(r.max_old, r.sum_old, r.cross, r.max_new, r.sum_new,
                                     r.log_sum_old, r.log_sum_new);
     s.kl += static_cast<double>(kl_row);
@@ -746,7 +755,7 @@ void cat_backward_long(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl, acc_t 
   for (int64_t row = r0; row < r1; ++row) {
     const scalar_t* lo = p.logits_old + row * K;
     const scalar_t* ln = p.logits_new + row * K;
-    const RowStats<acc_t> r = long_row_stats<scalar_t, acc_t>(lo, ln, K);
+    const RowStats<acc_t> r = long_row_stats<scalar_t, acc_t>(lo, ln, K, next_row_prefetch(p, row));
     acc_t c = 0;
     if (kSurrogate) {
       const acc_t logp = (static_cast<acc_t>(ln[actions[row]]) - r.max_new) - r.log_sum_new;
