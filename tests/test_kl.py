@@ -681,6 +681,29 @@ def test_categorical_paths_nan_logit_gives_nan(side, K, dtype, device):
     assert torch.isnan(k) and torch.isnan(m)
 
 
+@pytest.mark.parametrize("K", [2, 3, 18, 1000])
+def test_categorical_vanishing_old_class_that_the_new_policy_forbids(K):
+    # An old class e^-86.8 to e^-87.8 below the row's largest (around float's smallest normal
+    # number) whose new logit is −inf: the KL is +inf while that class's old probability is a
+    # normal float, and finite once the CPU counts it as 0 (below e^-87) — never NaN, also with
+    # denormals flushed to zero (an exp flushed to 0 but still multiplied by the infinite log-ratio
+    # gave NaN on the AVX-512 tiles).
+    try:
+        for flush in (False, True):
+            torch.set_flush_denormal(flush)
+            for gap in torch.linspace(86.8, 87.8, 41).tolist():
+                lo = torch.zeros(40, K)
+                lo[:, 1] = -gap
+                ln = lo.clone()
+                ln[:, 1] = float("-inf")
+                kl = float(trpo_ext.mean_kl_categorical(lo, ln))
+                assert not math.isnan(kl), (flush, gap)
+                if gap < 86.95:
+                    assert kl == math.inf, (flush, gap, kl)
+    finally:
+        torch.set_flush_denormal(False)
+
+
 @pytest.mark.parametrize("K", [2, 18, 1000])
 def test_categorical_paths_non_contiguous(K, device):
     lo, ln, act, lp, adv = categorical_inputs(50, K, torch.float32, device)

@@ -160,7 +160,8 @@ CategoricalPtrs<scalar_t> categorical_ptrs(const kl::CategoricalInputs& in) {
 // once at run time (cpu_isa.h).  Each copy lives in its own namespace and has internal linkage (we
 // are inside an anonymous namespace), so the copies never meet at link time.  The AVX2 and
 // AVX-512 copies also get a few hand-written intrinsics where GCC's vectoriser falls short
-// (TRPO_KL_AVX2_KERNELS, and TRPO_KL_AVX512_KERNELS for the AVX-512 copy's categorical tiles).
+// (TRPO_KL_AVX2_KERNELS, and TRPO_KL_AVX512_KERNELS for the AVX-512 copy's categorical tiles
+// and K = 2 rows).
 // The builds may differ in the last bits (FMA contraction, summation order inside a row); on one
 // machine and build, results are reproducible.
 namespace isa_base {
@@ -455,6 +456,8 @@ void throw_first_bad_action(const kl::CategoricalInputs& in) {
                        " classes (valid: 0 to ", in.K - 1, ")");
     }
   });
+  // a block found one, so the search above threw; never return half-computed results
+  TORCH_INTERNAL_ASSERT(false, "a block reported an out-of-range action the search did not find");
 }
 
 template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>

@@ -278,12 +278,15 @@ inline void tile_stats(const acc_t* __restrict lo, const acc_t* __restrict ln, i
 // instructions (clamps and selects for both ends of the range), and the exponents here are of
 // x = ℓ − max <= 0 only.  exp_scaled: Cody–Waite reduction by n = round(x / ln2) (rounded by
 // adding 1.5·2²³ in one FMA, not by vrndscaleps: one instruction fewer), e^r by a degree-6
-// polynomial fitted to it on |r| <= ln2/2 (relative error 1.9e-9 in exact arithmetic, 1.2 ulp
-// evaluated in float, against 1 ulp for vexp's degree-7 Taylor series), and 2ⁿ by vscalefps.
-// exp_nonpositive: lanes with x <= −87.5 (e^x < 1e-38, or a −inf logit) give 0, as vexp's do
-// below −87, NaN gives NaN; about 13 instructions for 16 elements.
-// (The all-lanes masked forms: GCC 12's _mm512_max_ps and _mm512_roundscale_ps pass an undefined
-// vector through their mask argument and warn "may be used uninitialized" at every inlined use.)
+// polynomial fitted to it on |r| <= ln2/2 (relative error 1.9e-9 in exact arithmetic, about 1 ulp
+// evaluated in float, as for vexp's degree-7 Taylor series), and 2ⁿ by vscalefps.
+// exp_nonpositive: lanes with x < −87 (or a −inf logit) give 0, as vexp's do, NaN gives NaN;
+// about 13 instructions for 16 elements.  A live lane's value is >= e^−87 ≈ 1.6e-38, a normal
+// float, so flushing denormals (torch.set_flush_denormal) never turns it into a 0 that the cross
+// term's mask would still multiply by an infinite ℓ_old − ℓ_new.
+// (The all-lanes masked forms: GCC 12's _mm512_max_ps, _mm512_min_ps, _mm512_rcp14_ps and
+// others pass an undefined vector through their mask argument and warn "may be used
+// uninitialized" at every inlined use.)
 constexpr __mmask16 kAll16 = 0xFFFF;
 
 // a > b ? a : b (b where either is NaN), as vmaxps.
@@ -307,13 +310,13 @@ inline __m512 exp_scaled(__m512 x, __mmask16 keep) {
 }
 
 inline __m512 exp_nonpositive(__m512 x, __mmask16& live) {
-  live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.5f), _CMP_NLE_UQ);  // NaN stays live
-  return exp_scaled(max16(_mm512_set1_ps(-87.5f), x), live);  // NaN passes max16
+  live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);  // NaN stays live
+  return exp_scaled(max16(_mm512_set1_ps(-87.0f), x), live);  // NaN passes max16
 }
 
-// The same without the exact zeros: x <= −87.5 gives e^−87.5 ≈ 1e-38, for sums that hold a 1.
+// The same without the exact zeros: x < −87 gives e^−87 ≈ 1.6e-38, for sums that hold a 1.
 inline __m512 exp_nonpositive_in_sum(__m512 x) {
-  return exp_scaled(max16(_mm512_set1_ps(-87.5f), x), kAll16);
+  return exp_scaled(max16(_mm512_set1_ps(-87.0f), x), kAll16);
 }
 
 // tile_stats for float tiles: 16 rows a vector, the same two passes, the cross term only where
