@@ -240,8 +240,38 @@ for K in (2, 3, 9, 18, 40):
     args = categorical_inputs(3001, K, torch.float32, "cpu")
     out["cat", K] = (trpo_ext.surrogate_kl_categorical(*args),
                      trpo_ext.mean_kl_categorical(*args[:2]))
+    # the properties each build's own code must keep (the hand-written AVX2 and AVX-512 paths)
+    lo, ln, act, lp, adv = args
+    extra = {{"same": trpo_ext.mean_kl_categorical(lo, lo),
+              "int32": trpo_ext.surrogate_kl_categorical(lo, ln, act.int(), lp, adv)}}
+    bad = lo.clone()
+    bad[1500, K // 2] = float("nan")
+    extra["nan"] = trpo_ext.surrogate_kl_categorical(bad, ln, act, lp, adv)
+    masked = [lo.clone(), ln.clone()]
+    for x in masked:
+        x[:, 0] = float("-inf")
+    extra["masked"] = trpo_ext.surrogate_kl_categorical(*masked, act.clamp(min=1), lp, adv)
+    out["extra", K] = extra
 torch.save(out, {out!r})
 """
+
+
+def _check_isa_categorical_properties(isa, K, extra, fused):
+    # identical rows give exactly 0; int32 actions give what int64 ones do; a NaN logit gives NaN;
+    # a class at −inf in both policies adds nothing (the float64 reference without it)
+    assert float(extra["same"]) == 0.0, (isa, K)
+    assert all(torch.equal(a, b) for a, b in zip(extra["int32"], fused)), (isa, K)
+    assert torch.isnan(extra["nan"][1]) and torch.isnan(extra["nan"][2]), (isa, K)
+    lo, ln, act, lp, adv = categorical_inputs(3001, K, torch.float32, "cpu")
+    lo, ln = lo.double(), ln.double()
+    lo[:, 0] = ln[:, 0] = float("-inf")
+    # (the KL from torch.distributions, which counts a p = 0 class as nothing)
+    kl_rows = kl_divergence(Categorical(logits=lo), Categorical(logits=ln))
+    surrogate = surrogate_kl_categorical_reference(lo, ln, act.clamp(min=1), lp.double(),
+                                                   adv.double())[0]
+    for g, r in zip(extra["masked"], (surrogate, kl_rows.mean(), kl_rows.max())):
+        torch.testing.assert_close(g.double(), r, rtol=2e-5, atol=2e-6,
+                                   msg=lambda m: f"{isa} masked K = {K}: {m}")
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
@@ -256,7 +286,11 @@ def test_cpu_instruction_sets_agree(isa, tmp_path):
     theirs = torch.load(out)
     assert theirs.pop("isa") == (trpo_ext.build_info()["cpu_isa_supported"] if isa == "auto"
                                  else isa)
-    for (kind, width), (fused, kl) in theirs.items():
+    for (kind, width), result in theirs.items():
+        if kind == "extra":
+            _check_isa_categorical_properties(isa, width, result, theirs["cat", width][0])
+            continue
+        fused, kl = result
         if kind == "gauss":
             args = gaussian_inputs(5003, width, torch.float32, "cpu")
             ref = surrogate_kl_diag_gaussian_reference(*(t.double() for t in args))

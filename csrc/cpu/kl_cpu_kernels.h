@@ -360,6 +360,78 @@ inline void tile_stats(const float* __restrict lo, const float* __restrict ln, i
     t.log_sum_new[i] = vlog(t.sum_new[i]);
   }
 }
+#elif defined(TRPO_KL_AVX2_KERNELS)
+// The AVX2 copy (8 floats a vector; no masks or vscalefps): the same reduction and polynomial as
+// exp_scaled above, 2ⁿ built in the exponent bits, which stay normal since the callers clamp x to
+// [−87, 88] (n in [−126, 127]).  NaN gives NaN.
+inline __m256 exp8_clamped(__m256 x) {
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);  // 1.5·2²³
+  const __m256 kn = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
+  const __m256 n = _mm256_sub_ps(kn, shifter);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(0.0013836846040167284f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.008374815899097145f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.04166822557445107f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.16666420168727178f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.49999992079768507f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0000000363234465f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0000000005541725f));
+  // kn holds n in its low mantissa bits (its ulp is 1): n = bits(kn) − bits(shifter)
+  const __m256i ni = _mm256_sub_epi32(_mm256_castps_si256(kn), _mm256_castps_si256(shifter));
+  const __m256 scale =
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23));
+  return _mm256_mul_ps(p, scale);
+}
+
+// e^x for x <= 0 (or NaN): 0 where x < −87 (live: all-ones lanes elsewhere, NaN included).
+inline __m256 exp8_nonpositive(__m256 x, __m256& live) {
+  live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_NLT_UQ);
+  // _mm256_max_ps returns its second operand where either is NaN: NaN passes
+  return _mm256_and_ps(exp8_clamped(_mm256_max_ps(_mm256_set1_ps(-87.0f), x)), live);
+}
+
+// The same without the exact zeros, for sums that hold a 1.
+inline __m256 exp8_nonpositive_in_sum(__m256 x) {
+  return exp8_clamped(_mm256_max_ps(_mm256_set1_ps(-87.0f), x));
+}
+
+template <>
+inline int64_t tile_stats_steps<float>(int64_t K) {
+  return (kTileRows / 8) * K;
+}
+
+// tile_stats for float tiles, AVX2: 8 rows a vector, as the AVX-512 version.
+inline void tile_stats(const float* __restrict lo, const float* __restrict ln, int64_t K,
+                       Tile<float>& __restrict t, const RowPrefetch& f) {
+  for (int v = 0; v < kTileRows; v += 8) {
+    __m256 mo = _mm256_loadu_ps(lo + v), mn = _mm256_loadu_ps(ln + v);
+    for (int64_t k = 1; k < K; ++k) {
+      mo = _mm256_max_ps(_mm256_loadu_ps(lo + k * kTileRows + v), mo);
+      mn = _mm256_max_ps(_mm256_loadu_ps(ln + k * kTileRows + v), mn);
+    }
+    __m256 so = _mm256_setzero_ps(), cr = _mm256_setzero_ps(), sn = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      prefetch_step(f, (v / 8) * K + k);
+      const __m256 a = _mm256_loadu_ps(lo + k * kTileRows + v);
+      const __m256 b = _mm256_loadu_ps(ln + k * kTileRows + v);
+      __m256 live_old;
+      const __m256 e = exp8_nonpositive(_mm256_sub_ps(a, mo), live_old);
+      so = _mm256_add_ps(so, e);
+      cr = _mm256_blendv_ps(cr, _mm256_fmadd_ps(e, _mm256_sub_ps(a, b), cr), live_old);
+      sn = _mm256_add_ps(sn, exp8_nonpositive_in_sum(_mm256_sub_ps(b, mn)));
+    }
+    _mm256_storeu_ps(t.max_old + v, mo);
+    _mm256_storeu_ps(t.max_new + v, mn);
+    _mm256_storeu_ps(t.sum_old + v, so);
+    _mm256_storeu_ps(t.cross + v, cr);
+    _mm256_storeu_ps(t.sum_new + v, sn);
+  }
+  for (int i = 0; i < kTileRows; ++i) {
+    t.log_sum_old[i] = vlog(t.sum_old[i]);
+    t.log_sum_new[i] = vlog(t.sum_new[i]);
+  }
+}
 #endif
 
 // Per-row surrogate inputs of a tile: ℓ_new of the taken action, logp_old, advantage.
@@ -642,14 +714,141 @@ int64_t binary_rows16(const CategoricalPtrs<float>& p, int64_t r0, int64_t r1,
 }
 #endif
 
+#if defined(TRPO_KL_AVX2_KERNELS) && !defined(TRPO_KL_AVX512_KERNELS)
+// The AVX2 copy of binary_rows16, 8 rows a step (kLanes = 8 here): the same formulas, with
+// vrcpps (12 bits) and one Newton step for the reciprocals, and all-ones lanes in place of masks.
+
+// 1 / d for d in [1, 3], to ~2^-23 relative.
+inline __m256 recip8(__m256 d) {
+  const __m256 y = _mm256_rcp_ps(d);
+  return _mm256_fmadd_ps(y, _mm256_fnmadd_ps(d, y, _mm256_set1_ps(1.0f)), y);
+}
+
+// log(1 + e) for e in [0, 1], as log1p_unit.  (The last product by an explicit FMA with 0: GCC
+// may contract a plain `*` with the caller's subtraction for one operand only.)
+inline __m256 log1p_unit8(__m256 e) {
+  const __m256 x = _mm256_mul_ps(e, recip8(_mm256_add_ps(e, _mm256_set1_ps(2.0f))));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 q = _mm256_set1_ps(0.2818977641329567f);
+  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(0.2795788809675191f));
+  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(0.40025118993569475f));
+  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(0.6666630909811211f));
+  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(2.000000008250399f));
+  return _mm256_fmadd_ps(x, q, _mm256_setzero_ps());
+}
+
+// e^x of any float as vexp: 0 below −87, +inf above 88, NaN gives NaN.
+inline __m256 exp8_any(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_NLT_UQ);
+  const __m256 over = _mm256_cmp_ps(x, _mm256_set1_ps(88.0f), _CMP_GT_OQ);
+  const __m256 xc =
+      _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
+  const __m256 y = _mm256_and_ps(exp8_clamped(xc), live);
+  return _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()), over);
+}
+
+// Rows 0–3 and 4–7 of 8 floats into float64 lanes.
+inline void add_lanes8(__m256d& lo, __m256d& hi, __m256 v) {
+  lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+  hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+
+// Element 2i (even) or 2i + 1 (odd) of the 16 floats at x, for rows i = 0..7.
+inline __m256 deinterleave8(const float* x, bool odd) {
+  const __m256 a = _mm256_loadu_ps(x), b = _mm256_loadu_ps(x + 8);
+  // per 128-bit lane: rows (0, 1, 4, 5 | 2, 3, 6, 7); then 64-bit pairs into order
+  const __m256 t = odd ? _mm256_shuffle_ps(a, b, 0xDD) : _mm256_shuffle_ps(a, b, 0x88);
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(t), 0xD8));
+}
+
+template <typename index_t, bool kSurrogate>
+int64_t binary_rows8(const CategoricalPtrs<float>& p, int64_t r0, int64_t r1,
+                     LaneSums<float>& s) {
+  static_assert(kLanes == 8, "one lane per row of an 8-row step");
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256d kl_lo = _mm256_loadu_pd(s.kl), kl_hi = _mm256_loadu_pd(s.kl + 4);
+  __m256d su_lo = _mm256_loadu_pd(s.surrogate), su_hi = _mm256_loadu_pd(s.surrogate + 4);
+  __m256 mx = _mm256_loadu_ps(s.max_kl);
+  __m256 nan_seen = zero;  // all-ones lanes where a row was NaN (the max keeps one only briefly)
+  const index_t* actions = static_cast<const index_t*>(p.actions);
+  int64_t row = r0;
+  for (; row + 8 <= r1; row += 8) {
+    const float* o = p.logits_old + 2 * row;
+    const float* w = p.logits_new + 2 * row;
+    const __m256 lo0 = deinterleave8(o, false), lo1 = deinterleave8(o, true);
+    const __m256 ln0 = deinterleave8(w, false), ln1 = deinterleave8(w, true);
+    const __m256 d_old = _mm256_sub_ps(lo1, lo0), d_new = _mm256_sub_ps(ln1, ln0);
+    __m256 live;
+    const __m256 e_old = exp8_nonpositive(_mm256_or_ps(d_old, sign), live);  // e^{−|d|}
+    const __m256 e_new = exp8_nonpositive(_mm256_or_ps(d_new, sign), live);
+    const __m256 inv_old = recip8(_mm256_add_ps(one, e_old));
+    const __m256 e_inv = _mm256_mul_ps(e_old, inv_old);
+    const __m256 up = _mm256_cmp_ps(d_old, zero, _CMP_GE_OQ);
+    const __m256 p1 = _mm256_blendv_ps(e_inv, inv_old, up);
+    const __m256 p0 = _mm256_blendv_ps(inv_old, e_inv, up);
+    const __m256 log_one_new = log1p_unit8(e_new);
+    const __m256 log_ratio = _mm256_sub_ps(log_one_new, log1p_unit8(e_old));
+    const __m256 r0v = _mm256_add_ps(
+        _mm256_sub_ps(_mm256_max_ps(zero, d_new), _mm256_max_ps(zero, d_old)), log_ratio);
+    const __m256 r1v = _mm256_add_ps(
+        _mm256_sub_ps(_mm256_max_ps(zero, _mm256_xor_ps(d_new, sign)),
+                      _mm256_max_ps(zero, _mm256_xor_ps(d_old, sign))),
+        log_ratio);
+    const __m256 nz0 = _mm256_cmp_ps(p0, zero, _CMP_NEQ_UQ);
+    const __m256 nz1 = _mm256_cmp_ps(p1, zero, _CMP_NEQ_UQ);
+    const __m256 kl = _mm256_add_ps(_mm256_and_ps(_mm256_mul_ps(p0, r0v), nz0),
+                                    _mm256_and_ps(_mm256_mul_ps(p1, r1v), nz1));
+    add_lanes8(kl_lo, kl_hi, kl);
+    mx = _mm256_max_ps(mx, kl);
+    nan_seen = _mm256_or_ps(nan_seen, _mm256_cmp_ps(kl, kl, _CMP_UNORD_Q));
+    if (kSurrogate) {
+      // the taken actions, already checked to be 0 or 1: lanes where the action is 0
+      __m256 take0;
+      if constexpr (sizeof(index_t) == 8) {
+        const __m256 a = _mm256_castsi256_ps(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(actions + row)));
+        const __m256 b = _mm256_castsi256_ps(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(actions + row + 4)));
+        // the low 32 bits of each (0 or 1), in row order as in deinterleave8
+        const __m256i low = _mm256_castpd_si256(_mm256_permute4x64_pd(
+            _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+        take0 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(low, _mm256_setzero_si256()));
+      } else {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(actions + row));
+        take0 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(a, _mm256_setzero_si256()));
+      }
+      // log π_new(a) = ℓ_new,a − max(ℓ_new) − log(1 + e_new)
+      const __m256 logp = _mm256_sub_ps(
+          _mm256_sub_ps(_mm256_blendv_ps(ln1, ln0, take0), _mm256_max_ps(ln0, ln1)),
+          log_one_new);
+      const __m256 ratio = exp8_any(_mm256_sub_ps(logp, _mm256_loadu_ps(p.logp_old + row)));
+      add_lanes8(su_lo, su_hi, _mm256_mul_ps(ratio, _mm256_loadu_ps(p.advantages + row)));
+    }
+  }
+  const __m256 nan = _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN());
+  mx = _mm256_blendv_ps(mx, nan, nan_seen);
+  _mm256_storeu_pd(s.kl, kl_lo);
+  _mm256_storeu_pd(s.kl + 4, kl_hi);
+  _mm256_storeu_pd(s.surrogate, su_lo);
+  _mm256_storeu_pd(s.surrogate + 4, su_hi);
+  _mm256_storeu_ps(s.max_kl, mx);
+  return row;
+}
+#endif
+
 template <typename scalar_t, typename acc_t, typename index_t, bool kSurrogate>
 Sums cat_forward_binary(const CategoricalPtrs<scalar_t>& p, int64_t r0, int64_t r1) {
   LaneSums<acc_t> s;
   lanes_init(s);
   int64_t row = r0;
-#ifdef TRPO_KL_AVX512_KERNELS
+#if defined(TRPO_KL_AVX512_KERNELS)
   if constexpr (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
     row = binary_rows16<index_t, kSurrogate>(p, r0, r1, s);
+  }
+#elif defined(TRPO_KL_AVX2_KERNELS)
+  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
+    row = binary_rows8<index_t, kSurrogate>(p, r0, r1, s);
   }
 #endif
   binary_rows<scalar_t, acc_t, index_t, kSurrogate>(p, row, r1, s);
