@@ -114,6 +114,28 @@ struct Tile {
 };
 
 #ifdef TRPO_KL_AVX2_KERNELS
+// 8×8 transpose in registers: r[j] element c becomes c[c] element j.  unpack: [r0_0 r1_0 r0_1 r1_1 |
+// r0_4 r1_4 r0_5 r1_5] …; shuffle: columns c and c + 4 of four rows; permute2f128: the two row
+// halves of one column.  24 shuffles.
+inline void transpose8x8(const __m256 r[8], __m256 c[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  c[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  c[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  c[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  c[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  c[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  c[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  c[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  c[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
 // The class-major copy of 8 float rows by 8×8 in-register transposes: src holds the rows (row j at
 // src + j·K), column c of the result goes to out[c · kTileRows], 8 consecutive rows.  Each row is
 // read as 8-float vectors at column offsets 0, 8, … and a last one at K − 8 (overlapping; its
@@ -123,25 +145,24 @@ struct Tile {
 inline void tile_load_rows8(const float* __restrict src, int64_t K, float* __restrict out) {
   for (int64_t k = 0; k < K; k += 8) {
     const int64_t kk = K >= 8 ? std::min<int64_t>(k, K - 8) : 0;
-    __m256 r[8];
+    __m256 r[8], c[8];
     for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + j * K + kk);
-    // unpack: [r0_0 r1_0 r0_1 r1_1 | r0_4 r1_4 r0_5 r1_5] …; shuffle: columns c and c + 4 of four
-    // rows; permute2f128: the two row halves of one column.
-    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    const __m256 c[8] = {
-        _mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
-        _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
-        _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
-        _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+    transpose8x8(r, c);
     const int cols = K >= 8 ? 8 : static_cast<int>(K);
     for (int j = 0; j < cols; ++j) _mm256_storeu_ps(out + (kk + j) * kTileRows, c[j]);
+  }
+}
+
+// The way back, for K >= 8 only: 8 rows of class-major scratch (class c of row j at
+// in[c · kTileRows + j]) into row-major dst (row j at dst + j·K), the last 8 columns overlapping
+// as in tile_load_rows8 (stored twice with the same values).  Each row's stores stay within it.
+inline void tile_store_rows8(const float* __restrict in, int64_t K, float* __restrict dst) {
+  for (int64_t k = 0; k < K; k += 8) {
+    const int64_t kk = std::min<int64_t>(k, K - 8);
+    __m256 c[8], r[8];
+    for (int j = 0; j < 8; ++j) c[j] = _mm256_loadu_ps(in + (kk + j) * kTileRows);
+    transpose8x8(c, r);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + j * K + kk, r[j]);
   }
 }
 #endif
@@ -533,7 +554,15 @@ void cat_backward_tiles(const CategoricalPtrs<scalar_t>& p, acc_t grad_kl, acc_t
       for (int i = 0; i < n; ++i) lo[actions[row0 + i] * kTileRows + i] += c[i];
     }
     scalar_t* dst = grad_logits + row0 * K;
-    for (int i = 0; i < n; ++i) {
+    int i = 0;
+#ifdef TRPO_KL_AVX2_KERNELS
+    if constexpr (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
+      if (K >= 8) {
+        for (; i + 8 <= n; i += 8) tile_store_rows8(lo + i, K, dst + i * K);
+      }
+    }
+#endif
+    for (; i < n; ++i) {
       for (int64_t k = 0; k < K; ++k) dst[i * K + k] = static_cast<scalar_t>(lo[k * kTileRows + i]);
     }
   }
