@@ -782,12 +782,14 @@ inline void add_lanes8(__m256d& lo, __m256d& hi, __m256 v) {
   hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
 }
 
-// Element 2i (even) or 2i + 1 (odd) of the 16 floats at x, for rows i = 0..7.
-inline __m256 deinterleave8(const float* x, bool odd) {
+// Classes 0 (elements 2i) and 1 (elements 2i + 1) of the 8 rows of 16 floats at x.
+inline void deinterleave8(const float* x, __m256& c0, __m256& c1) {
   const __m256 a = _mm256_loadu_ps(x), b = _mm256_loadu_ps(x + 8);
   // per 128-bit lane: rows (0, 1, 4, 5 | 2, 3, 6, 7); then 64-bit pairs into order
-  const __m256 t = odd ? _mm256_shuffle_ps(a, b, 0xDD) : _mm256_shuffle_ps(a, b, 0x88);
-  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(t), 0xD8));
+  c0 = _mm256_castpd_ps(
+      _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+  c1 = _mm256_castpd_ps(
+      _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
 }
 
 template <typename index_t, bool kSurrogate>
@@ -805,8 +807,9 @@ int64_t binary_rows8(const CategoricalPtrs<float>& p, int64_t r0, int64_t r1,
   for (; row + 8 <= r1; row += 8) {
     const float* o = p.logits_old + 2 * row;
     const float* w = p.logits_new + 2 * row;
-    const __m256 lo0 = deinterleave8(o, false), lo1 = deinterleave8(o, true);
-    const __m256 ln0 = deinterleave8(w, false), ln1 = deinterleave8(w, true);
+    __m256 lo0, lo1, ln0, ln1;
+    deinterleave8(o, lo0, lo1);
+    deinterleave8(w, ln0, ln1);
     const __m256 d_old = _mm256_sub_ps(lo1, lo0), d_new = _mm256_sub_ps(ln1, ln0);
     __m256 live;
     const __m256 e_old = exp8_nonpositive(_mm256_or_ps(d_old, sign), live);  // e^{−|d|}
