@@ -432,7 +432,7 @@ driver = pytest.mark.skipif(not _has_driver(), reason="needs the driver (trpo_ex
 TINY = ["--env", "CartPole-v1", "--n-envs", "2", "--n-steps", "64", "--eval-episodes", "2"]
 CONTRACT_KEYS = [
     "time/iteration", "time/total_steps", "rollout/ep_return_mean", "rollout/ep_length_mean",
-    "rollout/episodes", "train/kl", "train/max_kl", "train/surrogate_improvement",
+    "rollout/episodes", "train/kl", "train/kl_max_row", "train/surrogate_improvement",
     "train/expected_improvement", "train/line_search_steps", "train/line_search_success",
     "train/cg_residual", "train/cg_iterations", "train/entropy", "train/value_loss",
     "train/explained_variance", "time/fps", "time/elapsed_s", "time/sampling_s", "time/gae_s",

@@ -165,3 +165,27 @@ def surrogate_kl_categorical_reference(logits_old, logits_new, actions, logp_old
     logp = lp_new.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
     surr = (torch.exp(logp - logp_old) * advantages).mean()
     return surr, kl.mean(), kl.max()
+
+
+# --- networks as functions of θ (autograd references for the update's Jacobian products) ----------
+
+def _functional(module, theta, x):
+    names = [n for n, _ in module.named_parameters()]
+    shapes = [p.shape for p in module.parameters()]
+    chunks = theta.split([p.numel() for p in module.parameters()])
+    params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+    return torch.func.functional_call(module, params, (x,))
+
+
+def reference_distribution(policy, theta, x):
+    """A policy's distribution parameters for network input ``x`` as a function of a flat θ (its
+    network's parameters in order, then the log-std), by autograd through the network."""
+    n = policy.n_net_params
+    out = _functional(policy.net, theta[:n], x)
+    return (out, theta[n:]) if policy.gaussian else (out,)
+
+
+def reference_values(value_fn, theta, x):
+    """The critic's network output ``[B]`` (before the target scale σ) as a function of θ."""
+    out = _functional(value_fn.net, theta, x)
+    return out.squeeze(-1) if out.dim() == 2 else out

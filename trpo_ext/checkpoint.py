@@ -103,21 +103,60 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     return state
 
 
-def policy_from_state(state: Dict[str, Any]):
+def upgrade_state(state: Dict[str, Any], module) -> Dict[str, Any]:
+    """A policy's or critic's state dict of an earlier version (one ``flat`` tensor, ``obs_rms.*``
+    buffers) in today's names; the layout of θ is unchanged."""
+    if "flat" not in state:
+        return state
+    out = {n: v.clone() for n, v in zip(module._names, module.split_flat(state["flat"]))}
+    for k, v in state.items():
+        if k.startswith("obs_rms."):
+            out["encoder.rms.obs." + k[len("obs_rms."):]] = v
+        elif k != "flat":
+            out[k] = v
+    return out
+
+
+def policy_from_state(state: Dict[str, Any], policy_net=None):
     from .policies import Policy
 
     cfg = state["config"]
+    custom = bool(state.get("custom_networks"))
+    if custom and policy_net is None:
+        raise CheckpointError("this checkpoint was trained with your own networks and holds only "
+                              "their weights: pass the policy network, built as for training, "
+                              "as load(path, policy_net=...)")
+    if not custom and policy_net is not None:
+        raise CheckpointError("this checkpoint was trained with the built-in networks: load it "
+                              "without policy_net")
     policy = Policy(state["policy_spec"], hidden_sizes=cfg["hidden_sizes"],
-                    normalize_obs=cfg["normalize_obs"], env_id=state["env_id"])
-    policy.load_state_dict(state["policy_state"])
+                    normalize_obs=cfg["normalize_obs"], env_id=state["env_id"], net=policy_net)
+    try:
+        policy.load_state_dict(upgrade_state(state["policy_state"], policy))
+    except RuntimeError as e:
+        if custom:
+            raise CheckpointError(f"the policy_net passed does not match the checkpoint's "
+                                  f"weights: {e}") from None
+        raise
     return policy
 
 
-def load(path: str):
+def load(path: str, policy_net=None, value_net=None):
     """The policy stored in a checkpoint, ready for :func:`trpo_ext.evaluate` (CPU, eval mode);
-    ``policy.env_id`` is the environment it was trained on (None when trained on a callable)."""
+    ``policy.env_id`` is the environment it was trained on (None when trained on a callable).
+
+    A run trained with your own networks stores only their weights (the file is read with
+    ``weights_only=True``): pass ``policy_net`` (and optionally ``value_net``), built as for
+    training; their weights are loaded into them.  ``value_net`` is accepted for symmetry with
+    :func:`trpo_ext.train` and gets the critic's weights.
+    """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a checkpoint path, got {type(path).__name__}")
     state = load_checkpoint(path)
     with reading(path):
-        return policy_from_state(state).eval()
+        policy = policy_from_state(state, policy_net).eval()
+        if value_net is not None:
+            prefix = "net."
+            value_net.load_state_dict({k[len(prefix):]: v for k, v in state["value_state"].items()
+                                       if k.startswith(prefix)})
+        return policy

@@ -1,11 +1,17 @@
-"""Policies whose parameters are views of one flat buffer, the value function and the observation
-normaliser.
+"""Policies and value functions: any torch network plus an action distribution, with every
+parameter a view of one flat buffer.
 
 A TRPO step works on the policy's parameter vector θ as a whole: the gradient g, the CG solution s,
-the step β·s and every line-search trial θ_old + α·β·s are flat vectors.  So the policy keeps all of
-its parameters (weights, biases and, for Gaussian policies, the state-independent log-std) in ONE
-contiguous ``nn.Parameter`` named ``flat``; the layers read slices of it.  Gradients with respect to
-``flat`` come out flat, and a line-search trial is one write into ``flat``.
+the step β·s and every line-search trial θ_old + α·β·s are flat vectors.  So a :class:`Policy`
+keeps all of its parameters — the network's, in the order of its ``named_parameters()``, then the
+state-independent log-std of a Gaussian — as views of ONE contiguous tensor, ``policy.flat``: a
+line-search trial is one write into it, and ``parameters_to_vector(policy.parameters())`` is θ.
+
+The network is any ``nn.Module`` mapping a batch of observations, as :class:`ObservationEncoder`
+prepares them, to the distribution's parameters (means for Box actions, logits otherwise).  Its
+Jacobian products — for g and the Fisher-vector products — come from autograd
+(:class:`AutogradLinearization`); the built-in tanh MLP has a closed-form fast path
+(:class:`Linearization`) that the tests hold to the autograd path.
 """
 from __future__ import annotations
 
@@ -17,51 +23,102 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kl as _kl
+from . import distributions as _dist
 from ._act import tanh_and_derivative
 
-__all__ = ["RunningMeanStd", "Policy", "ValueFunction", "Adam", "space_spec", "Linearization"]
+__all__ = ["RunningMeanStd", "ObservationEncoder", "MLP", "NatureCNN", "DictExtractor", "Policy",
+           "ValueFunction", "Adam", "space_spec", "Linearization", "AutogradLinearization",
+           "linearize", "surrogate_gradient", "fisher_vector_product"]
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # The smallest scale σ of normalised value targets: all-zero returns must not blow the output layer up.
 _MIN_TARGET_SCALE = 1e-4
+# The Nature-DQN extractor's three convolutions need at least this many pixels on each side.
+_MIN_IMAGE_SIDE = 36
+
+
+# --- spaces --------------------------------------------------------------------------------------
+
+def _is_image(space) -> bool:
+    from gymnasium import spaces
+
+    return isinstance(space, spaces.Box) and len(space.shape) == 3 and space.dtype == np.uint8
+
+
+def _obs_part_spec(space, where: str) -> dict:
+    """One observation (or one Dict key) as plain data: "box" (flattened float features),
+    "image" (3-D uint8, fed channels-first) or "discrete" (one-hot)."""
+    from gymnasium import spaces
+
+    if _is_image(space):
+        shape = [int(d) for d in space.shape]
+        # Channels last (H, W, C) is gymnasium's convention for pixels; channels first when the
+        # first axis is small and the last is not.
+        channels_last = not (shape[0] <= 4 < shape[2])
+        c, h, w = (shape[2], shape[0], shape[1]) if channels_last else shape
+        return {"obs_kind": "image", "obs_shape": shape, "channels_last": channels_last,
+                "image_chw": [c, h, w], "obs_dim": c * h * w}
+    if isinstance(space, spaces.Box):
+        if space.shape is None or int(np.prod(space.shape)) == 0:
+            raise ValueError(f"unsupported observation space {where}{space!r}: a Box observation "
+                             "needs at least one element")
+        return {"obs_kind": "box", "obs_shape": [int(d) for d in space.shape],
+                "obs_dim": int(np.prod(space.shape, dtype=np.int64))}
+    if isinstance(space, spaces.Discrete):
+        return {"obs_kind": "discrete", "obs_shape": [], "obs_dim": int(space.n),
+                "obs_start": int(space.start)}
+    hint = ("flatten it with gymnasium.wrappers.FlattenObservation" if where == "" else
+            f"drop or convert key {where.strip(': ')!r} with a gymnasium observation wrapper "
+            "(e.g. gymnasium.wrappers.FilterObservation or TransformObservation)")
+    raise ValueError(f"unsupported observation space {where}{space!r}: trpo_ext takes Box "
+                     f"(flat, or 3-D uint8 images), Discrete (one-hot) and Dict of those; {hint}")
 
 
 def space_spec(observation_space, action_space) -> dict:
     """What the networks need to know about an environment's spaces, as plain (JSON-able) data.
 
-    Box observations of any shape are flattened; Discrete observations are one-hot encoded.  Box
-    actions get a diagonal Gaussian, Discrete actions a categorical.  Anything else is refused here,
-    before any work starts.
+    Observations: Box (flattened), 3-D uint8 Box (an image), Discrete (one-hot), or a Dict of
+    those (``obs_kind == "dict"``, ``obs_keys`` maps each key to its own description).  Actions:
+    Box (diagonal Gaussian), Discrete (categorical), MultiDiscrete (one categorical per
+    sub-space), MultiBinary (one Bernoulli per dimension).  Anything else is refused here, before
+    any work starts, with the wrapper to use.
     """
     from gymnasium import spaces
 
-    if isinstance(observation_space, spaces.Box):
-        if observation_space.shape is None or int(np.prod(observation_space.shape)) == 0:
-            raise ValueError(f"unsupported observation space {observation_space!r}: a Box "
-                             "observation needs at least one element")
-        obs = {"obs_kind": "box", "obs_shape": [int(d) for d in observation_space.shape],
-               "obs_dim": int(np.prod(observation_space.shape, dtype=np.int64))}
-    elif isinstance(observation_space, spaces.Discrete):
-        obs = {"obs_kind": "discrete", "obs_shape": [], "obs_dim": int(observation_space.n),
-               "obs_start": int(observation_space.start)}
+    if isinstance(observation_space, spaces.Dict):
+        if not observation_space.spaces:
+            raise ValueError("unsupported observation space: an empty Dict")
+        keys = {str(k): _obs_part_spec(s, f"key {k!r}: ")
+                for k, s in observation_space.spaces.items()}
+        obs = {"obs_kind": "dict", "obs_keys": keys,
+               "obs_dim": sum(k["obs_dim"] for k in keys.values())}
     else:
-        raise ValueError(f"unsupported observation space {observation_space!r}: trpo_ext handles Box "
-                         "(flattened) and Discrete (one-hot) observations; wrap the env (e.g. "
-                         "gymnasium.wrappers.FlattenObservation) to use it")
+        obs = _obs_part_spec(observation_space, "")
     if isinstance(action_space, spaces.Box):
         if len(action_space.shape) != 1 or action_space.shape[0] == 0:
             raise ValueError(f"unsupported action space {action_space!r}: Box actions must be 1-D "
-                             "with at least one dimension")
+                             "with at least one dimension (wrap the env to flatten them)")
         act = {"action_kind": "box", "action_dim": int(action_space.shape[0]),
                "action_low": [float(x) for x in action_space.low],
                "action_high": [float(x) for x in action_space.high]}
     elif isinstance(action_space, spaces.Discrete):
         act = {"action_kind": "discrete", "action_dim": int(action_space.n),
                "action_start": int(action_space.start)}
+    elif isinstance(action_space, spaces.MultiDiscrete):
+        if action_space.nvec.ndim != 1 or action_space.nvec.size == 0:
+            raise ValueError(f"unsupported action space {action_space!r}: MultiDiscrete actions "
+                             "must be 1-D with at least one sub-space")
+        act = {"action_kind": "multi_discrete", "action_dim": int(action_space.nvec.size),
+               "action_nvec": [int(n) for n in action_space.nvec],
+               "action_start": [int(s) for s in action_space.start]}
+    elif isinstance(action_space, spaces.MultiBinary):
+        if len(action_space.shape) != 1 or action_space.shape[0] == 0:
+            raise ValueError(f"unsupported action space {action_space!r}: MultiBinary actions "
+                             "must be 1-D with at least one dimension")
+        act = {"action_kind": "multi_binary", "action_dim": int(action_space.shape[0])}
     else:
         raise ValueError(f"unsupported action space {action_space!r}: trpo_ext handles Box "
-                         "(diagonal Gaussian) and Discrete (categorical) actions")
+                         "(diagonal Gaussian), Discrete (categorical), MultiDiscrete and "
+                         "MultiBinary actions")
     return {**obs, **act}
 
 
@@ -103,106 +160,244 @@ class RunningMeanStd(nn.Module):
         return out.mul_(self.scale).clamp_(-self.clip, self.clip)
 
 
+Features = Union[torch.Tensor, Dict[str, torch.Tensor]]
+
+
+class ObservationEncoder(nn.Module):
+    """Raw environment observations → the tensors a network takes.
+
+    ``encode`` turns a batch of raw observations (NumPy or torch, ``[B, *obs_shape]``, or a dict of
+    those for a Dict space) into *features*: Box → float32 ``[B, obs_dim]`` (flattened), Discrete →
+    one-hot float32 ``[B, n]``, image → uint8 ``[B, C, H, W]`` (channels moved first).  Calling the
+    encoder on features gives the *network input*: flat features normalised by their running
+    mean and variance (``normalize_obs``; each Dict key has its own statistics), clipped to ±10;
+    images scaled to [0, 1] as float32.  The statistics change only between updates
+    (:meth:`update`), so features can be stored and turned into network input later.
+    """
+
+    def __init__(self, spec: dict, normalize: bool = True):
+        super().__init__()
+        self.spec = spec
+        parts = spec["obs_keys"] if spec["obs_kind"] == "dict" else {"": spec}
+        self.rms = nn.ModuleDict({
+            (k or "obs"): RunningMeanStd(p["obs_dim"])
+            for k, p in parts.items() if normalize and p["obs_kind"] != "image"})
+
+    def _rms(self, key: str) -> Optional[RunningMeanStd]:
+        return self.rms[key or "obs"] if (key or "obs") in self.rms else None
+
+    @staticmethod
+    def _encode_part(part: dict, x, device) -> torch.Tensor:
+        if part["obs_kind"] == "discrete":
+            arr = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+            idx = arr.to(device).long().reshape(-1) - part.get("obs_start", 0)
+            return F.one_hot(idx, part["obs_dim"]).to(torch.float32)
+        t = torch.as_tensor(x, device=device)
+        if part["obs_kind"] == "image":
+            t = t.reshape(-1, *part["obs_shape"])
+            return (t.permute(0, 3, 1, 2) if part["channels_last"] else t).to(torch.uint8)
+        return t.reshape(-1, part["obs_dim"]).to(torch.float32)
+
+    def encode(self, obs, device=None) -> Features:
+        device = torch.device("cpu") if device is None else device
+        if self.spec["obs_kind"] == "dict":
+            return {k: self._encode_part(p, obs[k], device)
+                    for k, p in self.spec["obs_keys"].items()}
+        return self._encode_part(self.spec, obs, device)
+
+    def forward(self, features: Features) -> Features:
+        if isinstance(features, dict):
+            return {k: self._input(self.spec["obs_keys"][k], k, v) for k, v in features.items()}
+        return self._input(self.spec, "", features)
+
+    def _input(self, part: dict, key: str, x: torch.Tensor) -> torch.Tensor:
+        if part["obs_kind"] == "image":
+            return x.to(torch.float32).div_(255.0)
+        rms = self._rms(key)
+        return rms.normalize(x) if rms is not None else x
+
+    @torch.no_grad()
+    def update(self, features: Features) -> None:
+        """Fold a batch of features (any leading shape) into the running statistics."""
+        if isinstance(features, dict):
+            for k, v in features.items():
+                rms = self._rms(k)
+                if rms is not None:
+                    rms.update(v.reshape(-1, v.shape[-1]))
+        elif self._rms("") is not None:
+            self._rms("").update(features.reshape(-1, features.shape[-1]))
+
+
 def _orthogonal(shape: Sequence[int], gain: float, generator: torch.Generator) -> torch.Tensor:
     w = torch.empty(*shape)
     nn.init.orthogonal_(w, gain=gain, generator=generator)
     return w
 
 
-class _FlatModule(nn.Module):
-    """An MLP (tanh hidden layers) whose parameters are slices of one 1-D ``nn.Parameter``, ``flat``.
+class MLP(nn.Module):
+    """The built-in network: linear layers with tanh between them; orthogonal weights (gain √2 on
+    hidden layers, ``out_gain`` on the output layer), zero biases.  Policies and critics built on
+    it use the closed-form :class:`Linearization` instead of autograd."""
 
-    Layers are listed in ``layout`` as (name, shape), in storage order.  Orthogonal init (gain √2
-    on hidden layers, ``out_gain`` on the output layer), zero biases.
-    """
-
-    def _init_flat(self, sizes: Sequence[int], out_gain: float, generator: torch.Generator,
-                   extra: Sequence[Tuple[str, torch.Tensor]] = ()) -> None:
-        layout: List[Tuple[str, Tuple[int, ...]]] = []
-        chunks = []
+    def __init__(self, sizes: Sequence[int], out_gain: float = 1.0,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.layers = nn.ModuleList()
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            last = i == len(sizes) - 2
-            layout += [(f"layer{i}.weight", (n_out, n_in)), (f"layer{i}.bias", (n_out,))]
-            chunks += [_orthogonal((n_out, n_in), out_gain if last else math.sqrt(2), generator)
-                       .flatten(), torch.zeros(n_out)]
-        for name, value in extra:
-            layout.append((name, tuple(value.shape)))
-            chunks.append(value.flatten())
-        self.layout = layout
-        self._numels = [math.prod(s) for _, s in layout]
-        self._n_layers = len(sizes) - 1
-        self.flat = nn.Parameter(torch.cat(chunks))
-        self._views_key = None
-        self._views: List[torch.Tensor] = []
+            layer = nn.Linear(n_in, n_out)
+            gain = out_gain if i == len(sizes) - 2 else math.sqrt(2)
+            with torch.no_grad():
+                layer.weight.copy_(_orthogonal((n_out, n_in), gain, generator))
+                layer.bias.zero_()
+            self.layers.append(layer)
 
-    def named_views(self) -> Dict[str, torch.Tensor]:
-        """The parameters by name, each a view of ``self.flat`` (no copies)."""
-        return {name: v for (name, _), v in zip(self.layout, self._data_views())}
-
-    def split_flat(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        """A flat vector laid out like ``self.flat`` (the parameters, a direction, a host copy) as
-        views shaped like the parameters, in layout order."""
-        return [c.view(s) for c, (_, s) in zip(flat.split(self._numels), self.layout)]
-
-    def _data_views(self) -> List[torch.Tensor]:
-        # Views of flat's storage without autograd, for sampling and line-search trials; rebuilt
-        # only when the storage moves (.to(), a new tensor assigned).
-        key = (self.flat.data_ptr(), self.flat.device)
-        if key != self._views_key:
-            self._views = self.split_flat(self.flat.detach())
-            self._views_key = key
-        return self._views
-
-    def _views_for(self, differentiable: bool) -> List[torch.Tensor]:
-        if differentiable:
-            # split's backward is one concatenation, so ∂/∂flat arrives as one flat gradient.
-            return self.split_flat(self.flat)
-        return self._data_views()
-
-    def _mlp(self, x: torch.Tensor, views: List[torch.Tensor]) -> torch.Tensor:
-        for i in range(self._n_layers):
-            x = F.linear(x, views[2 * i], views[2 * i + 1])
-            if i < self._n_layers - 1:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
                 x = torch.tanh(x)
         return x
 
 
-class Linearization:
-    """A flat MLP (the policy at θ_old, or the value function at its current parameters)
-    linearised there: the closed-form Fisher-vector product, g, and the critic's gradients use it.
+class NatureCNN(nn.Module):
+    """The Nature-DQN feature extractor (Mnih et al. 2015) for images ``[B, C, H, W]`` in [0, 1]:
+    three ReLU convolutions (32×8×8 stride 4, 64×4×4 stride 2, 64×3×3 stride 1), then a ReLU
+    linear layer to ``features`` (512)."""
 
-    Holds each layer's input (the observations, then the tanh outputs) and the tanh
-    derivatives, so that ``jvp`` (J v: the first-order change of the network's output along a
-    parameter direction v) and ``vjp`` (Jᵀ w: the backward pass) each cost a few matrix products,
-    with no autograd graph.  F v = Jᵀ (M (J v)), M being the distribution's Fisher metric
-    (:func:`trpo_ext.fisher_metric_diag_gaussian`, :func:`trpo_ext.fisher_metric_categorical`).
-    Valid while θ is θ_old: it reads the weights through views of the live parameter buffer.
-    """
-
-    def __init__(self, module: "_FlatModule", obs: torch.Tensor):
-        self._module = module
-        views = module._data_views()
-        self._weights = [views[2 * i] for i in range(module._n_layers)]
-        inputs = [obs]
-        derivs = []
-        x = obs
+    def __init__(self, chw: Sequence[int], features: int = 512):
+        super().__init__()
+        c, h, w = chw
+        if min(h, w) < _MIN_IMAGE_SIDE:
+            raise ValueError(f"image observations of {h}×{w} pixels are too small for the built-in "
+                             f"CNN (at least {_MIN_IMAGE_SIDE}×{_MIN_IMAGE_SIDE}); pass your own "
+                             "policy_net and value_net")
+        self.convs = nn.Sequential(
+            nn.Conv2d(c, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten())
         with torch.no_grad():
-            for i in range(module._n_layers):
-                x = F.linear(x, views[2 * i], views[2 * i + 1])
-                if i < module._n_layers - 1:
+            n_flat = self.convs(torch.zeros(1, c, h, w)).shape[1]
+        self.linear = nn.Sequential(nn.Linear(n_flat, features), nn.ReLU())
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.convs(x))
+
+
+class DictExtractor(nn.Module):
+    """One extractor per key of a Dict observation — :class:`NatureCNN` for images, the features
+    themselves for the rest — concatenated, keys in the space's order."""
+
+    def __init__(self, keys: Dict[str, dict]):
+        super().__init__()
+        self.keys = list(keys)
+        self.cnns = nn.ModuleDict({k: NatureCNN(p["image_chw"]) for k, p in keys.items()
+                                   if p["obs_kind"] == "image"})
+        self.features = sum(self.cnns[k].features if k in self.cnns else p["obs_dim"]
+                            for k, p in keys.items())
+
+    def forward(self, obs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([self.cnns[k](obs[k]) if k in self.cnns else obs[k] for k in self.keys],
+                         -1)
+
+
+def default_network(spec: dict, hidden_sizes: Sequence[int], out_dim: int, out_gain: float,
+                    generator: torch.Generator) -> nn.Module:
+    """The built-in network for an observation space: an :class:`MLP` on flat features; a
+    :class:`NatureCNN` or :class:`DictExtractor` followed by an MLP head otherwise."""
+    kind = spec["obs_kind"]
+    # Layers draw their default initialisation from torch's global generator: fork it, so that
+    # building a network leaves the caller's random state as it was, and initialise from
+    # ``generator`` instead.
+    with torch.random.fork_rng(devices=[]):
+        if kind in ("box", "discrete"):
+            return MLP([spec["obs_dim"], *hidden_sizes, out_dim], out_gain, generator)
+        extractor = NatureCNN(spec["image_chw"]) if kind == "image" \
+            else DictExtractor(spec["obs_keys"])
+        for m in extractor.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.orthogonal_(m.weight, gain=math.sqrt(2), generator=generator)
+                nn.init.zeros_(m.bias)
+        return nn.Sequential(extractor, MLP([extractor.features, *hidden_sizes, out_dim],
+                                            out_gain, generator))
+
+
+def _flatten_parameters(module: nn.Module) -> torch.Tensor:
+    """Moves every parameter of ``module`` into one new contiguous tensor and makes each a view of
+    it (``param.data`` reassigned; the Parameter objects, their names and order are kept).
+    Returns that tensor."""
+    params = list(module.parameters())
+    if not params:
+        raise ValueError(f"{type(module).__name__} has no parameters to train")
+    dtypes = {p.dtype for p in params}
+    devices = {p.device for p in params}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(f"all parameters of a trpo_ext policy or critic must share one dtype and "
+                         f"device, got dtypes {sorted(map(str, dtypes))} and devices "
+                         f"{sorted(map(str, devices))}")
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.data = flat[offset:offset + n].view_as(p)
+        offset += n
+    return flat
+
+
+class _FlatModule(nn.Module):
+    """A module whose parameters are views of ``self.flat`` (see :func:`_flatten_parameters`),
+    re-established whenever the module is moved or cast."""
+
+    def _init_flat(self) -> None:
+        self.flat = _flatten_parameters(self)
+        self._names = [n for n, _ in self.named_parameters()]
+        self._shapes = [p.shape for p in self.parameters()]
+        self._numels = [p.numel() for p in self.parameters()]
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if "flat" in self.__dict__:
+            self.flat = _flatten_parameters(self)
+        return self
+
+    def split_flat(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        """A flat vector laid out like θ as views shaped like the parameters, in order."""
+        return [c.view(s) for c, s in zip(flat.split(self._numels), self._shapes)]
+
+    def named_views(self) -> Dict[str, torch.Tensor]:
+        return dict(zip(self._names, self.split_flat(self.flat)))
+
+
+class Linearization:
+    """The built-in :class:`MLP` linearised at its current parameters, in closed form: it holds each
+    layer's input and the tanh derivatives, so that ``jvp`` (J v) and ``vjp`` (Jᵀ w) each cost a few
+    matrix products, with no autograd graph.  Valid while the parameters do not change."""
+
+    def __init__(self, mlp: MLP, x: torch.Tensor, n_params: int):
+        self.n_params = n_params
+        self._weights = [layer.weight.detach() for layer in mlp.layers]
+        self._shapes = [(layer.weight.shape, layer.bias.shape) for layer in mlp.layers]
+        inputs, derivs = [x], []
+        with torch.no_grad():
+            for i, layer in enumerate(mlp.layers):
+                x = F.linear(x, layer.weight, layer.bias)
+                if i < len(mlp.layers) - 1:
                     x, d = tanh_and_derivative(x)  # one pass: tanh and 1 − tanh²
                     inputs.append(x)
                     derivs.append(d)
-            self.inputs = inputs
-            self.tanh_derivs = derivs
-        self.output = x
+        self.inputs, self.tanh_derivs, self.output = inputs, derivs, x
 
     def _split(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        return self._module.split_flat(flat)
+        out, offset = [], 0
+        for ws, bs in self._shapes:
+            nw, nb = ws.numel(), bs.numel()
+            out += [flat[offset:offset + nw].view(ws), flat[offset + nw:offset + nw + nb]]
+            offset += nw + nb
+        return out
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
-        """J v ``[B, out]`` for a flat parameter direction ``v`` (entries past the network's, such as
-        a log-std, are ignored)."""
+        """J v ``[B, out]`` for a flat direction ``v`` (entries past the network's are ignored)."""
         parts = self._split(v)
         tangent = None
         for i, w in enumerate(self._weights):
@@ -215,7 +410,7 @@ class Linearization:
         raise AssertionError("a network has at least one layer")
 
     def vjp(self, w_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Writes Jᵀ w_out into the network's entries of the flat vector ``out`` and returns it."""
+        """Writes Jᵀ w_out into the network's entries of the flat vector ``out``; returns ``out``."""
         parts = self._split(out)
         g = w_out
         for i in reversed(range(len(self._weights))):
@@ -226,190 +421,193 @@ class Linearization:
         return out
 
 
-class Policy(_FlatModule):
-    """An MLP policy π_θ(a|s) (tanh hidden layers) over flattened / one-hot observations.
+class AutogradLinearization:
+    """Any network linearised at its current parameters by autograd: ``vjp`` reuses one reverse
+    pass's graph (torch.func.vjp), ``jvp`` is a forward-mode pass (torch.func.jvp).  The same
+    interface as :class:`Linearization`; the network's parameters are the first ``n_params``
+    entries of θ."""
 
-    Box actions: diagonal Gaussian N(mean(s), exp(log_std)²) with a state-independent ``log_std``
-    of shape ``[A]``.  Discrete actions: categorical over ``logits(s)``.  All parameters live in
-    ``self.flat`` (1-D); :meth:`named_views` shows how it is laid out.  When ``normalize_obs`` is on,
-    ``self.obs_rms`` holds the running statistics, which :meth:`act` applies.
+    def __init__(self, net: nn.Module, x: Features, n_params: int):
+        self.n_params = n_params
+        names = [n for n, _ in net.named_parameters()]
+        shapes = [p.shape for p in net.parameters()]
+        numels = [p.numel() for p in net.parameters()]
+
+        def f(theta: torch.Tensor) -> torch.Tensor:
+            params = {n: t.view(s) for n, t, s in zip(names, theta.split(numels), shapes)}
+            return torch.func.functional_call(net, params, (x,))
+
+        # A copy: the line search later writes into the parameters' storage.
+        self._theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+        self._f = f
+        self.output, self._vjp = torch.func.vjp(f, self._theta)
+        self.output = self.output.detach()
+
+    def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(self._f, (self._theta,), (v[:self.n_params],))[1]
+
+    def vjp(self, w_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        out[:self.n_params] = self._vjp(w_out)[0]
+        return out
+
+
+class Policy(_FlatModule):
+    """π_θ(a|s): a network (``net``: any ``nn.Module`` from network input to the distribution's
+    parameters; None builds the built-in one for the space) plus an action distribution
+    (:mod:`trpo_ext.distributions`), and the observation encoder with its running statistics.
+
+    Box actions: diagonal Gaussian N(net(s), exp(log_std)²), ``log_std [A]`` owned by the policy
+    and stored after the network's parameters in θ.  Discrete: categorical over ``net(s)``
+    ``[B, n]``; MultiDiscrete(nvec): one categorical per sub-space, logits side by side
+    ``[B, sum(nvec)]``; MultiBinary(n): Bernoulli logits ``[B, n]``.
     """
 
     def __init__(self, spec: dict, hidden_sizes: Sequence[int] = (64, 64), init_log_std: float = 0.0,
                  normalize_obs: bool = True, generator: Optional[torch.Generator] = None,
-                 env_id: Optional[str] = None):
+                 env_id: Optional[str] = None, net: Optional[nn.Module] = None):
         super().__init__()
         self.spec = dict(spec)
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         self.env_id = env_id
-        self.gaussian = spec["action_kind"] == "box"
-        obs_dim, act_dim = spec["obs_dim"], spec["action_dim"]
-        sizes = [obs_dim, *self.hidden_sizes, act_dim]
+        self.dist = _dist.for_action_spec(spec)
+        self.gaussian = isinstance(self.dist, _dist.DiagGaussian)
+        self.encoder = ObservationEncoder(spec, normalize_obs)
+        self.custom_net = net is not None
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         # A 0.01 output gain starts with a near-uniform, nearly state-blind policy.
-        extra = [("log_std", torch.full((act_dim,), float(init_log_std)))] if self.gaussian else []
-        self._init_flat(sizes, 0.01, generator, extra)
-        self.obs_rms = RunningMeanStd(obs_dim) if normalize_obs else None
+        self.net = net if net is not None else default_network(
+            spec, self.hidden_sizes, self.dist.out_dim, 0.01, generator)
+        self.n_net_params = sum(p.numel() for p in self.net.parameters())
         if self.gaussian:
+            # A child module registered after the network, so that parameters() lists the log-std
+            # after the network's parameters, as θ holds them.
+            ref = next(self.net.parameters())
+            self.std = nn.Module()
+            self.std.log_std = nn.Parameter(torch.full((spec["action_dim"],), float(init_log_std),
+                                                       dtype=ref.dtype, device=ref.device))
             self.register_buffer("action_low", torch.tensor(spec["action_low"], dtype=torch.float32))
             self.register_buffer("action_high", torch.tensor(spec["action_high"], dtype=torch.float32))
+        self._init_flat()
 
-    # --- the distribution ------------------------------------------------------------------------
+    @property
+    def log_std(self) -> torch.Tensor:
+        """The Gaussian's state-independent log standard deviation ``[A]`` (the last entries of θ)."""
+        return self.std.log_std
 
-    def distribution_params(self, obs: torch.Tensor, differentiable: bool = False
-                            ) -> Tuple[torch.Tensor, ...]:
-        """``(mean [B, A], log_std [A])`` or ``(logits [B, K],)`` for normalised observations
-        ``[B, obs_dim]``.  ``differentiable=True`` builds the graph back to ``self.flat``."""
-        views = self._views_for(differentiable)
-        x = self._mlp(obs, views)
-        return (x, views[-1]) if self.gaussian else (x,)
+    @property
+    def fast_path(self) -> bool:
+        """Whether the closed-form :class:`Linearization` serves this policy (the built-in MLP)."""
+        return isinstance(self.net, MLP)
 
-    def draw_noise(self, batch_shape: Tuple[int, ...], generator: Optional[torch.Generator] = None
-                   ) -> torch.Tensor:
-        """The randomness of ``batch_shape`` draws in one call: standard normals ``[..., A]``
-        (Gaussian) or uniforms ``[..., 1]`` (categorical)."""
-        device = self.flat.device
-        if self.gaussian:
-            return torch.randn(*batch_shape, self.spec["action_dim"], generator=generator,
-                               device=device)
-        return torch.rand(*batch_shape, 1, generator=generator, device=device)
-
-    @staticmethod
-    def categorical_from_uniform(logits: torch.Tensor, u: torch.Tensor,
-                                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Inverse-CDF draw from Cat(softmax(logits)) with uniforms ``u [..., 1]``: a handful of
-        small ops where torch.multinomial costs ~100 µs a call."""
-        below = torch.softmax(logits, -1).cumsum(-1) < u
-        index = torch.sum(below, -1, out=out) if out is not None else below.sum(-1)
-        return index.clamp_(max=logits.shape[-1] - 1)
-
-    def sample(self, obs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Actions drawn from π(·|obs) (no graph); Gaussian actions are not clipped."""
-        params = self.distribution_params(obs)
-        noise = self.draw_noise(tuple(obs.shape[:-1]), generator)
-        if self.gaussian:
-            mean, log_std = params
-            return noise.mul_(log_std.exp()).add_(mean)
-        return self.categorical_from_uniform(params[0], noise)
-
-    def mode(self, obs: torch.Tensor) -> torch.Tensor:
-        params = self.distribution_params(obs)
-        return params[0] if self.gaussian else params[0].argmax(-1)
-
-    def log_prob(self, params: Tuple[torch.Tensor, ...], actions: torch.Tensor) -> torch.Tensor:
-        if self.gaussian:
-            mean, log_std = params
-            z = (actions - mean) * torch.exp(-log_std)
-            return (-0.5 * z.square() - log_std - _HALF_LOG_2PI).sum(-1)
-        return torch.log_softmax(params[0], -1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-
-    def entropy(self, params: Tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Mean entropy over the batch (0-d tensor)."""
-        if self.gaussian:
-            return (params[1] + 0.5 + _HALF_LOG_2PI).sum()
-        logp = torch.log_softmax(params[0], -1)
-        return -(logp.exp() * logp).sum(-1).mean()
-
-    def surrogate_kl(self, old: Tuple[torch.Tensor, ...], new: Tuple[torch.Tensor, ...],
-                     actions: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor):
-        """(surrogate, mean KL(π_old‖π_new), max KL) by the fused op of this distribution."""
-        if self.gaussian:
-            return _kl.surrogate_kl_diag_gaussian(old[0], old[1], new[0], new[1], actions, logp_old,
-                                                  advantages)
-        return _kl.surrogate_kl_categorical(old[0], new[0], actions, logp_old, advantages)
-
-    # --- the update's closed forms ----------------------------------------------------------------
-
-    def linearize(self, obs: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], Linearization]:
-        """The distribution at θ_old for normalised ``obs`` (detached; the log-std cloned, since the
-        line search writes into its buffer) and the network linearised there."""
-        lin = Linearization(self, obs)
-        params = (lin.output, self._data_views()[-1].clone()) if self.gaussian else (lin.output,)
-        return params, lin
-
-    def surrogate_gradient(self, lin: Linearization, old: Tuple[torch.Tensor, ...],
-                           actions: torch.Tensor, logp_old: torch.Tensor,
-                           advantages: torch.Tensor) -> torch.Tensor:
-        """g = ∇θ of the surrogate E[π_θ/π_old · A] at θ_old, as a flat vector: the fused backward op
-        gives the gradient in the distribution's parameters, the network's Jᵀ carries it to θ."""
-        g = torch.empty_like(self.flat, requires_grad=False)
-        zero = torch.zeros((), dtype=lin.output.dtype, device=lin.output.device)
-        one = torch.ones((), dtype=lin.output.dtype, device=lin.output.device)
-        if self.gaussian:
-            d_mean, d_log_std = torch.ops.trpo_ext.kl_diag_gaussian_backward(
-                zero, one, old[0], old[1], old[0], old[1], actions, logp_old, advantages)
-            g[-d_log_std.numel():] = d_log_std
-        else:
-            d_mean = torch.ops.trpo_ext.kl_categorical_backward(
-                zero, one, old[0], old[0], actions, logp_old, advantages)
-        return lin.vjp(d_mean, g)
-
-    def fisher_vector_product(self, lin: Linearization, old: Tuple[torch.Tensor, ...],
-                              v: torch.Tensor) -> torch.Tensor:
-        """F v for the Fisher matrix F = ∇²θ mean KL(π_old‖π_θ) at θ_old, in closed form Jᵀ M J v."""
-        out = torch.empty_like(v)
-        u = lin.jvp(v)
-        if self.gaussian:
-            n = old[1].numel()
-            m_mean, m_log_std = _kl.fisher_metric_diag_gaussian(old[1], u, v[-n:])
-            out[-n:] = m_log_std
-        else:
-            m_mean = _kl.fisher_metric_categorical(old[0], u)
-        return lin.vjp(m_mean, out)
+    @property
+    def obs_rms(self) -> Optional[RunningMeanStd]:
+        """The running statistics of flat (non-Dict) observations; None otherwise or when off."""
+        return self.encoder._rms("") if self.spec["obs_kind"] != "dict" else None
 
     # --- observations ----------------------------------------------------------------------------
 
-    def encode_obs(self, obs: Union[np.ndarray, torch.Tensor],
-                   device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
-        """Raw batched observations ``[B, *obs_shape]`` (Box) or ``[B]`` (Discrete) → float32
-        features ``[B, obs_dim]`` on ``device`` (default: this policy's), before normalisation."""
-        device = self.flat.device if device is None else torch.device(device)
-        if self.spec["obs_kind"] == "discrete":
-            idx = torch.as_tensor(np.asarray(obs) if not isinstance(obs, torch.Tensor) else obs,
-                                  device=device).long().reshape(-1) - self.spec.get("obs_start", 0)
-            return F.one_hot(idx, self.spec["obs_dim"]).to(torch.float32)
-        x = torch.as_tensor(obs, device=device)
-        return x.reshape(-1, self.spec["obs_dim"]).to(torch.float32)
+    def encode_obs(self, obs, device=None) -> Features:
+        """Raw batched observations → features on ``device`` (default: this policy's); see
+        :class:`ObservationEncoder`."""
+        return self.encoder.encode(obs, self.flat.device if device is None else torch.device(device))
 
-    def normalize(self, features: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.obs_rms is None:
-            return features if out is None else out.copy_(features)
-        return self.obs_rms.normalize(features, out=out)
+    def normalize(self, features: Features) -> Features:
+        """Features → network input (normalised; images scaled to [0, 1])."""
+        return self.encoder(features)
+
+    # --- the distribution ------------------------------------------------------------------------
+
+    def distribution_params(self, x: Features, differentiable: bool = False
+                            ) -> Tuple[torch.Tensor, ...]:
+        """The distribution's parameters for network input ``x``: ``(mean [B, A], log_std [A])``
+        or ``(logits [B, n],)``.  Without ``differentiable`` no graph is built."""
+        with torch.set_grad_enabled(differentiable):
+            out = self.net(x)
+            return (out, self.log_std) if self.gaussian else (out,)
+
+    def draw_noise(self, batch_shape: Tuple[int, ...], generator: Optional[torch.Generator] = None
+                   ) -> torch.Tensor:
+        return self.dist.draw_noise(batch_shape, generator, self.flat.device)
+
+    def sample(self, x: Features, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Actions drawn from π(·|x) (no graph); Gaussian actions are not clipped."""
+        params = self.distribution_params(x)
+        batch = params[0].shape[:-1]
+        return self.dist.sample(params, self.draw_noise(tuple(batch), generator))
+
+    def mode(self, x: Features) -> torch.Tensor:
+        return self.dist.mode(self.distribution_params(x))
+
+    def log_prob(self, params, actions):
+        return self.dist.log_prob(params, actions)
+
+    def entropy(self, params):
+        return self.dist.entropy(params)
+
+    def surrogate_kl(self, old, new, actions, logp_old, advantages):
+        """(surrogate, mean KL(π_old‖π_new), largest per-row KL) by the distribution's fused op."""
+        return self.dist.surrogate_kl(old, new, actions, logp_old, advantages)
+
+    def env_actions(self, actions: torch.Tensor, clip: bool = True) -> np.ndarray:
+        """Actions as the environment takes them: Gaussian ones clipped to the bounds
+        (``clip``), discrete ones offset by the space's start."""
+        if self.gaussian:
+            if clip:
+                actions = torch.maximum(torch.minimum(actions, self.action_high.to(actions.device)),
+                                        self.action_low.to(actions.device))
+            return actions.cpu().numpy()
+        start = self.spec.get("action_start", 0)
+        out = actions.cpu().numpy()
+        return out + np.asarray(start, dtype=out.dtype) if np.any(start) else out
 
     @torch.no_grad()
     def act(self, obs, deterministic: bool = True, generator: Optional[torch.Generator] = None,
             clip: bool = True) -> np.ndarray:
         """Actions for raw observations, ready for ``env.step``: the saved normalisation is applied,
-        Gaussian actions are clipped to the action bounds (``clip=True``) and Discrete actions are
-        offset by the space's ``start``.  A single observation gives a single action; a batch
-        ``[B, ...]`` gives ``[B, ...]``."""
-        obs_arr = obs if isinstance(obs, torch.Tensor) else np.asarray(obs)
-        obs_shape, shape = tuple(self.spec["obs_shape"]), tuple(obs_arr.shape)
-        single = shape == obs_shape
-        if not single and shape[1:] != obs_shape:
-            raise ValueError(f"obs must have the policy's observation shape {obs_shape} (one "
-                             f"observation) or (B, *{obs_shape}) (a batch), got shape {shape}")
-        if self.spec["obs_kind"] == "discrete":
-            lo = self.spec.get("obs_start", 0)
-            values = np.asarray(obs_arr.cpu() if isinstance(obs_arr, torch.Tensor) else obs_arr)
-            if values.size and (values.min() < lo or values.max() >= lo + self.spec["obs_dim"]):
-                raise ValueError(f"obs holds {values.min()}..{values.max()}, outside the policy's "
-                                 f"Discrete observations {lo}..{lo + self.spec['obs_dim'] - 1}")
-        x = self.normalize(self.encode_obs(obs_arr))
+        Gaussian actions are clipped to the bounds (``clip=True``) and discrete actions offset by
+        the space's ``start``.  A single observation gives a single action; a batch ``[B, ...]``
+        gives ``[B, ...]``."""
+        single = self._check_obs(obs)
+        if single:
+            obs = {k: np.asarray(v)[None] for k, v in obs.items()} if isinstance(obs, dict) \
+                else (obs[None] if isinstance(obs, torch.Tensor) else np.asarray(obs)[None])
+        x = self.normalize(self.encode_obs(obs))
         a = self.mode(x) if deterministic else self.sample(x, generator)
-        if self.gaussian:
-            if clip:
-                a = torch.maximum(torch.minimum(a, self.action_high), self.action_low)
-            out = a.cpu().numpy()
-        else:
-            out = (a + self.spec.get("action_start", 0)).cpu().numpy()
+        out = self.env_actions(a, clip)
         return out[0] if single else out
+
+    def _check_obs(self, obs) -> bool:
+        """Whether ``obs`` is one observation (else a batch); a clear error for a wrong shape or
+        a Discrete value out of range."""
+        parts = self.spec["obs_keys"] if self.spec["obs_kind"] == "dict" else {None: self.spec}
+        if self.spec["obs_kind"] == "dict" and not isinstance(obs, dict):
+            raise ValueError(f"obs must be a dict with keys {list(parts)}, got "
+                             f"{type(obs).__name__}")
+        single = None
+        for key, part in parts.items():
+            value = obs[key] if key is not None else obs
+            arr = value if isinstance(value, torch.Tensor) else np.asarray(value)
+            shape, want = tuple(arr.shape), tuple(part["obs_shape"])
+            one = shape == want
+            if not one and shape[1:] != want:
+                where = f"obs[{key!r}]" if key is not None else "obs"
+                raise ValueError(f"{where} must have the policy's observation shape {want} (one "
+                                 f"observation) or (B, *{want}) (a batch), got shape {shape}")
+            single = one if single is None else single
+            if part["obs_kind"] == "discrete":
+                lo = part.get("obs_start", 0)
+                values = np.asarray(arr.cpu() if isinstance(arr, torch.Tensor) else arr)
+                if values.size and (values.min() < lo or values.max() >= lo + part["obs_dim"]):
+                    raise ValueError(f"obs holds {values.min()}..{values.max()}, outside the "
+                                     f"policy's Discrete observations {lo}.."
+                                     f"{lo + part['obs_dim'] - 1}")
+        return bool(single)
 
     def check_spaces(self, observation_space, action_space, where: str) -> None:
         """A clear error when an environment's spaces are not those this policy was built for."""
         theirs = space_spec(observation_space, action_space)
-        keys = ("obs_kind", "obs_shape", "obs_dim", "obs_start", "action_kind", "action_dim",
-                "action_start")
+        keys = ("obs_kind", "obs_shape", "obs_dim", "obs_start", "obs_keys", "action_kind",
+                "action_dim", "action_start", "action_nvec")
         mismatch = [k for k in keys if theirs.get(k) != self.spec.get(k)]
         if mismatch:
             raise ValueError(f"{where}: the environment's spaces ({observation_space}, "
@@ -418,53 +616,92 @@ class Policy(_FlatModule):
                                          for k in mismatch))
 
     def extra_repr(self) -> str:
-        kind = "gaussian" if self.gaussian else "categorical"
-        return (f"{kind}, obs_dim={self.spec['obs_dim']}, action_dim={self.spec['action_dim']}, "
-                f"hidden_sizes={self.hidden_sizes}, n_params={self.flat.numel()}")
+        return (f"{type(self.dist).__name__}, obs={self.spec['obs_kind']}, "
+                f"action_dim={self.spec['action_dim']}, n_params={self.flat.numel()}")
+
+
+# --- the update's Jacobian products ----------------------------------------------------------------
+
+def linearize(policy: Policy, x: Features):
+    """``(old, lin)``: the distribution's parameters at θ_old for network input ``x`` (detached;
+    the log-std cloned, since the line search writes into its storage) and the network linearised
+    there — in closed form for the built-in MLP, by autograd otherwise."""
+    if policy.fast_path:
+        lin = Linearization(policy.net, x, policy.n_net_params)
+    else:
+        lin = AutogradLinearization(policy.net, x, policy.n_net_params)
+    old = (lin.output, policy.log_std.detach().clone()) if policy.gaussian else (lin.output,)
+    return old, lin
+
+
+def surrogate_gradient(policy: Policy, lin, old, actions: torch.Tensor, logp_old: torch.Tensor,
+                       advantages: torch.Tensor) -> torch.Tensor:
+    """g = ∇θ of the surrogate mean(π_θ/π_old · A) at θ_old, flat: the gradient in the
+    distribution's parameters by the fused op's backward, carried to θ by the network's Jᵀ."""
+    new = tuple(p.detach().requires_grad_() for p in old)
+    with torch.enable_grad():
+        surrogate = policy.dist.surrogate_kl(old, new, actions, logp_old, advantages)[0]
+        grads = torch.autograd.grad(surrogate, new)
+    g = torch.empty_like(policy.flat)
+    if policy.gaussian:
+        g[policy.n_net_params:] = grads[1]
+    return lin.vjp(grads[0], g)
+
+
+def fisher_vector_product(policy: Policy, lin, old, v: torch.Tensor) -> torch.Tensor:
+    """F v, F the Hessian of the batch-mean KL(π_old ‖ π_θ) at θ_old, as Jᵀ M J v: J v through the
+    linearised network, M the distribution's Fisher metric (an op), Jᵀ back to θ."""
+    u = lin.jvp(v)
+    n = policy.n_net_params
+    metric = policy.dist.fisher_metric(old, (u, v[n:]) if policy.gaussian else (u,))
+    out = torch.empty_like(v)
+    if policy.gaussian:
+        out[n:] = metric[1]
+    return lin.vjp(metric[0], out)
 
 
 class ValueFunction(_FlatModule):
-    """V(s): an MLP (tanh hidden layers) over normalised observation features ``[B, obs_dim]`` → ``[B]``.
-    Its parameters are one flat buffer too, so that its Adam step is a few whole-buffer ops.
+    """V(s): a network from the policy's network input to values ``[B]`` (or ``[B, 1]``); None
+    builds the built-in one for the space (an MLP on flat observations).
 
     With ``normalize_targets`` the network predicts returns divided by a running scale σ, and
-    V(s) = σ·net(s), σ the root mean square of the returns it has been fitted to (PopArt, van Hasselt
-    et al. 2016, with the scale only).  Adam moves each parameter by about ``lr`` per step whatever
-    the gradient's size, so a bare network fitted to returns of several hundred needs hundreds of
-    fits to reach their scale; on the normalised scale it needs a few.  Whenever
-    :meth:`update_target_statistics` changes σ, the output layer is rescaled so that V's outputs
-    stay exactly what they were; the regression loss is on the normalised scale.  Adam's moment
-    estimates are not rescaled with it: σ moves by a few percent per fit once the first fits are
-    past, and Adam's step is insensitive to the gradient's overall scale.
-
-    Why no shift μ (full PopArt, V = μ + σ·net with μ, σ the returns' mean and spread): measured on
-    MountainCarContinuous-v0 it fits the small action-cost returns so well, before the goal is
-    ever reached, that the policy learns to stand still (2 of 4 seeds with running statistics, 4 of
-    4 with per-batch ones); dividing by the RMS keeps those seeds reaching the goal and helps
-    Pendulum as much (benchmarks/RESULTS.md).
+    V(s) = σ·net(s), σ the root mean square of the returns it has been fitted to (PopArt, van
+    Hasselt et al. 2016, with the scale only).  Whenever :meth:`update_target_statistics` changes
+    σ, the last layer's weight and bias (the last two parameters of ``net``, which must be its
+    output layer) are rescaled so that V's outputs stay exactly what they were; the regression
+    loss is on the normalised scale.  No shift μ: measured on MountainCarContinuous-v0, fitting the
+    small action-cost returns well before the goal is reached teaches the policy to stand still.
     """
 
-    def __init__(self, obs_dim: int, hidden_sizes: Sequence[int] = (64, 64),
-                 generator: Optional[torch.Generator] = None, normalize_targets: bool = False):
+    def __init__(self, obs_dim_or_spec: Union[int, dict], hidden_sizes: Sequence[int] = (64, 64),
+                 generator: Optional[torch.Generator] = None, normalize_targets: bool = False,
+                 net: Optional[nn.Module] = None):
         super().__init__()
+        spec = obs_dim_or_spec if isinstance(obs_dim_or_spec, dict) else \
+            {"obs_kind": "box", "obs_dim": int(obs_dim_or_spec)}
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self._init_flat([obs_dim, *hidden_sizes, 1], 1.0, generator)
+        self.net = net if net is not None else default_network(spec, hidden_sizes, 1, 1.0,
+                                                                generator)
         self.normalize_targets = bool(normalize_targets)
         if self.normalize_targets:
             # The mean of the squared returns over the fits so far (float64), and their number;
             # σ = 1 until the first fit, so an unfitted V is the bare network.
             self.register_buffer("target_sq_mean", torch.ones((), dtype=torch.float64))
             self.register_buffer("target_fits", torch.zeros((), dtype=torch.int64))
+        self._init_flat()
 
     def target_scale(self) -> torch.Tensor:
-        """σ, a 0-d float64 tensor on this module's device: V(s) = σ·net(s) (1 without target
-        normalisation)."""
+        """σ, a 0-d float64 tensor: V(s) = σ·net(s) (1 without target normalisation)."""
         if not self.normalize_targets:
             return torch.ones((), dtype=torch.float64, device=self.flat.device)
         return self.target_sq_mean.sqrt().clamp_(min=_MIN_TARGET_SCALE)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        out = self._mlp(obs, self._views_for(torch.is_grad_enabled())).squeeze(-1)
+    def _net_values(self, x: Features) -> torch.Tensor:
+        out = self.net(x)
+        return out.squeeze(-1) if out.dim() == 2 else out
+
+    def forward(self, x: Features) -> torch.Tensor:
+        out = self._net_values(x)
         if not self.normalize_targets:
             return out
         # A 0-d float64 σ times a [B] tensor: the result keeps the network's dtype.
@@ -472,17 +709,11 @@ class ValueFunction(_FlatModule):
 
     @torch.no_grad()
     def update_target_statistics(self, targets: torch.Tensor) -> torch.Tensor:
-        """Fold one fit's regression targets ``[B]`` (returns) into σ, rescale the output layer so
-        that V(s) is unchanged: W' = W·σ/σ', b' = b·σ/σ' (PopArt's rule with the shift fixed at 0),
-        and return the targets on the network's scale, ``targets / σ'`` ``[B]``, for
-        :meth:`regression_gradient`.  Without target normalisation: ``targets`` itself, nothing
-        else happens.
-
-        σ² is the mean over fits of each batch's mean squared target (for the equal batches of
-        :func:`trpo_ext.train`, the mean over every target so far).  The first fit adopts its σ
-        without rescaling: the freshly initialised network is read as predicting normalised
-        targets already, rather than kept at the raw scale.  No host synchronisation.
-        """
+        """Fold one fit's regression targets ``[B]`` into σ, rescale the output layer so that V(s)
+        is unchanged (W' = W·σ/σ', b' = b·σ/σ'), and return ``targets / σ'`` for
+        :meth:`regression_gradient`.  Without target normalisation: ``targets``, nothing else.
+        The first fit adopts its σ without rescaling (the fresh network is read as predicting
+        normalised targets already).  No host synchronisation."""
         if not self.normalize_targets:
             return targets
         sigma = self.target_scale()
@@ -491,58 +722,39 @@ class ValueFunction(_FlatModule):
                                   1.0 / self.target_fits.to(torch.float64))
         new_sigma = self.target_scale()
         ratio = torch.where(self.target_fits == 1, torch.ones_like(sigma), sigma / new_sigma)
-        views = self._data_views()
-        views[-2].mul_(ratio)  # the output layer's weight [1, H]
-        views[-1].mul_(ratio)  # and bias [1]
+        params = list(self.net.parameters())
+        params[-2].mul_(ratio)  # the output layer's weight
+        params[-1].mul_(ratio)  # and bias
         return targets / new_sigma
 
     @torch.no_grad()
-    def regression_gradient(self, obs: torch.Tensor, targets: torch.Tensor,
+    def regression_gradient(self, x: Features, targets: torch.Tensor,
                             grad: torch.Tensor) -> torch.Tensor:
-        """The loss mean((net(obs) − targets)²) (0-d tensor), ``targets [B]`` on the network's scale
-        (returns/σ, as :meth:`update_target_statistics` returns them; the returns themselves
-        without target normalisation, when net = V).  It equals mean((V(obs) − returns)²)/σ².  Its
-        gradient in ``flat`` is written into ``grad`` by one forward and one backward pass of the
-        network, without an autograd graph."""
-        lin = Linearization(self, obs)
-        diff = lin.output.squeeze(-1) - targets
-        lin.vjp(diff.unsqueeze(-1) * (2.0 / diff.numel()), grad)
-        return diff.square().mean()
+        """The loss mean((net(x) − targets)²) (0-d), ``targets [B]`` on the network's scale; its
+        gradient in ``flat`` written into ``grad`` (closed form for the built-in MLP, autograd
+        otherwise)."""
+        if isinstance(self.net, MLP):
+            lin = Linearization(self.net, x, self.flat.numel())
+            diff = lin.output.squeeze(-1) - targets
+            lin.vjp(diff.unsqueeze(-1) * (2.0 / diff.numel()), grad)
+            return diff.square().mean()
+        with torch.enable_grad():
+            loss = (self._net_values(x) - targets).square().mean()
+            grads = torch.autograd.grad(loss, list(self.parameters()))
+        torch.cat([g.reshape(-1) for g in grads], out=grad)
+        return loss.detach()
 
 
-class Adam:
-    """Adam (Kingma & Ba 2015) on one flat parameter, the arithmetic of ``torch.optim.Adam``
-    (no weight decay, no amsgrad): a handful of whole-buffer ops per step, and no import of
-    torch.optim's compile machinery (seconds at start-up)."""
+class Adam(torch.optim.Adam):
+    """``torch.optim.Adam`` on one flat parameter, whose gradient :meth:`step` may take as an
+    argument.  (Kept for code that built trpo_ext's earlier hand-written Adam.)"""
 
     def __init__(self, param: torch.Tensor, lr: float, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):
-        self.param, self.lr, self.betas, self.eps = param, float(lr), betas, float(eps)
-        self.step_count = 0
-        self.exp_avg = torch.zeros_like(param, memory_format=torch.contiguous_format)
-        self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        super().__init__([param], lr=lr, betas=betas, eps=eps, foreach=True)
+        self.param = param
 
-    def zero_grad(self) -> None:
-        self.param.grad = None
-
-    @torch.no_grad()
-    def step(self, grad: Optional[torch.Tensor] = None) -> None:
-        """One step along ``grad`` (default: ``param.grad``)."""
-        grad = self.param.grad if grad is None else grad
-        b1, b2 = self.betas
-        self.step_count += 1
-        self.exp_avg.lerp_(grad, 1 - b1)
-        self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        bias1 = 1 - b1 ** self.step_count
-        bias2 = 1 - b2 ** self.step_count
-        denom = self.exp_avg_sq.sqrt().div_(math.sqrt(bias2)).add_(self.eps)
-        self.param.addcdiv_(self.exp_avg, denom, value=-self.lr / bias1)
-
-    def state_dict(self) -> Dict[str, object]:
-        return {"step": self.step_count, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
-                "exp_avg": self.exp_avg.detach().cpu(), "exp_avg_sq": self.exp_avg_sq.detach().cpu()}
-
-    def load_state_dict(self, state: Dict[str, object]) -> None:
-        self.step_count = int(state["step"])
-        self.exp_avg.copy_(state["exp_avg"])
-        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+    def step(self, grad: Optional[torch.Tensor] = None):  # type: ignore[override]
+        if grad is not None:
+            self.param.grad = grad
+        return super().step()

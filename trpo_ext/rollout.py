@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Callable, Deque, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-__all__ = ["Rollout", "RolloutCollector", "make_vector_env", "check_env_id"]
+__all__ = ["Rollout", "RolloutCollector", "make_vector_env", "check_env_id", "flatten_time"]
 
 EnvSpec = Union[str, Callable[[], "object"]]
 
@@ -81,15 +81,17 @@ def make_vector_env(env: EnvSpec, n_envs: int, async_envs: bool = False, workers
 
 @dataclass
 class Rollout:
-    """One batch, time-major.  ``obs`` are normalised features as the policy saw them."""
-    obs: torch.Tensor          # [T, N, obs_dim] float32
-    actions: torch.Tensor      # [T, N, A] float32 (Box) or [T, N] int64 (Discrete), unclipped
+    """One batch, time-major.  ``obs`` is the network input as the policy saw it (a tensor, or a
+    dict of tensors for a Dict space), ``raw_features`` the encoder's features before
+    normalisation (for the statistics)."""
+    obs: Any                   # [T, N, ...] network input (float32), or a dict of those
+    actions: torch.Tensor      # [T, N, A] float32 (Box), [T, N] or [T, N, k] int64, unclipped
     rewards: torch.Tensor      # [T, N] float32
     terminated: torch.Tensor   # [T, N] bool
     truncated: torch.Tensor    # [T, N] bool
     values: torch.Tensor       # [T, N] V(s_t)
     next_values: torch.Tensor  # [T, N] V(s_{t+1}); at a truncated step, V(final observation)
-    raw_features: torch.Tensor  # [T, N, obs_dim] float32, before normalisation (for the statistics)
+    raw_features: Any          # [T, N, ...] features before normalisation, or a dict of those
 
     @property
     def done(self) -> torch.Tensor:
@@ -106,24 +108,20 @@ class RolloutCollector:
         self.n_steps = n_steps
         self.device = device
         spec = policy.spec
-        self.gaussian = spec["action_kind"] == "box"
-        self.action_start = spec.get("action_start", 0)
-        if self.gaussian:
-            self.low = np.asarray(spec["action_low"], dtype=np.float32)
-            self.high = np.asarray(spec["action_high"], dtype=np.float32)
         self.episode_returns: Deque[float] = collections.deque(maxlen=100)
         self.episode_lengths: Deque[int] = collections.deque(maxlen=100)
         self.episodes = 0
         self.reset(seed)
-        # The per-step network always runs on the host, in NumPy (see collect): the step buffers
-        # live there, and go to the update's device once per rollout.
-        T, N, D = n_steps, self.n_envs, spec["obs_dim"]
-        self._obs = torch.empty(T, N, D)
-        self._raw = torch.empty(T, N, D)
-        if self.gaussian:
-            self._actions = torch.empty(T, N, spec["action_dim"])
-        else:
-            self._actions = torch.empty(T, N, dtype=torch.long)
+        # The per-step buffers live on the host and go to the update's device once per rollout:
+        # the features as the encoder makes them (flat float32, uint8 images, or a dict of those)
+        # and the actions as sampled.
+        T, N = n_steps, self.n_envs
+        self._raw = _feature_buffers(spec, (T, N))
+        self._actions = policy.dist.action_tensor((T, N))
+        # The built-in MLP on flat observations samples in NumPy (see collect); it writes its
+        # normalised observations here.
+        self._numpy = policy.fast_path and spec["obs_kind"] in ("box", "discrete")
+        self._obs = torch.empty(T, N, spec["obs_dim"]) if self._numpy else None
 
     def reset(self, seed: int) -> None:
         """Start fresh episodes in every environment, seeded ``seed, seed + 1, …``."""
@@ -137,28 +135,30 @@ class RolloutCollector:
         rewards = np.empty((T, N), dtype=np.float32)
         terminated = np.empty((T, N), dtype=bool)
         truncated = np.empty((T, N), dtype=bool)
-        final_obs: List[Tuple[int, int, np.ndarray]] = []  # (t, i, final obs) of truncated steps
+        final_obs: List[Tuple[int, int, object]] = []  # (t, i, final obs) of truncated steps
         box_obs = policy.spec["obs_kind"] == "box"
         # All of the rollout's randomness in one draw, so the loop below is only the network.
         noise = policy.draw_noise((T, N), generator).cpu()
-        # The per-step network runs in NumPy on the host: a NumPy op on an [8, 64] array costs a
-        # few µs, a torch op 2–4× that on the CPU, and on a GPU a launch plus a device-to-host
-        # wait for the env's actions every step (measured on an H200 machine: HalfCheetah sampled
-        # 2048 steps in 0.18 s that way against 0.105 s on the host).  With the policy on the CPU
-        # it reads zero-copy views of the parameter and statistics buffers; on a GPU, one host copy
-        # of them per rollout.
-        step_fn = _numpy_policy_step(policy, noise.numpy(), self._obs.numpy(),
-                                     self._actions.numpy(), self.low if self.gaussian else None,
-                                     self.high if self.gaussian else None)
-        raw_np = self._raw.numpy()
+        if self._numpy:
+            # The built-in MLP's per-step network runs in NumPy on the host: a NumPy op on an
+            # [8, 64] array costs a few µs, a torch op several times that, and on a GPU a launch
+            # plus a device-to-host wait for every step.  On the CPU it reads zero-copy views of
+            # the parameters and statistics; on a GPU, one host copy of them per rollout.
+            low, high = ((np.asarray(policy.spec["action_low"], dtype=np.float32),
+                          np.asarray(policy.spec["action_high"], dtype=np.float32))
+                         if policy.gaussian else (None, None))
+            step_fn = _numpy_policy_step(policy, noise.numpy(), self._obs.numpy(),
+                                         self._actions.numpy(), low, high)
+        else:
+            step_fn = _torch_policy_step(policy, noise, self._raw, self._actions)
+        raw = self._raw
+        raw_np = raw.numpy() if isinstance(raw, torch.Tensor) else None
         for t in range(T):
             if box_obs:
                 raw_np[t] = np.asarray(self.obs).reshape(N, -1)
             else:
-                self._raw[t].copy_(policy.encode_obs(self.obs, device="cpu"))
-            env_actions = step_fn(t, raw_np)
-            if not self.gaussian and self.action_start:
-                env_actions = env_actions + self.action_start
+                _tree_set(raw, t, policy.encode_obs(self.obs, device="cpu"))
+            env_actions = step_fn(t, raw_np if self._numpy else raw)
             self.obs, r, term, trunc, infos = self.envs.step(env_actions)
             rewards[t] = r
             terminated[t] = term
@@ -169,7 +169,7 @@ class RolloutCollector:
             if done.any():
                 for i in np.flatnonzero(done):
                     if trunc[i] and not term[i]:
-                        final_obs.append((t, int(i), np.array(infos["final_obs"][i])))
+                        final_obs.append((t, int(i), _copy_obs(infos["final_obs"][i])))
                     self.episode_returns.append(float(self._ep_return[i]))
                     self.episode_lengths.append(int(self._ep_length[i]))
                     self.episodes += 1
@@ -189,29 +189,32 @@ class RolloutCollector:
                                      f"at step {t} of environment {i} of this rollout; trpo_ext "
                                      f"cannot learn from NaN or infinite observations (in float32)")
 
-        # The rollout's tensors on the update's device (copies: the buffers are reused).
-        obs = self._obs.to(self.device, copy=True)
-        # V(s_t) and V(s_{t+1}) in batched forwards after the loop rather than one per step.
-        D = obs.shape[-1]
-        last_obs = policy.normalize(policy.encode_obs(self.obs))
-        values_all = value_fn(torch.cat([obs.reshape(T * N, D), last_obs]))
+        # The rollout's tensors on the update's device (copies: the buffers are reused).  The
+        # network input is made from the stored features in one batch: the statistics have not
+        # changed since the steps were taken.
+        features = _tree_map(lambda b: b.to(self.device, copy=True), raw)
+        flat = _tree_map(lambda b: b.reshape(T * N, *b.shape[2:]), features)
+        last = policy.encode_obs(self.obs)
+        x_all = policy.normalize(_tree_map2(lambda a, b: torch.cat([a, b]), flat, last))
+        # V(s_t) and V(s_{t+1}) in one batched forward after the loop rather than one per step.
+        values_all = value_fn(x_all)
         values = values_all[: T * N].reshape(T, N)
         next_values = torch.cat([values[1:], values_all[T * N:].unsqueeze(0)])
         if final_obs:
-            finals = policy.encode_obs(np.stack([o for _, _, o in final_obs]))
+            finals = policy.encode_obs(_stack_obs([o for _, _, o in final_obs]))
             v_final = value_fn(policy.normalize(finals))
             ts = torch.tensor([t for t, _, _ in final_obs], device=self.device)
             js = torch.tensor([i for _, i, _ in final_obs], device=self.device)
             next_values[ts, js] = v_final
         return Rollout(
-            obs=obs,
+            obs=_tree_map(lambda x: x[:T * N].reshape(T, N, *x.shape[1:]), x_all),
             actions=self._actions.to(self.device, copy=True),
             rewards=torch.from_numpy(rewards).to(self.device),
             terminated=torch.from_numpy(terminated).to(self.device),
             truncated=torch.from_numpy(truncated).to(self.device),
             values=values,
             next_values=next_values,
-            raw_features=self._raw.to(self.device, copy=True),
+            raw_features=features,
         )
 
     def close(self) -> None:
@@ -231,11 +234,12 @@ def _require_finite(x: np.ndarray, what: str, first_step: int = 0) -> None:
 
 
 def host_policy_arrays(policy):
-    """NumPy arrays of the policy's parameters (in layout order) and of its observation
-    normaliser's ``(shift, scale)`` (None without one).  For a policy on the CPU they share memory
-    with its buffers; for one on another device they are one host copy, taken now."""
+    """NumPy arrays of the built-in MLP policy's parameters (θ's order: each layer's weight and
+    bias, then the log-std) and of its observation normaliser's ``(shift, scale)`` (None without
+    one).  For a policy on the CPU they share memory with its buffers; for one on another device
+    they are one host copy, taken now."""
     if policy.flat.device.type == "cpu":
-        views = [v.numpy() for v in policy._data_views()]
+        views = [v.numpy() for v in policy.split_flat(policy.flat)]
     else:
         views = [v.numpy() for v in policy.split_flat(policy.flat.detach().cpu())]
     rms = policy.obs_rms
@@ -244,16 +248,18 @@ def host_policy_arrays(policy):
 
 
 def _numpy_policy_step(policy, noise, obs_out, actions_out, low, high):
-    """``step(t, raw) → env actions``, in NumPy on the host: normalise features ``raw[t]`` into
-    ``obs_out[t]``, sample into ``actions_out[t]`` (Gaussian unclipped), return what the env gets."""
+    """``step(t, raw) → env actions``, in NumPy on the host, for the built-in MLP: normalise
+    features ``raw[t]`` into ``obs_out[t]``, sample into ``actions_out[t]`` (Gaussian unclipped),
+    return what the env gets."""
     views, stats = host_policy_arrays(policy)
-    n_layers = len(policy.hidden_sizes) + 1
+    n_layers = len(policy.net.layers)
     rms = policy.obs_rms
     shift, scale = stats if stats is not None else (None, None)
     clip = rms.clip if rms is not None else None
     weights_t = [views[2 * i].T for i in range(n_layers)]
     biases = [views[2 * i + 1] for i in range(n_layers)]
     std = np.exp(views[-1]) if policy.gaussian else None
+    start = policy.spec.get("action_start", 0)
 
     def step(t, raw_np):
         x = obs_out[t]
@@ -280,6 +286,62 @@ def _numpy_policy_step(policy, noise, obs_out, actions_out, low, high):
         below = x < noise[t] * x[:, -1:]
         index = np.minimum(below.sum(-1), x.shape[-1] - 1)
         actions_out[t] = index
-        return index
+        return index + start if start else index
 
     return step
+
+
+def _torch_policy_step(policy, noise, raw, actions_out):
+    """``step(t, raw) → env actions`` for any policy: its torch forward without a graph on the
+    features of step ``t``, the distribution's draw from ``noise[t]``."""
+    device = policy.flat.device
+
+    def step(t, raw):
+        x = policy.normalize(_tree_map(lambda b: b[t].to(device), raw))
+        actions = policy.dist.sample(policy.distribution_params(x), noise[t].to(device))
+        actions_out[t] = actions.cpu()
+        return policy.env_actions(actions)
+
+    return step
+
+
+# --- features as tensors or dicts of tensors -----------------------------------------------------
+
+def _tree_map(fn, tree):
+    return {k: fn(v) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)
+
+
+def _tree_map2(fn, a, b):
+    return {k: fn(a[k], b[k]) for k in a} if isinstance(a, dict) else fn(a, b)
+
+
+def _tree_set(tree, t: int, value) -> None:
+    if isinstance(tree, dict):
+        for k in tree:
+            tree[k][t].copy_(value[k])
+    else:
+        tree[t].copy_(value)
+
+
+def _feature_buffers(spec: dict, batch_shape: Tuple[int, ...]):
+    """Empty host buffers for ``batch_shape`` features of the observation space ``spec``."""
+    if spec["obs_kind"] == "dict":
+        return {k: _feature_buffers(p, batch_shape) for k, p in spec["obs_keys"].items()}
+    if spec["obs_kind"] == "image":
+        return torch.empty(*batch_shape, *spec["image_chw"], dtype=torch.uint8)
+    return torch.empty(*batch_shape, spec["obs_dim"])
+
+
+def _copy_obs(obs):
+    return {k: np.array(v) for k, v in obs.items()} if isinstance(obs, dict) else np.array(obs)
+
+
+def _stack_obs(observations: List[Any]):
+    if isinstance(observations[0], dict):
+        return {k: np.stack([o[k] for o in observations]) for k in observations[0]}
+    return np.stack(observations)
+
+
+def flatten_time(tree, samples: int):
+    """``[T, N, ...]`` tensors (or a dict of them) as ``[T·N, ...]``."""
+    return _tree_map(lambda x: x.reshape(samples, *x.shape[2:]), tree)

@@ -35,15 +35,17 @@ from . import _checks
 from .cg import conjugate_gradient
 from .config import TRPOConfig
 from .gae import gae
-from .policies import Adam, Policy, ValueFunction, space_spec
-from .rollout import RolloutCollector, check_env_id, env_factory, make_vector_env
+from .policies import (Policy, ValueFunction, fisher_vector_product, linearize, space_spec,
+                       surrogate_gradient)
+from .rollout import (RolloutCollector, _tree_map, check_env_id, env_factory, flatten_time,
+                      make_vector_env)
 from .vecenv import choose_workers
 
 __all__ = ["train", "TrainResult", "trpo_update", "HISTORY_KEYS"]
 
 HISTORY_KEYS = (
     "time/iteration", "time/total_steps", "rollout/ep_return_mean", "rollout/ep_length_mean",
-    "rollout/episodes", "train/kl", "train/max_kl", "train/surrogate_improvement",
+    "rollout/episodes", "train/kl", "train/kl_max_row", "train/surrogate_improvement",
     "train/expected_improvement", "train/line_search_steps", "train/line_search_success",
     "train/cg_residual", "train/cg_iterations", "train/entropy", "train/value_loss",
     "train/explained_variance", "time/fps", "time/elapsed_s", "time/sampling_s", "time/gae_s",
@@ -65,133 +67,165 @@ class TrainResult:
 
 # --- the update: steps 3 to 7 --------------------------------------------------------------------
 
-def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
-                obs: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor,
+def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: torch.optim.Optimizer,
+                obs, actions: torch.Tensor, advantages: torch.Tensor,
                 returns: torch.Tensor, cfg: TRPOConfig, generator: Optional[torch.Generator]
                 ) -> Dict[str, Any]:
     """One TRPO policy step and one value-function fit on a flattened batch.
 
-    ``obs [B, obs_dim]`` (normalised), ``actions [B, A]`` or ``[B]``, ``advantages [B]``
-    (standardised), ``returns [B]``.  Returns the iteration's ``train/*`` metrics as 0-d tensors or
-    Python numbers, and the time split.  The only host synchronisations are the line-search
-    decisions (one per trial).
+    ``obs`` is the network input ``[B, ...]`` (or a dict of such tensors), ``actions [B, ...]``,
+    ``advantages [B]`` (standardised), ``returns [B]``.  Returns the iteration's ``train/*``
+    metrics as 0-d tensors or Python numbers, and the time split.  The only host synchronisations
+    are the line-search decisions (one per trial).
     """
     clock = time.perf_counter
     t0 = clock()
     flat = policy.flat
 
-    # 3. The policy gradient g of the surrogate at θ_old.  The network is linearised there once:
-    # its layer inputs serve g (one backward pass, Jᵀ) and every Fisher-vector product below.
-    old, lin = policy.linearize(obs)
+    # 3. The policy gradient g of the surrogate at θ_old.  The network is linearised there once
+    # (closed form for the built-in MLP, autograd otherwise); g and every Fisher-vector product
+    # below are products with its Jacobian.
+    old, lin = linearize(policy, obs)
     with torch.no_grad():
         logp_old = policy.log_prob(old, actions)
-        g = policy.surrogate_gradient(lin, old, actions, logp_old, advantages)
-    # The surrogate at θ_old (the line search's reference); nothing here requires grad.
-    surrogate_old, _, _ = policy.surrogate_kl(old, old, actions, logp_old, advantages)
+        g = surrogate_gradient(policy, lin, old, actions, logp_old, advantages)
+    # The surrogate at θ_old, the line search's reference (nothing here requires grad).
+    surrogate_old = policy.surrogate_kl(old, old, actions, logp_old, advantages)[0]
     t1 = clock()
 
-    # 4. The natural-gradient direction s ≈ (F + damping·I)⁻¹ g.  F v = ∇²θ KL(π_old‖π_θ) v at θ_old
-    # in closed form, Jᵀ M J v: J v by one forward-mode pass through the linearised network, M the
-    # distribution's Fisher metric (a fused op), Jᵀ by one backward pass; no autograd graph.
-    def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return policy.fisher_vector_product(lin, old, v)
-
-    # sync=False: x and xAx stay on the device; the CG's counters are read after the line search,
-    # whose decisions are the update's only host synchronisations.
-    cg = conjugate_gradient(fisher_vector_product, g, maxiter=cfg.cg_iters, rtol=0.0, atol=0.0,
-                            damping=cfg.cg_damping, sync=False)
-    s = cg.x
+    # 4. The natural-gradient direction s ≈ (F + damping·I)⁻¹ g, F v = ∇²θ KL(π_old‖π_θ) v at
+    # θ_old as Jᵀ M J v (M the distribution's Fisher metric).  sync=False: x and xAx stay on the
+    # device; the CG's counters are read with the line search's first decision.
+    cg = conjugate_gradient(lambda v: fisher_vector_product(policy, lin, old, v), g,
+                            maxiter=cfg.cg_iters, rtol=0.0, atol=0.0, damping=cfg.cg_damping,
+                            sync=False)
     del lin  # its activations are not needed past the solve
     t2 = clock()
 
     # 5. Step size from the CG's sᵀ(F + damping·I)s: the full step β·s has ½ βsᵀ(F+damping·I)βs = δ.
-    sHs = cg.xAx
-    step_ok = torch.isfinite(sHs) & (sHs > 0)
-    beta = torch.sqrt(2.0 * cfg.max_kl / torch.where(step_ok, sHs, torch.ones_like(sHs)))
-    full_step = s * torch.where(step_ok, beta, torch.zeros_like(beta))
+    full_step, step_ok = _full_step(cg, cfg.max_kl)
     expected_full = torch.dot(g, full_step)
 
-    # 6. Backtracking line search, written straight into the flat parameter buffer.
-    theta_old = flat.detach().clone()
-    accepted, trials, alpha = False, 0, 0.0
-    kl_after = kl_max_after = improvement = torch.zeros((), device=flat.device)
-    cg_scalars, cg_values = cg.device_scalars(), None
-    with torch.no_grad():
-        for k in range(cfg.line_search_steps):
-            alpha = cfg.backtrack_ratio ** k
-            torch.add(theta_old, full_step, alpha=alpha, out=flat)
-            trial = policy.distribution_params(obs)
-            surrogate, kl, kl_max = policy.surrogate_kl(old, trial, actions, logp_old, advantages)
-            improve = surrogate - surrogate_old
-            accept = step_ok & (kl <= cfg.max_kl) & (improve > 0)
-            # The decision: one host read per trial; the first also brings the CG's counters.
-            decision = torch.stack([step_ok, accept]).to(cg_scalars.dtype)
-            if cg_values is None:
-                values = torch.cat([decision, cg_scalars]).tolist()
-                cg_values = values[2:]
-            else:
-                values = decision.tolist()
-            ok_step, ok = bool(values[0]), bool(values[1])
-            if not ok_step:  # sᵀ(F+damping)s not positive and finite: skip the update
-                break
-            trials = k + 1
-            if ok:
-                accepted, kl_after, kl_max_after, improvement = True, kl, kl_max, improve
-                break
-        if not accepted:
-            flat.copy_(theta_old)  # θ_old restored bit for bit
-    cg = cg.with_scalars(cg_values)
+    # 6. Backtracking line search on the flat parameter buffer.
+    search = _line_search(policy, obs, actions, logp_old, advantages, old, surrogate_old,
+                          full_step, step_ok, cg, cfg)
+    cg = search.cg
     t3 = clock()
 
-    # 7. Value-function regression on the returns, minibatched Adam; each minibatch's gradient by
-    # one forward and one backward pass of the critic (no autograd graph).  With target
-    # normalisation the returns' scale σ is updated first (V's outputs preserved), and the network
-    # is fitted to returns/σ.  (Data-parallel: the batch's mean squared return inside
-    # update_target_statistics is one more sum for the ranks to all-reduce.)
-    targets = value_fn.update_target_statistics(returns)
-    batch_size = obs.shape[0]
-    value_loss_sum = torch.zeros((), device=obs.device)
-    n_minibatches = 0
-    vf_grad = torch.empty_like(value_fn.flat, requires_grad=False)
-    # Every epoch's shuffle drawn up front on the CPU generator (the same draws, in the same order,
-    # as one per epoch), and on CUDA copied in one asynchronous transfer from pinned memory: a
-    # pageable copy would make the host wait for the queued update.
-    orders = torch.stack([torch.randperm(batch_size, generator=generator, device="cpu")
-                          for _ in range(cfg.vf_epochs)]) if cfg.vf_epochs else \
-        torch.empty(0, batch_size, dtype=torch.long)
-    if obs.device.type != "cpu":
-        orders = orders.pin_memory().to(obs.device, non_blocking=True)
-    for order in orders:
-        # One gather per epoch; the minibatches are then slices (the same rows as obs[idx]).
-        obs_epoch, targets_epoch = obs[order], targets[order]
-        for start in range(0, batch_size, cfg.vf_minibatch_size):
-            end = start + cfg.vf_minibatch_size
-            loss = value_fn.regression_gradient(obs_epoch[start:end], targets_epoch[start:end],
-                                                vf_grad)
-            vf_optimizer.step(vf_grad)
-            value_loss_sum += loss
-            n_minibatches += 1
+    # 7. Value-function regression on the returns, minibatched Adam.  With target normalisation
+    # the returns' scale σ is updated first (V's outputs preserved), and the network is fitted to
+    # returns/σ.
+    value_loss = _fit_value_function(value_fn, vf_optimizer, obs, returns, cfg, generator)
     t4 = clock()
 
     # Expected improvement gᵀ(α·β·s) of the step taken, or of the last one tried if none was.
     return {
-        "train/kl": kl_after,
-        "train/max_kl": kl_max_after,
-        "train/surrogate_improvement": improvement,
-        "train/expected_improvement": expected_full * alpha if trials else torch.zeros(()),
-        "train/line_search_steps": trials,
-        "train/line_search_success": accepted,
+        "train/kl": search.kl,
+        "train/kl_max_row": search.kl_max_row,
+        "train/surrogate_improvement": search.improvement,
+        "train/expected_improvement": expected_full * search.alpha if search.trials
+        else torch.zeros(()),
+        "train/line_search_steps": search.trials,
+        "train/line_search_success": search.accepted,
         "train/cg_residual": cg.residual_norm,
         "train/cg_iterations": cg.iterations,
         "train/entropy": policy.entropy(old),
         # In return units whether or not the targets are normalised: σ² times the normalised loss.
-        "train/value_loss": value_loss_sum / max(n_minibatches, 1) * value_fn.target_scale() ** 2,
+        "train/value_loss": value_loss * value_fn.target_scale() ** 2,
         "time/gradient_s": t1 - t0,
         "time/cg_s": t2 - t1,
         "time/line_search_s": t3 - t2,
         "time/critic_s": t4 - t3,
     }
+
+
+def _full_step(cg, max_kl: float):
+    """``(β·s, ok)``: β = sqrt(2δ / sᵀ(F + damping·I)s) from the CG result, and whether that
+    curvature is positive and finite (if not, the step is zero and the update is skipped).
+    Device tensors, no host read."""
+    sHs = cg.xAx
+    ok = torch.isfinite(sHs) & (sHs > 0)
+    beta = torch.sqrt(2.0 * max_kl / torch.where(ok, sHs, torch.ones_like(sHs)))
+    return cg.x * torch.where(ok, beta, torch.zeros_like(beta)), ok
+
+
+@dataclass
+class _LineSearchResult:
+    accepted: bool
+    trials: int
+    alpha: float
+    kl: torch.Tensor
+    kl_max_row: torch.Tensor
+    improvement: torch.Tensor
+    cg: Any
+
+
+@torch.no_grad()
+def _line_search(policy, obs, actions, logp_old, advantages, old, surrogate_old, full_step,
+                 step_ok, cg, cfg) -> _LineSearchResult:
+    """θ = θ_old + α·β·s for α = backtrack_ratio^k, k = 0, 1, …: the first trial with a
+    surrogate improvement > 0 and mean KL ≤ δ is kept; if none is, θ_old is restored bit for bit.
+    Each trial is one forward pass and one fused surrogate/KL op, and one host read of its
+    decision (the first read also brings the CG's counters, which are returned with ``cg``)."""
+    flat = policy.flat
+    theta_old = flat.detach().clone()
+    zero = torch.zeros((), device=flat.device)
+    result = _LineSearchResult(False, 0, 0.0, zero, zero, zero, cg)
+    cg_scalars, cg_values = cg.device_scalars(), None
+    for k in range(cfg.line_search_steps):
+        alpha = cfg.backtrack_ratio ** k
+        torch.add(theta_old, full_step, alpha=alpha, out=flat)
+        trial = policy.distribution_params(obs)
+        surrogate, kl, kl_max_row = policy.surrogate_kl(old, trial, actions, logp_old, advantages)
+        improvement = surrogate - surrogate_old
+        accept = step_ok & (kl <= cfg.max_kl) & (improvement > 0)
+        decision = torch.stack([step_ok, accept]).to(cg_scalars.dtype)
+        if cg_values is None:
+            values = torch.cat([decision, cg_scalars]).tolist()
+            cg_values = values[2:]
+        else:
+            values = decision.tolist()
+        if not values[0]:  # sᵀ(F+damping)s not positive and finite: no update
+            break
+        result.trials, result.alpha = k + 1, alpha
+        if values[1]:
+            result.accepted, result.kl, result.kl_max_row = True, kl, kl_max_row
+            result.improvement = improvement
+            break
+    if not result.accepted:
+        flat.copy_(theta_old)  # θ_old restored bit for bit
+    if cg_values is None:
+        cg_values = cg_scalars.tolist()
+    result.cg = cg.with_scalars(cg_values)
+    return result
+
+
+def _fit_value_function(value_fn, optimizer, obs, returns, cfg, generator) -> torch.Tensor:
+    """``vf_epochs`` passes of minibatched Adam over the batch; returns the mean loss (0-d, on the
+    network's scale).  Every epoch's shuffle is drawn up front on the CPU generator; on CUDA it is
+    copied in one asynchronous transfer from pinned memory."""
+    targets = value_fn.update_target_statistics(returns)
+    batch_size = returns.shape[0]
+    loss_sum = torch.zeros((), device=returns.device)
+    n_minibatches = 0
+    grad = torch.empty_like(value_fn.flat)
+    orders = torch.stack([torch.randperm(batch_size, generator=generator, device="cpu")
+                          for _ in range(cfg.vf_epochs)]) if cfg.vf_epochs else \
+        torch.empty(0, batch_size, dtype=torch.long)
+    if returns.device.type != "cpu":
+        orders = orders.pin_memory().to(returns.device, non_blocking=True)
+    for order in orders:
+        # One gather per epoch; the minibatches are then slices (the same rows as obs[idx]).
+        obs_epoch = _tree_map(lambda x: x[order], obs)
+        targets_epoch = targets[order]
+        for start in range(0, batch_size, cfg.vf_minibatch_size):
+            end = start + cfg.vf_minibatch_size
+            loss_sum += value_fn.regression_gradient(_tree_map(lambda x: x[start:end], obs_epoch),
+                                                     targets_epoch[start:end], grad)
+            value_fn.flat.grad = grad
+            optimizer.step()
+            n_minibatches += 1
+    return loss_sum / max(n_minibatches, 1)
 
 
 # --- settings ------------------------------------------------------------------------------------
@@ -312,12 +346,32 @@ def _float(x) -> Any:
 
 def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 100_000, *,
           seed: int = 0, callback: Optional[Callable[[Dict[str, Any]], Optional[bool]]] = None,
+          policy_net: Optional[torch.nn.Module] = None, value_net: Optional[torch.nn.Module] = None,
           **settings: Any) -> TrainResult:
     """Train a TRPO policy on a gymnasium environment.
 
     Args:
         env: a gymnasium id or a callable returning a gymnasium Env (default ``"CartPole-v1"``, or
-            the checkpoint's environment when resuming).  Box or Discrete observations and actions.
+            the checkpoint's environment when resuming).  Observations: Box (flat, or a 3-D uint8
+            image), Discrete, or a Dict of those; actions: Box, Discrete, MultiDiscrete or
+            MultiBinary.
+        policy_net: your own network (any ``nn.Module``, trained in place) from a batch of
+            observations to the action distribution's parameters: Box(A) → means ``[B, A]``
+            (trpo_ext owns the state-independent log-std, initialised to ``init_log_std``);
+            Discrete(n) → logits ``[B, n]``; MultiDiscrete(nvec) → the sub-spaces' logits side by
+            side ``[B, sum(nvec)]``; MultiBinary(n) → logits ``[B, n]``.  Observations reach it as
+            a float32 tensor ``[B, *shape]`` — flat Box observations flattened to ``[B, D]`` and,
+            with ``normalize_obs``, standardised by running mean and variance and clipped to ±10;
+            Discrete ones one-hot ``[B, n]`` (standardised likewise); images (3-D uint8 Box) as
+            float32 in [0, 1], channels first ``[B, C, H, W]``, not standardised — or, for a Dict
+            space, a dict of such tensors keyed like the space.  None: the built-in network (a
+            tanh MLP of ``hidden_sizes``; a Nature-DQN CNN for images, one extractor per key for
+            a Dict, each followed by that MLP).  Its g and Fisher-vector products come from
+            autograd (the built-in MLP has a closed-form fast path).
+        value_net: likewise for the critic: the same inputs → values ``[B]`` or ``[B, 1]``.
+            With ``normalize_value_targets`` it is fitted to returns / σ and V = σ·value_net(s);
+            its last parameters must then be its output layer's weight and bias, which are
+            rescaled whenever σ changes.
         total_steps: environment steps for the whole run (counting a resumed run's earlier steps);
             training stops at the first iteration boundary at or past it.
         seed: seeds the networks' initialisation, the sampling and the environments.  The same seed
@@ -342,6 +396,9 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
     measure it.
     """
     cfg = _make_config(settings)
+    for name, net in (("policy_net", policy_net), ("value_net", value_net)):
+        if net is not None and not isinstance(net, torch.nn.Module):
+            raise TypeError(f"{name} must be a torch.nn.Module or None, got {type(net).__name__}")
     total_steps = _checks.require_int(total_steps, "total_steps", 1)
     seed = _checks.require_seed(seed)
     if callback is not None and not callable(callback):
@@ -378,7 +435,7 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
     _check_log_dir(cfg.log_dir, cfg.resume)
 
     with _torch_threads(cfg.num_threads):
-        return _train(cfg, env, env_id, total_steps, seed, callback, ckpt)
+        return _train(cfg, env, env_id, total_steps, seed, callback, ckpt, policy_net, value_net)
 
 
 @contextlib.contextmanager
@@ -420,7 +477,8 @@ def _check_log_dir(log_dir, resume) -> None:
         raise ValueError(f"log_dir {path!r} is not writable")
 
 
-def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> TrainResult:
+def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, policy_net=None,
+           value_net=None) -> TrainResult:
     device = torch.device(cfg.device)
     workers = 0 if cfg.async_envs else choose_workers(env, env_factory(env), cfg.n_envs,
                                                       cfg.env_workers)
@@ -430,32 +488,44 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
         if ckpt is not None:
             saved = ckpt.get("policy_spec")
             saved = saved if isinstance(saved, dict) else {}
-            differ = [f"{k} {spec[k]} vs {saved.get(k)}"
-                      for k in ("obs_kind", "obs_dim", "action_kind", "action_dim")
-                      if saved.get(k) != spec[k]]
+            differ = [f"{k} {spec.get(k)} vs {saved.get(k)}"
+                      for k in ("obs_kind", "obs_dim", "obs_keys", "action_kind", "action_dim",
+                                "action_nvec")
+                      if saved.get(k) != spec.get(k)]
             if differ:
                 spaces = f"{envs.single_observation_space}, {envs.single_action_space}"
                 raise ValueError(f"resume: the environment's spaces ({spaces}) are not those the "
                                  f"checkpoint was trained on ({', '.join(differ)})")
 
-    init_gen = torch.Generator().manual_seed(seed)
-    policy = Policy(spec, cfg.hidden_sizes, cfg.init_log_std, cfg.normalize_obs, init_gen,
-                    env_id=env_id).to(device)
-    value_fn = ValueFunction(spec["obs_dim"], cfg.hidden_sizes, init_gen,
-                             normalize_targets=cfg.normalize_value_targets).to(device)
-    vf_optimizer = Adam(value_fn.flat, lr=cfg.vf_lr)
+        if ckpt is not None and bool(ckpt.get("custom_networks")) != (policy_net is not None):
+            raise ValueError("resume: the checkpoint was trained with your own policy_net and "
+                             "value_net; pass them again" if ckpt.get("custom_networks") else
+                             "resume: the checkpoint was trained with the built-in networks; "
+                             "do not pass policy_net / value_net")
+        init_gen = torch.Generator().manual_seed(seed)
+        policy = Policy(spec, cfg.hidden_sizes, cfg.init_log_std, cfg.normalize_obs, init_gen,
+                        env_id=env_id, net=policy_net).to(device)
+        value_fn = ValueFunction(spec, cfg.hidden_sizes, init_gen,
+                                 normalize_targets=cfg.normalize_value_targets,
+                                 net=value_net).to(device)
+        shared = {id(p) for p in policy.net.parameters()} & {id(p) for p in value_fn.net.parameters()}
+        if shared:
+            raise ValueError("policy_net and value_net share parameters; TRPO updates the policy "
+                             "and fits the critic separately: give each its own network")
+        _check_network_outputs(policy, value_fn, envs.single_observation_space)
+    vf_optimizer = torch.optim.Adam([value_fn.flat], lr=cfg.vf_lr, foreach=True)
     generator = torch.Generator(device=device).manual_seed(seed + 1)
     cpu_generator = generator if device.type == "cpu" else torch.Generator().manual_seed(seed + 2)
     history: List[Dict[str, Any]] = []
     steps_done, iteration = 0, 0
     env_seed = seed
     if ckpt is not None:
-        from .checkpoint import reading
+        from .checkpoint import reading, upgrade_state
 
         with _closing_on_error(envs), reading(cfg.resume):
-            policy.load_state_dict(ckpt["policy_state"])
-            value_fn.load_state_dict(ckpt["value_state"])
-            vf_optimizer.load_state_dict(ckpt["optimizer_state"])
+            policy.load_state_dict(upgrade_state(ckpt["policy_state"], policy))
+            value_fn.load_state_dict(upgrade_state(ckpt["value_state"], value_fn))
+            vf_optimizer.load_state_dict(_adam_state(ckpt["optimizer_state"], vf_optimizer))
             _restore_rng(ckpt["rng"], generator if device.type == "cpu" else cpu_generator)
             if device.type != "cpu" and "device_generator" in ckpt["rng"]:
                 generator.set_state(ckpt["rng"]["device_generator"])
@@ -497,6 +567,7 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
             rng["device_generator"] = generator.get_state()
         state = {
             "env_id": env_id, "config": _config_dict(cfg), "seed": seed, "policy_spec": spec,
+            "custom_networks": policy.custom_net,
             "policy_state": {k: v.detach().cpu() for k, v in policy.state_dict().items()},
             "value_state": {k: v.detach().cpu() for k, v in value_fn.state_dict().items()},
             "optimizer_state": vf_optimizer.state_dict(),
@@ -530,13 +601,12 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
             t2 = time.perf_counter()
 
             # 3–7. The policy step and the value fit.
-            obs = batch.obs.reshape(samples_per_update, -1)
-            actions = batch.actions.reshape(samples_per_update, *batch.actions.shape[2:])
+            obs = flatten_time(batch.obs, samples_per_update)
+            actions = flatten_time(batch.actions, samples_per_update)
             metrics = trpo_update(policy, value_fn, vf_optimizer, obs, actions, advantages,
                                   returns, cfg, cpu_generator if device.type != "cpu" else generator)
             # Then the normaliser takes in this batch; the next rollout sees the new statistics.
-            if policy.obs_rms is not None:
-                policy.obs_rms.update(batch.raw_features.reshape(samples_per_update, -1))
+            policy.encoder.update(batch.raw_features)
             steps_done += samples_per_update
             t3 = time.perf_counter()
 
@@ -544,7 +614,7 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
             explained_variance = torch.where(
                 var_returns > 0, 1 - (returns - values).var(unbiased=False) / var_returns,
                 torch.full_like(var_returns, float("nan")))
-            scalars = [metrics["train/kl"], metrics["train/max_kl"],
+            scalars = [metrics["train/kl"], metrics["train/kl_max_row"],
                        metrics["train/surrogate_improvement"],
                        metrics["train/expected_improvement"], metrics["train/entropy"],
                        metrics["train/value_loss"], explained_variance]
@@ -560,7 +630,7 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
                 if collector.episode_lengths else float("nan"),
                 "rollout/episodes": collector.episodes,
                 "train/kl": kl,
-                "train/max_kl": kl_max,
+                "train/kl_max_row": kl_max,
                 "train/surrogate_improvement": surr_imp,
                 "train/expected_improvement": exp_imp,
                 "train/line_search_steps": int(metrics["train/line_search_steps"]),
@@ -597,6 +667,51 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
     return TrainResult(policy=policy, value_fn=value_fn, history=history,
                        checkpoint_path=checkpoint_path,
                        log_dir=os.fspath(cfg.log_dir) if cfg.log_dir is not None else None)
+
+
+def _adam_state(state: Dict[str, Any], optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """A checkpoint's optimiser state as ``optimizer.load_state_dict`` takes it; checkpoints of
+    earlier versions hold the hand-written Adam's ``{step, exp_avg, exp_avg_sq, ...}``."""
+    if "state" in state:
+        return state
+    fresh = optimizer.state_dict()
+    fresh["state"] = {0: {"step": torch.tensor(float(state["step"])),
+                          "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}}
+    return fresh
+
+
+def _check_network_outputs(policy: Policy, value_fn: ValueFunction, observation_space) -> None:
+    """Runs both networks on two sample observations and refuses wrong output shapes, before any
+    training, with the shape that was expected."""
+    obs = [observation_space.sample() for _ in range(2)]
+    obs = ({k: np.stack([o[k] for o in obs]) for k in obs[0]} if isinstance(obs[0], dict)
+           else np.stack(obs))
+    with torch.no_grad():
+        x = policy.normalize(policy.encode_obs(obs))
+        try:
+            out = policy.net(x)
+            values = value_fn.net(x)
+        except Exception as e:  # noqa: BLE001 — a user network can fail in any way
+            raise ValueError(f"the networks failed on a batch of 2 observations "
+                             f"({_describe(x)}): {type(e).__name__}: {e}") from e
+    want = (2, policy.dist.out_dim)
+    what = {"box": "the Gaussian's means", "discrete": "the logits",
+            "multi_discrete": "the sub-spaces' logits side by side",
+            "multi_binary": "the Bernoulli logits"}[policy.spec["action_kind"]]
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"policy_net must map a batch of B observations to {what}, shape "
+                         f"[B, {want[1]}]; on B = 2 it returned {got}")
+    if not isinstance(values, torch.Tensor) or tuple(values.shape) not in ((2,), (2, 1)):
+        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"value_net must map a batch of B observations to values of shape [B] "
+                         f"or [B, 1]; on B = 2 it returned {got}")
+
+
+def _describe(x) -> str:
+    if isinstance(x, dict):
+        return "a dict: " + ", ".join(f"{k}: {list(v.shape)}" for k, v in x.items())
+    return f"a tensor of shape {list(x.shape)}"
 
 
 def _config_dict(cfg: TRPOConfig) -> Dict[str, Any]:
