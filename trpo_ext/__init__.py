@@ -5,6 +5,8 @@ from .gae import gae
 from .checkpoint import load
 from .evaluate import evaluate, evaluate_returns
 from .train import TrainResult, train
+from .policies import Policy, ValueFunction, fisher_vector_product
+from . import distributions
 from .kl import (
     fisher_metric_categorical,
     fisher_metric_diag_gaussian,
@@ -30,6 +32,10 @@ __all__ = [
     "fisher_metric_diag_gaussian",
     "fisher_metric_categorical",
     "train",
+    "Policy",
+    "ValueFunction",
+    "fisher_vector_product",
+    "distributions",
     "TrainResult",
     "evaluate",
     "evaluate_returns",

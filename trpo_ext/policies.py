@@ -28,7 +28,7 @@ from ._act import tanh_and_derivative
 
 __all__ = ["RunningMeanStd", "ObservationEncoder", "MLP", "NatureCNN", "DictExtractor", "Policy",
            "ValueFunction", "Adam", "space_spec", "Linearization", "AutogradLinearization",
-           "linearize", "surrogate_gradient", "fisher_vector_product"]
+           "linearize", "surrogate_gradient", "fisher_product", "fisher_vector_product"]
 
 # The smallest scale σ of normalised value targets: all-zero returns must not blow the output layer up.
 _MIN_TARGET_SCALE = 1e-4
@@ -512,8 +512,12 @@ class Policy(_FlatModule):
         return self.encoder.encode(obs, self.flat.device if device is None else torch.device(device))
 
     def normalize(self, features: Features) -> Features:
-        """Features → network input (normalised; images scaled to [0, 1])."""
-        return self.encoder(features)
+        """Features → network input (normalised; images scaled to [0, 1]), in θ's dtype."""
+        x = self.encoder(features)
+        dtype = self.flat.dtype
+        if dtype == torch.float32:
+            return x
+        return {k: v.to(dtype) for k, v in x.items()} if isinstance(x, dict) else x.to(dtype)
 
     # --- the distribution ------------------------------------------------------------------------
 
@@ -622,11 +626,14 @@ class Policy(_FlatModule):
 
 # --- the update's Jacobian products ----------------------------------------------------------------
 
-def linearize(policy: Policy, x: Features):
+def linearize(policy: Policy, x: Features, closed_form: Optional[bool] = None):
     """``(old, lin)``: the distribution's parameters at θ_old for network input ``x`` (detached;
     the log-std cloned, since the line search writes into its storage) and the network linearised
-    there — in closed form for the built-in MLP, by autograd otherwise."""
-    if policy.fast_path:
+    there — in closed form for the built-in MLP, by autograd otherwise (``closed_form=False``
+    forces autograd, for tests and benchmarks)."""
+    if closed_form is None:
+        closed_form = policy.fast_path
+    if closed_form:
         lin = Linearization(policy.net, x, policy.n_net_params)
     else:
         lin = AutogradLinearization(policy.net, x, policy.n_net_params)
@@ -648,7 +655,7 @@ def surrogate_gradient(policy: Policy, lin, old, actions: torch.Tensor, logp_old
     return lin.vjp(grads[0], g)
 
 
-def fisher_vector_product(policy: Policy, lin, old, v: torch.Tensor) -> torch.Tensor:
+def fisher_product(policy: Policy, lin, old, v: torch.Tensor) -> torch.Tensor:
     """F v, F the Hessian of the batch-mean KL(π_old ‖ π_θ) at θ_old, as Jᵀ M J v: J v through the
     linearised network, M the distribution's Fisher metric (an op), Jᵀ back to θ."""
     u = lin.jvp(v)
@@ -658,6 +665,40 @@ def fisher_vector_product(policy: Policy, lin, old, v: torch.Tensor) -> torch.Te
     if policy.gaussian:
         out[n:] = metric[1]
     return lin.vjp(metric[0], out)
+
+
+def fisher_vector_product(policy: Policy, obs, v: torch.Tensor, damping: float = 0.0
+                          ) -> torch.Tensor:
+    """F·v + damping·v for any trpo_ext policy, F the Hessian of the batch-mean
+    KL(π_θnow ‖ π_θ) at θ = θnow (the Fisher information of the policy on these observations).
+
+    Args:
+        policy: a :class:`Policy` (``TrainResult.policy``, :func:`trpo_ext.load`, or built).
+        obs: a batch of raw observations ``[B, *obs_shape]`` as the environment gives them (NumPy
+            or torch; a dict for a Dict space); the policy applies its own encoding and
+            normalisation.
+        v: a direction in θ's layout, ``[n_params]`` (the network's parameters in the order of
+            its ``named_parameters()``, then a Gaussian's log-std), θ's dtype and device.
+        damping: added as ``damping·v`` (≥ 0).
+    Returns:
+        ``[n_params]``.  Exact (no sampling): Jᵀ M J v with M the distribution's Fisher metric.
+    """
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a trpo_ext Policy, got {type(policy).__name__}")
+    if not isinstance(v, torch.Tensor) or v.shape != policy.flat.shape:
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"v must be a tensor of θ's shape ({policy.flat.numel()},), got {got}")
+    if v.dtype != policy.flat.dtype or v.device != policy.flat.device:
+        raise ValueError(f"v must have θ's dtype {policy.flat.dtype} and device "
+                         f"{policy.flat.device}, got {v.dtype} on {v.device}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+        raise ValueError(f"damping must be a number >= 0, got {damping!r}")
+    policy._check_obs(obs)
+    with torch.no_grad():
+        x = policy.normalize(policy.encode_obs(obs))
+        old, lin = linearize(policy, x)
+        fv = fisher_product(policy, lin, old, v)
+    return fv.add_(v, alpha=damping) if damping else fv
 
 
 class ValueFunction(_FlatModule):

@@ -35,7 +35,7 @@ from . import _checks
 from .cg import conjugate_gradient
 from .config import TRPOConfig
 from .gae import gae
-from .policies import (Policy, ValueFunction, fisher_vector_product, linearize, space_spec,
+from .policies import (Policy, ValueFunction, fisher_product, linearize, space_spec,
                        surrogate_gradient)
 from .rollout import (RolloutCollector, _tree_map, check_env_id, env_factory, flatten_time,
                       make_vector_env)
@@ -96,7 +96,7 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: torch.opt
     # 4. The natural-gradient direction s ≈ (F + damping·I)⁻¹ g, F v = ∇²θ KL(π_old‖π_θ) v at
     # θ_old as Jᵀ M J v (M the distribution's Fisher metric).  sync=False: x and xAx stay on the
     # device; the CG's counters are read with the line search's first decision.
-    cg = conjugate_gradient(lambda v: fisher_vector_product(policy, lin, old, v), g,
+    cg = conjugate_gradient(lambda v: fisher_product(policy, lin, old, v), g,
                             maxiter=cfg.cg_iters, rtol=0.0, atol=0.0, damping=cfg.cg_damping,
                             sync=False)
     del lin  # its activations are not needed past the solve
