@@ -47,7 +47,7 @@ def evaluate_returns(policy, env: Union[str, Callable[[], Any], None] = None, ep
 
 
 def _run(policy, env, episodes, seed, deterministic, generator, was_training) -> List[float]:
-    from .rollout import env_factory
+    from .rollout import _stack_obs, env_factory
 
     returns: List[float] = []
     try:
@@ -60,7 +60,7 @@ def _run(policy, env, episodes, seed, deterministic, generator, was_training) ->
                 total = [0.0] * n
                 running = list(range(n))
                 while running:
-                    actions = policy.act(np.stack([obs[i] for i in running]),
+                    actions = policy.act(_stack_obs([obs[i] for i in running]),
                                          deterministic=deterministic, generator=generator)
                     still = []
                     for a, i in zip(actions, running):

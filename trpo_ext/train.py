@@ -619,7 +619,7 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, poli
                        metrics["train/expected_improvement"], metrics["train/entropy"],
                        metrics["train/value_loss"], explained_variance]
             kl, kl_max, surr_imp, exp_imp, entropy, value_loss, ev = torch.stack(
-                [x.to(device=obs.device, dtype=torch.float32).reshape(()) for x in scalars]).tolist()
+                [x.to(device=device, dtype=torch.float32).reshape(()) for x in scalars]).tolist()
             returns_recent = collector.episode_returns
             entry = {
                 "time/iteration": iteration,

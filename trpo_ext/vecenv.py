@@ -142,9 +142,21 @@ class SameStepVectorEnv:
                                  f"{first.action_space}: a vector env needs them all alike")
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
-        self._obs_shape = (self.num_envs,) + tuple(self.single_observation_space.shape or ())
-        self._obs_dtype = self.single_observation_space.dtype
         self._closed = False
+
+    def _empty_obs(self):
+        from gymnasium.vector.utils import create_empty_array
+
+        # An array of the space's dtype, or a dict of them for a Dict space.
+        return create_empty_array(self.single_observation_space, self.num_envs, fn=np.empty)
+
+    @staticmethod
+    def _put(batch, i: int, o) -> None:
+        if isinstance(batch, dict):
+            for k in batch:
+                batch[k][i] = o[k]
+        else:
+            batch[i] = o
 
     def reset(self, *, seed: Union[None, int, Sequence[Optional[int]]] = None, options=None):
         if seed is None or isinstance(seed, int):
@@ -154,14 +166,14 @@ class SameStepVectorEnv:
             if len(seeds) != self.num_envs:
                 raise ValueError(f"seed must give one seed per environment ({self.num_envs}), "
                                  f"got {len(seeds)}")
-        obs = np.empty(self._obs_shape, dtype=self._obs_dtype)
+        obs = self._empty_obs()
         for i, (env, s) in enumerate(zip(self.envs, seeds)):
-            obs[i], _ = env.reset(seed=s, options=options)
+            self._put(obs, i, env.reset(seed=s, options=options)[0])
         return obs, {}
 
     def step(self, actions):
         n = self.num_envs
-        obs = np.empty(self._obs_shape, dtype=self._obs_dtype)
+        obs = self._empty_obs()
         rewards = np.empty(n, dtype=np.float64)
         terminated = np.empty(n, dtype=np.bool_)
         truncated = np.empty(n, dtype=np.bool_)
@@ -177,7 +189,7 @@ class SameStepVectorEnv:
                 infos["final_info"][i] = info
                 infos["_final_obs"][i] = True
                 o, _ = env.reset()
-            obs[i] = o
+            self._put(obs, i, o)
         return obs, rewards, terminated, truncated, infos
 
     def close(self) -> None:
