@@ -18,9 +18,11 @@ SMALL = dict(n_envs=2, n_steps=64)  # 128 steps per iteration
 FAKE_LOGGER = textwrap.dedent("""
     class RunLogger:
         instances = []
-        def __init__(self, log_dir, progress, total_steps, config, start_steps=0, resumed=False):
+        def __init__(self, log_dir, progress, total_steps, config, start_steps=0, resumed=False,
+                     history=None):
             self.args = dict(log_dir=log_dir, progress=progress, total_steps=total_steps,
-                             config=config, start_steps=start_steps, resumed=resumed)
+                             config=config, start_steps=start_steps, resumed=resumed,
+                             history=None if history is None else list(history))
             self.logged, self.closed = [], False
             RunLogger.instances.append(self)
         def log(self, metrics):
@@ -66,11 +68,13 @@ def test_layout_round_trip_and_logger_calls(tmp_path, fake_logger):
     (logger,) = fake_logger.instances
     assert logger.args["log_dir"] == log_dir and logger.args["total_steps"] == 384
     assert logger.args["start_steps"] == 0 and logger.args["resumed"] is False
+    assert logger.args["history"] is None
     assert logger.args["config"]["max_kl"] == 0.01
     assert logger.logged == result.history and logger.closed
 
     state = load_checkpoint(os.path.join(ckdir, "last.pt"))
     assert state["env_id"] == "CartPole-v1" and state["total_steps_done"] == 384
+    assert state["total_steps"] == 384 and state["seed"] == 2  # what defines the run
     assert state["config"]["n_envs"] == 2 and state["iteration"] == 3
     _assert_same_history(state["history"], result.history)
 
@@ -113,6 +117,9 @@ def test_resume_restores_state_bit_identically_and_continues(tmp_path, fake_logg
     assert torch.equal(r1.policy.flat, r2.policy.flat)
     logger = fake_logger.instances[-1]
     assert logger.args["resumed"] is True and logger.args["start_steps"] == 256
+    # The logger rewrites progress.csv from the checkpoint's history; the total is the run's.
+    _assert_same_history(logger.args["history"], first.history)
+    assert logger.args["total_steps"] == 4 * 128
 
     state = load_checkpoint(r1.checkpoint_path)
     assert state["config"]["n_envs"] == 2  # settings come from the checkpoint

@@ -6,8 +6,14 @@ Two parts:
 - end to end against the real driver (``trpo_ext.train`` …), in subprocesses where it matters: train a
   tiny budget → eval → plot, resume, a run SIGKILLed while writing a checkpoint, refused checkpoints,
   no progress bar without a terminal.  These skip until the driver is part of trpo_ext.
+
+A stand-in cannot be the only cover of a contract (issue 19: one whose checkpoint carried a field
+the real one lacked passed while the command was wrong): each stand-in test names, in its
+docstring, the end-to-end test of the same contract (tests/test_resume.py holds those of
+resuming).
 """
 import csv
+import dataclasses
 import glob
 import importlib.util
 import io
@@ -24,7 +30,8 @@ import pytest
 
 import trpo_ext
 from trpo_ext import cli
-from trpo_ext.config import config_fields
+from trpo_ext.checkpoint import run_total_steps
+from trpo_ext.config import TRPOConfig, config_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,6 +228,7 @@ def standin(monkeypatch, tmp_path):
 
     module = types.ModuleType("trpo_ext.checkpoint")
     module.load_checkpoint = load_checkpoint
+    module.run_total_steps = run_total_steps  # the real rule, on the stand-in's records
     module.CheckpointError = StandInCheckpointError
     monkeypatch.setitem(sys.modules, "trpo_ext.checkpoint", module)
     monkeypatch.setattr(trpo_ext, "train", train, raising=False)
@@ -232,6 +240,7 @@ def standin(monkeypatch, tmp_path):
 
 
 def test_train_with_no_arguments(standin, capsys, tmp_path):
+    """End to end: test_e2e_defaults, test_e2e_train_files_and_report."""
     rc, out, err = run_main(["train"], capsys)
     assert rc == 0, err
     call = standin.calls["train"]
@@ -252,6 +261,7 @@ def test_train_with_no_arguments(standin, capsys, tmp_path):
 
 
 def test_train_passes_given_settings_only(standin, capsys):
+    """End to end: test_e2e_train_files_and_report (the settings the checkpoint records)."""
     rc, _, err = run_main(["train", "--env", "Pendulum-v1", "--steps", "4096", "--seed", "7",
                            "--max-kl", "0.05", "--hidden-sizes", "32", "-q", "--log-dir", "mine",
                            "--eval-episodes", "0"], capsys)
@@ -269,6 +279,7 @@ def test_steps_accepts_scientific_notation():
 
 
 def test_unknown_environment_is_one_line(standin, capsys):
+    """End to end: test_e2e_user_errors."""
     import gymnasium
 
     standin.calls["train_error"] = gymnasium.error.NameNotFound("Environment `Nope` doesn't exist.")
@@ -278,19 +289,22 @@ def test_unknown_environment_is_one_line(standin, capsys):
 
 
 def test_no_progress_flag(standin, capsys):
+    """End to end: test_e2e_progress_bar_on_a_terminal_only_when_asked."""
     assert run_main(["train", "--no-progress", "--eval-episodes", "0"], capsys)[0] == 0
     assert standin.calls["train"]["progress"] is False
 
 
 def test_resume_takes_the_run_from_the_checkpoint(standin, capsys, tmp_path):
+    """End to end: test_resume.py (every resume there gives --resume RUN_DIR alone)."""
     run_dir = tmp_path / "old-run"
     ckpt = str(run_dir / "checkpoints" / "last.pt")
     os.makedirs(os.path.dirname(ckpt))
     open(ckpt, "w").close()
     standin.checkpoints[ckpt] = {
         "env_id": "Acrobot-v1", "total_steps_done": 2048, "history": [], "seed": 3,
+        "total_steps": 8192,
         "config": {"max_kl": 0.02, "n_envs": 4, "hidden_sizes": [32, 32], "log_dir": "elsewhere",
-                   "progress": False, "resume": None, "total_steps": 8192, "not_a_setting": 1}}
+                   "progress": False, "resume": None, "not_a_setting": 1}}
     rc, out, err = run_main(["train", "--resume", str(run_dir), "--n-envs", "2"], capsys)
     assert rc == 0, err
     assert standin.calls["load_checkpoint"] == ckpt
@@ -303,10 +317,14 @@ def test_resume_takes_the_run_from_the_checkpoint(standin, capsys, tmp_path):
 
 
 def test_resume_explicit_flags_win(standin, capsys, tmp_path):
+    """End to end: test_e2e_checkpoint_of_a_callable_env,
+    test_resume.py::test_flags_given_with_the_resume_win_and_define_the_run."""
     ckpt = str(tmp_path / "somewhere.pt")
     open(ckpt, "w").close()
-    standin.checkpoints[ckpt] = {"env_id": "Acrobot-v1", "config": {}, "total_steps_done": 1,
-                                 "history": []}
+    # Trained on a callable (no env id): --env names the task (the real driver refuses an id other
+    # than the checkpoint's).
+    standin.checkpoints[ckpt] = {"env_id": None, "config": {}, "total_steps_done": 1,
+                                 "total_steps": 256, "history": []}
     rc, _, err = run_main(["train", "--resume", ckpt, "--env", "CartPole-v1", "--steps", "999",
                            "--seed", "5", "--eval-episodes", "0"], capsys)
     assert rc == 0, err
@@ -322,6 +340,7 @@ def test_resume_explicit_flags_win(standin, capsys, tmp_path):
     (lambda p: open(p, "w").close(), "is truncated"),
 ])
 def test_resume_refused(standin, capsys, tmp_path, make, message):
+    """End to end: test_e2e_refused_checkpoints."""
     path = str(tmp_path / "ck.pt")
     make(path)
     rc, out, err = run_main(["train", "--resume", path], capsys)
@@ -332,6 +351,7 @@ def test_resume_refused(standin, capsys, tmp_path, make, message):
 
 
 def test_train_errors_are_one_line(standin, capsys):
+    """End to end: test_e2e_user_errors."""
     standin.calls["train_error"] = TypeError("unknown setting 'foo'; valid settings: n_envs, ...")
     rc, _, err = run_main(["train", "--eval-episodes", "0"], capsys)
     assert rc == 1
@@ -341,6 +361,7 @@ def test_train_errors_are_one_line(standin, capsys):
 
 
 def test_debug_shows_the_traceback(standin, capsys, monkeypatch):
+    """End to end: test_e2e_user_errors."""
     standin.calls["train_error"] = ValueError("max_kl must be > 0")
     monkeypatch.setenv("TRPO_EXT_DEBUG", "1")
     with pytest.raises(ValueError, match="max_kl"):
@@ -348,6 +369,8 @@ def test_debug_shows_the_traceback(standin, capsys, monkeypatch):
 
 
 def test_interrupt_points_to_resume(standin, capsys, tmp_path):
+    """End to end: test_e2e_defaults (in process), and with a real SIGINT
+    test_resume.py::test_sigint_points_to_resume_and_the_resume_finishes."""
     standin.calls["interrupt"] = True
     os.makedirs("run/checkpoints")
     open("run/checkpoints/last.pt", "w").close()
@@ -357,12 +380,14 @@ def test_interrupt_points_to_resume(standin, capsys, tmp_path):
 
 
 def test_without_driver(monkeypatch, capsys):
+    """The command's own check: no real driver can be missing."""
     monkeypatch.delattr(trpo_ext, "train", raising=False)
     rc, _, err = run_main(["train"], capsys)
     assert rc == 1 and "no training driver (trpo_ext.train" in err
 
 
 def test_eval(standin, capsys, tmp_path):
+    """End to end: test_e2e_eval_and_plot."""
     ckpt = str(tmp_path / "run" / "checkpoints" / "last.pt")
     os.makedirs(os.path.dirname(ckpt))
     open(ckpt, "w").close()
@@ -384,6 +409,7 @@ def test_eval(standin, capsys, tmp_path):
 
 
 def test_eval_errors(standin, capsys, tmp_path):
+    """End to end: test_e2e_refused_checkpoints, test_e2e_checkpoint_of_a_callable_env."""
     missing = str(tmp_path / "missing.pt")
     rc, _, err = run_main(["eval", missing], capsys)
     assert rc == 1 and err.strip() == f"trpo-ext eval: error: checkpoint {missing!r} does not exist"
@@ -461,7 +487,8 @@ def trained_run(tmp_path_factory):
     if not _has_driver():
         pytest.skip("needs the driver")
     run_dir = str(tmp_path_factory.mktemp("e2e") / "run")
-    proc = _cli("train", *TINY, "--steps", "512", "--checkpoint-every", "2", "--log-dir", run_dir)
+    proc = _cli("train", *TINY, "--steps", "512", "--checkpoint-every", "2", "--seed", "7",
+                "--max-kl", "0.05", "--log-dir", run_dir)
     assert proc.returncode == 0, proc.stderr
     return run_dir, proc
 
@@ -493,8 +520,20 @@ def test_e2e_train_files_and_report(trained_run):
     assert steps == [256, 512]
     for path, n in zip(_step_files(run_dir), steps):
         assert load_checkpoint(path)["total_steps_done"] == n
-    assert load_checkpoint(last)["total_steps_done"] == 512
-    assert load_checkpoint(last)["env_id"] == "CartPole-v1"
+    state = load_checkpoint(last)
+    assert state["total_steps_done"] == 512 == state["total_steps"]
+    assert state["env_id"] == "CartPole-v1" and state["seed"] == 7
+    # The settings given reached the driver; the others kept its defaults.
+    given = {"n_envs": 2, "n_steps": 64, "max_kl": 0.05, "checkpoint_every": 2, "progress": True,
+             "log_dir": run_dir}
+    defaults = {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(TRPOConfig()).items()}
+    assert state["config"] == {**defaults, **given}
+    # The evaluation: deterministic, from seed + EVAL_SEED_OFFSET.
+    mean = float(re.search(r"evaluation: mean return (-?\d+\.\d\d)", proc.stdout).group(1))
+    returns = trpo_ext.evaluate_returns(trpo_ext.load(last), "CartPole-v1", episodes=2,
+                                        seed=7 + cli.EVAL_SEED_OFFSET, deterministic=True)
+    assert mean == pytest.approx(sum(returns) / 2, abs=0.006)
 
 
 @driver
@@ -518,6 +557,16 @@ def test_e2e_eval_and_plot(trained_run, tmp_path, capsys):
     returns = trpo_ext.evaluate_returns(trpo_ext.load(last), "CartPole-v1", episodes=3, seed=4)
     assert float(m.group(1)) == pytest.approx(sum(returns) / 3, abs=0.006)
 
+    # A run directory stands for its last.pt; --env, --stochastic and --seed are passed on.
+    rc, out, err = run_main(["eval", run_dir, "--env", "CartPole-v0", "--stochastic", "--seed", "9",
+                             "--episodes", "2"], capsys)
+    assert rc == 0, err
+    returns = trpo_ext.evaluate_returns(trpo_ext.load(last), "CartPole-v0", episodes=2, seed=9,
+                                        deterministic=False)
+    mean, std = sum(returns) / 2, abs(returns[0] - returns[1]) / 2
+    assert out.strip() == (f"mean return {mean:.2f} ± {std:.2f} over 2 episodes (CartPole-v0, "
+                           f"stochastic policy, {last})")
+
     out_png = str(tmp_path / "curve.png")
     rc, out, err = run_main(["plot", run_dir, "--out", out_png], capsys)
     assert rc == 0, err
@@ -536,6 +585,7 @@ def test_e2e_resume_continues_the_run(tmp_path, capsys):
     rc, out, err = run_main(["train", "--resume", last, "--steps", "512", "-q",
                              "--eval-episodes", "0"], capsys)
     assert rc == 0, err
+    assert "evaluation:" not in out  # --eval-episodes 0
     rows = read_rows(os.path.join(run_dir, "progress.csv"))
     assert [int(r["time/total_steps"]) for r in rows] == [128, 256, 384, 512]
     assert [int(r["time/iteration"]) for r in rows] == [1, 2, 3, 4]
@@ -647,6 +697,15 @@ def test_e2e_refused_checkpoints(trained_run, tmp_path, capsys):
     torch.save({"model": {"w": torch.zeros(3)}, "epoch": 3}, str(tmp_path / "foreign-dict.pt"))
     torch.save(torch.zeros(3), str(tmp_path / "foreign-tensor.pt"))
     names = list(bad) + ["foreign-dict.pt", "foreign-tensor.pt"]
+    os.makedirs(tmp_path / "empty-run")
+    for name, message in (("missing.pt", "does not exist"),
+                          ("empty-run", "without checkpoints/last.pt")):
+        path = str(tmp_path / name)
+        for argv in (["eval", path], ["train", "--resume", path, "--eval-episodes", "0"]):
+            rc, _, err = run_main(argv, capsys)
+            assert rc == 1 and err.startswith(f"trpo-ext {argv[0]}: error: "), err
+            assert message in err and path in err and "Traceback" not in err
+        assert os.listdir(tmp_path / "empty-run") == []  # nothing started
 
     ckpt = torch.load(good, weights_only=True)
     version_keys = [k for k in ckpt if "version" in str(k).lower()]
@@ -670,6 +729,102 @@ def test_e2e_refused_checkpoints(trained_run, tmp_path, capsys):
             assert first.startswith(f"trpo-ext {argv[0]}: error: ") and path in first, err
             assert "Traceback" not in err
     assert not os.path.exists(marker), "loading a checkpoint ran code"
+
+
+@driver
+def test_e2e_defaults(tmp_path, capsys, monkeypatch):
+    """`trpo-ext train` with no run flag: CartPole-v1, 100,000 steps, seed 0, the default settings,
+    runs/CartPole-v1-0-<time>; interrupted (Ctrl-C after the first checkpoint, in process) it exits
+    130 and says how to continue."""
+    import trpo_ext.checkpoint as ck
+    from trpo_ext.checkpoint import load_checkpoint
+
+    real_save = ck.save_checkpoint
+
+    def save_then_interrupt(state, paths):
+        real_save(state, paths)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck, "save_checkpoint", save_then_interrupt)
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_main(["train", "--checkpoint-every", "1"], capsys)
+    assert rc == 130, err
+    (run_dir,) = glob.glob(os.path.join("runs", "CartPole-v1-0-*"))
+    assert re.fullmatch(r"runs/CartPole-v1-0-\d{8}-\d{6}", run_dir)
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    assert f"training CartPole-v1 for 100,000 steps (seed 0); logs in {run_dir}" in err
+    assert f"interrupted; continue with `trpo-ext train --resume {last}`" in err
+    state = load_checkpoint(last)
+    assert (state["env_id"], state["seed"], state["total_steps"]) == ("CartPole-v1", 0, 100_000)
+    defaults = {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(TRPOConfig()).items()}
+    assert state["config"] == {**defaults, "checkpoint_every": 1, "progress": True,
+                               "log_dir": run_dir}
+
+
+@driver
+def test_e2e_user_errors(tmp_path, capsys, monkeypatch):
+    """Unknown env ids and bad settings from the real driver: one line, no traceback, nothing
+    written; TRPO_EXT_DEBUG=1 shows the traceback."""
+    monkeypatch.delenv("TRPO_EXT_DEBUG", raising=False)
+    log_dir = str(tmp_path / "run")
+    for argv, message in ((["--env", "Nope-v0"], "Nope"), (["--n-envs", "0"], "n_envs")):
+        rc, _, err = run_main(["train", *argv, "--log-dir", log_dir], capsys)
+        assert rc == 1, err
+        (line,) = err.strip().splitlines()[-1:]
+        assert line.startswith("trpo-ext train: error: ") and message in line, err
+        assert "Traceback" not in err
+    assert not os.path.exists(os.path.join(log_dir, "progress.csv"))
+    monkeypatch.setenv("TRPO_EXT_DEBUG", "1")
+    with pytest.raises(ValueError, match="n_envs"):
+        cli.main(["train", "--n-envs", "0", "--log-dir", log_dir])
+
+
+@driver
+def test_e2e_progress_bar_on_a_terminal_only_when_asked(tmp_path, monkeypatch):
+    class FakeTTY(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("TRPO_EXT_NO_PROGRESS", raising=False)
+    for flags, bar in (([], True), (["--no-progress"], False)):
+        stderr = FakeTTY()
+        monkeypatch.setattr(sys, "stderr", stderr)
+        rc = cli.main(["train", *TINY, "--steps", "256", "--eval-episodes", "0", *flags,
+                       "--log-dir", str(tmp_path / f"run{len(flags)}")])
+        monkeypatch.undo()
+        assert rc == 0, stderr.getvalue()
+        assert bool(re.search(r"256/256.*return .* \| kl .* fps", stderr.getvalue())) == bar, \
+            stderr.getvalue()
+
+
+@driver
+def test_e2e_checkpoint_of_a_callable_env(tmp_path, capsys, monkeypatch):
+    """A checkpoint trained on a callable records no env id: eval and resume ask for --env; with
+    it, and --steps and --seed, the resume runs on, in a fresh default log directory (the file is
+    not in a run's checkpoints/)."""
+    import gymnasium as gym
+    from trpo_ext.checkpoint import load_checkpoint
+
+    first = trpo_ext.train(lambda: gym.make("CartPole-v1"), 128, seed=1, n_envs=2, n_steps=64,
+                           log_dir=str(tmp_path / "first"))
+    ckpt = str(tmp_path / "anonymous.pt")
+    shutil.copy(first.checkpoint_path, ckpt)
+    for argv in (["eval", ckpt], ["train", "--resume", ckpt, "--eval-episodes", "0"]):
+        rc, _, err = run_main(argv, capsys)
+        assert rc == 1 and "records no environment id: pass --env" in err, err
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_main(["train", "--resume", ckpt, "--env", "CartPole-v1", "--steps", "384",
+                           "--seed", "5", "-q", "--eval-episodes", "0"], capsys)
+    assert rc == 0, err
+    (run_dir,) = glob.glob(os.path.join("runs", "CartPole-v1-5-*"))
+    state = load_checkpoint(os.path.join(run_dir, "checkpoints", "last.pt"))
+    assert (state["env_id"], state["seed"], state["total_steps_done"]) == ("CartPole-v1", 5, 384)
+    assert [int(r["time/total_steps"]) for r in read_rows(os.path.join(run_dir, "progress.csv"))] \
+        == [128, 256, 384]
+    rc, out, err = run_main(["eval", ckpt, "--env", "CartPole-v1", "--episodes", "1"], capsys)
+    assert rc == 0 and "(CartPole-v1, deterministic policy" in out, err
 
 
 @driver

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import warnings
 from typing import Any, Dict, Iterable
 
 import torch
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load",
-           "write_atomic", "reading"]
+           "write_atomic", "reading", "run_total_steps"]
 
 FORMAT = "trpo_ext.checkpoint"
 VERSION = 1
@@ -115,6 +117,38 @@ def upgrade_state(state: Dict[str, Any], module) -> Dict[str, Any]:
         elif k != "flat":
             out[k] = v
     return out
+
+
+def run_total_steps(state: Dict[str, Any], path) -> int:
+    """The total environment steps of the run that wrote the checkpoint ``state`` (read from
+    ``path``): its ``total_steps`` entry.
+
+    A checkpoint from before that entry existed falls back, with a warning, on the ``config.json``
+    of its run directory (``path``'s grandparent), when that file describes the same run (env id
+    and seed); without one it raises :class:`CheckpointError` asking for the total.
+    """
+    from ._checks import require_int
+
+    path = os.fspath(path)
+    if "total_steps" in state:
+        with reading(path):
+            return require_int(state["total_steps"], "total_steps", 1)
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "config.json")
+    try:
+        with open(config) as f:
+            run = json.load(f)
+        total = run["total_steps"]
+        same = (run["env_id"] == state.get("env_id") and run["seed"] == state.get("seed")
+                and isinstance(total, int) and total >= state["total_steps_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        same = False
+    if same:
+        warnings.warn(f"{path!r} does not record its run's total steps (an older trpo_ext wrote "
+                      f"it): using {total:,}, from {config}", stacklevel=3)
+        return total
+    raise CheckpointError(f"{path!r} does not record its run's total steps (an older trpo_ext "
+                          f"wrote it, and no config.json of its run is beside it): pass "
+                          f"total_steps= (trpo-ext train --steps N)")
 
 
 def policy_from_state(state: Dict[str, Any], policy_net=None):

@@ -274,8 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "checkpoint's)")
     run.add_argument("--steps", type=_positive_int("--steps"), default=None, metavar="N",
                      help=f"total environment steps of the whole run, resumed part included "
-                          f"(default: {DEFAULT_STEPS}; with --resume: the checkpoint's, if it "
-                          "records one)")
+                          f"(default: {DEFAULT_STEPS}; with --resume: the checkpoint's run's)")
     run.add_argument("--seed", type=_nonnegative_int("--seed"), default=None, metavar="S",
                      help=f"random seed (default: {DEFAULT_SEED}; with --resume: the checkpoint's)")
     run.add_argument("--log-dir", default=None, metavar="DIR",
@@ -401,11 +400,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     env, seed, steps, log_dir = args.env, args.seed, args.steps, args.log_dir
     resume = None
     if args.resume is not None:
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint, run_total_steps
 
         resume = _checkpoint_path(args.resume)
         try:
             ckpt = load_checkpoint(resume)
+            if steps is None:
+                steps = run_total_steps(ckpt, resume)
         except ValueError as exc:  # CheckpointError: corrupt, truncated, foreign or too new
             raise _refused(resume, exc) from exc
         if env is None:
@@ -414,8 +415,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 raise CLIError(f"checkpoint {resume!r} records no environment id: pass --env")
         if seed is None:
             seed = _from_checkpoint(ckpt, "seed")
-        if steps is None:
-            steps = _from_checkpoint(ckpt, "total_steps")
         saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         # The checkpoint's settings, overridden by the flags given now.
         settings = {**{k: v for k, v in saved.items() if k in known and k not in _HANDWRITTEN},

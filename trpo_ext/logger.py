@@ -17,7 +17,8 @@ Files in ``log_dir``:
 
 Resuming (``resumed=True``) appends to the same files: CSV rows and TensorBoard events past
 ``start_steps`` (written after the checkpoint that is resumed, by a run that then stopped) are dropped,
-so the history reads as one run.
+so the history reads as one run.  Given the checkpoint's ``history``, the CSV is rewritten from it
+instead: a run killed in the middle of writing a row leaves no torn row behind.
 """
 from __future__ import annotations
 
@@ -198,6 +199,8 @@ class RunLogger:
             present, let :mod:`trpo_ext.plot` group runs of one task across seeds.
         start_steps: steps already done (when resuming).
         resumed: continue the files of an earlier run in ``log_dir`` instead of starting them afresh.
+        history: with ``resumed``, the entries of the iterations done so far (the checkpoint's):
+            ``progress.csv`` is rewritten to hold exactly these rows, whatever the file held.
         stream: where the bar goes (default ``sys.stderr``).
 
     Use as a context manager or call :meth:`close` (idempotent) at the end.
@@ -205,7 +208,8 @@ class RunLogger:
 
     def __init__(self, log_dir: Optional[str], progress: bool, total_steps: int,
                  config: Optional[Dict[str, Any]] = None, start_steps: int = 0,
-                 resumed: bool = False, *, stream: Optional[TextIO] = None):
+                 resumed: bool = False, *, stream: Optional[TextIO] = None,
+                 history: Optional[List[Dict[str, Any]]] = None):
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.total_steps = int(total_steps)
         self.start_steps = int(start_steps)
@@ -233,7 +237,7 @@ class RunLogger:
             os.makedirs(self.log_dir, exist_ok=True)
             _atomic_write_text(os.path.join(self.log_dir, CONFIG_NAME),
                                json.dumps(_json_safe(self.config), indent=2, sort_keys=True) + "\n")
-            self._open_csv()
+            self._open_csv(history if self.resumed else None)
             self._open_tensorboard()
 
     # -- paths ----------------------------------------------------------------------------------
@@ -246,10 +250,20 @@ class RunLogger:
         return None if self.log_dir is None else os.path.join(self.log_dir, TB_DIR)
 
     # -- CSV ------------------------------------------------------------------------------------
-    def _open_csv(self) -> None:
+    def _open_csv(self, history: Optional[List[Dict[str, Any]]]) -> None:
         path = self.csv_path
         assert path is not None
-        if self.resumed and os.path.exists(path):
+        if history is not None:
+            header: List[str] = []
+            if os.path.exists(path):  # keep the file's column order
+                with open(path, newline="") as f:
+                    header = list(csv.DictReader(f).fieldnames or [])
+            for entry in history:
+                header += [k for k in entry if k not in header]
+            self._header = header
+            if header:
+                self._rewrite_csv([{k: _csv_value(v) for k, v in e.items()} for e in history])
+        elif self.resumed and os.path.exists(path):
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
                 header = list(reader.fieldnames or [])

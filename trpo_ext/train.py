@@ -54,6 +54,7 @@ HISTORY_KEYS = (
 
 # Settings that fix the shapes of what a checkpoint stores: a resumed run cannot change them.
 _STRUCTURAL = ("hidden_sizes", "normalize_obs", "normalize_value_targets")
+DEFAULT_TOTAL_STEPS = 100_000
 
 
 @dataclass
@@ -344,8 +345,9 @@ def _float(x) -> Any:
 
 # --- the driver ----------------------------------------------------------------------------------
 
-def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 100_000, *,
-          seed: int = 0, callback: Optional[Callable[[Dict[str, Any]], Optional[bool]]] = None,
+def train(env: Union[str, Callable[[], Any], None] = None, total_steps: Optional[int] = None, *,
+          seed: Optional[int] = None,
+          callback: Optional[Callable[[Dict[str, Any]], Optional[bool]]] = None,
           policy_net: Optional[torch.nn.Module] = None, value_net: Optional[torch.nn.Module] = None,
           **settings: Any) -> TrainResult:
     """Train a TRPO policy on a gymnasium environment.
@@ -373,9 +375,10 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
             its last parameters must then be its output layer's weight and bias, which are
             rescaled whenever σ changes.
         total_steps: environment steps for the whole run (counting a resumed run's earlier steps);
-            training stops at the first iteration boundary at or past it.
+            training stops at the first iteration boundary at or past it.  Default 100,000, or,
+            when resuming, the checkpoint's run's own total.
         seed: seeds the networks' initialisation, the sampling and the environments.  The same seed
-            on CPU gives the same history.
+            on CPU gives the same history.  Default 0, or, when resuming, the checkpoint's.
         callback: called after each iteration with its history entry; returning ``False`` stops.
         **settings: fields of :class:`trpo_ext.config.TRPOConfig` (documented there with their
             defaults; ``trpo-ext train --help`` lists them).
@@ -385,10 +388,16 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
         the keys :data:`HISTORY_KEYS`), ``checkpoint_path`` and ``log_dir``.
 
     Resuming (``resume=path``): parameters, optimiser, normaliser, generators, step counter and
-    history come back bit for bit; the checkpoint's seed and settings are used, and settings passed
-    explicitly override them (except ``hidden_sizes``, ``normalize_obs`` and
-    ``normalize_value_targets``, which must match).
-    Environments start fresh episodes, seeded from the seed and the iteration.
+    history come back bit for bit; the checkpoint's run (its total steps, seed and settings)
+    continues, and ``total_steps``, ``seed`` and settings passed explicitly override it (except
+    ``hidden_sizes``, ``normalize_obs`` and ``normalize_value_targets``, which must match).  A
+    checkpoint from before checkpoints recorded the total takes it from its run's ``config.json``
+    (with a warning), else asks for ``total_steps``.  The environments' own state is not in a
+    checkpoint: they start fresh episodes, seeded from the seed and the iteration, so a resumed run
+    matches an uninterrupted one in distribution, not step for step; two resumes of one checkpoint
+    give the same run (bit for bit on CPU).  With a ``log_dir``, ``progress.csv`` is rewritten from
+    the checkpoint's history, so rows written after the checkpoint by a run that was stopped (even
+    mid-row) are dropped and every iteration appears once, in order.
 
     Invalid settings, an unknown env id or unsupported spaces raise before any training.  torch's
     global settings are left as found (the thread count is set only while training runs, and
@@ -399,13 +408,15 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
     for name, net in (("policy_net", policy_net), ("value_net", value_net)):
         if net is not None and not isinstance(net, torch.nn.Module):
             raise TypeError(f"{name} must be a torch.nn.Module or None, got {type(net).__name__}")
-    total_steps = _checks.require_int(total_steps, "total_steps", 1)
-    seed = _checks.require_seed(seed)
+    if total_steps is not None:
+        total_steps = _checks.require_int(total_steps, "total_steps", 1)
+    if seed is not None:
+        seed = _checks.require_seed(seed)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     ckpt = None
     if cfg.resume is not None:
-        from .checkpoint import load_checkpoint, reading
+        from .checkpoint import load_checkpoint, reading, run_total_steps
 
         ckpt = load_checkpoint(cfg.resume)
         with reading(cfg.resume):
@@ -426,8 +437,13 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
             if env is None:
                 raise ValueError("resume: the checkpoint was trained on a callable env; pass env=")
         with reading(cfg.resume):
-            seed = _checks.require_seed(ckpt["seed"])
+            if seed is None:
+                seed = _checks.require_seed(ckpt["seed"])
+        if total_steps is None:
+            total_steps = run_total_steps(ckpt, cfg.resume)
     env = "CartPole-v1" if env is None else env
+    total_steps = DEFAULT_TOTAL_STEPS if total_steps is None else total_steps
+    seed = 0 if seed is None else seed
     env_id = check_env_id(env)
     if ckpt is not None and env_id is not None and ckpt["env_id"] not in (None, env_id):
         raise ValueError(f"resume: env {env_id!r} differs from the checkpoint's {ckpt['env_id']!r}")
@@ -553,7 +569,8 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, poli
         # env_id and seed let `trpo-ext plot` group the runs of one task across seeds.
         run_config = {**_config_dict(cfg), "env_id": env_id, "seed": seed, "total_steps": total_steps}
         logger = RunLogger(cfg.log_dir, cfg.progress, total_steps, run_config,
-                           start_steps=steps_done, resumed=ckpt is not None)
+                           start_steps=steps_done, resumed=ckpt is not None,
+                           history=history if ckpt is not None else None)
     checkpoint_path = None
     samples_per_update = cfg.n_envs * cfg.n_steps
     start_time = time.perf_counter()
@@ -568,6 +585,7 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, poli
         state = {
             "env_id": env_id, "config": _config_dict(cfg), "seed": seed, "policy_spec": spec,
             "custom_networks": policy.custom_net,
+            "total_steps": total_steps,
             "policy_state": {k: v.detach().cpu() for k, v in policy.state_dict().items()},
             "value_state": {k: v.detach().cpu() for k, v in value_fn.state_dict().items()},
             "optimizer_state": vf_optimizer.state_dict(),
