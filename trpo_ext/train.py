@@ -26,7 +26,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -493,6 +493,19 @@ def _check_log_dir(log_dir, resume) -> None:
         raise ValueError(f"log_dir {path!r} is not writable")
 
 
+@dataclass
+class _Run:
+    """What one run carries from iteration to iteration (and what a checkpoint restores)."""
+    policy: Policy
+    value_fn: ValueFunction
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator       # sampling, on the update's device
+    cpu_generator: torch.Generator   # the critic's shuffles (the same as generator on the CPU)
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    steps_done: int = 0
+    iteration: int = 0
+
+
 def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, policy_net=None,
            value_net=None) -> TrainResult:
     device = torch.device(cfg.device)
@@ -501,66 +514,20 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, poli
     envs = make_vector_env(env, cfg.n_envs, cfg.async_envs, workers)
     with _closing_on_error(envs):
         spec = space_spec(envs.single_observation_space, envs.single_action_space)
-        if ckpt is not None:
-            saved = ckpt.get("policy_spec")
-            saved = saved if isinstance(saved, dict) else {}
-            differ = [f"{k} {spec.get(k)} vs {saved.get(k)}"
-                      for k in ("obs_kind", "obs_dim", "obs_keys", "action_kind", "action_dim",
-                                "action_nvec")
-                      if saved.get(k) != spec.get(k)]
-            if differ:
-                spaces = f"{envs.single_observation_space}, {envs.single_action_space}"
-                raise ValueError(f"resume: the environment's spaces ({spaces}) are not those the "
-                                 f"checkpoint was trained on ({', '.join(differ)})")
-
-        if ckpt is not None and bool(ckpt.get("custom_networks")) != (policy_net is not None):
-            raise ValueError("resume: the checkpoint was trained with your own policy_net and "
-                             "value_net; pass them again" if ckpt.get("custom_networks") else
-                             "resume: the checkpoint was trained with the built-in networks; "
-                             "do not pass policy_net / value_net")
-        init_gen = torch.Generator().manual_seed(seed)
-        policy = Policy(spec, cfg.hidden_sizes, cfg.init_log_std, cfg.normalize_obs, init_gen,
-                        env_id=env_id, net=policy_net).to(device)
-        value_fn = ValueFunction(spec, cfg.hidden_sizes, init_gen,
-                                 normalize_targets=cfg.normalize_value_targets,
-                                 net=value_net).to(device)
-        shared = {id(p) for p in policy.net.parameters()} & {id(p) for p in value_fn.net.parameters()}
-        if shared:
-            raise ValueError("policy_net and value_net share parameters; TRPO updates the policy "
-                             "and fits the critic separately: give each its own network")
-        _check_network_outputs(policy, value_fn, envs.single_observation_space)
-    vf_optimizer = torch.optim.Adam([value_fn.flat], lr=cfg.vf_lr, foreach=True)
-    generator = torch.Generator(device=device).manual_seed(seed + 1)
-    cpu_generator = generator if device.type == "cpu" else torch.Generator().manual_seed(seed + 2)
-    history: List[Dict[str, Any]] = []
-    steps_done, iteration = 0, 0
-    env_seed = seed
-    if ckpt is not None:
-        from .checkpoint import reading, upgrade_state
-
-        with _closing_on_error(envs), reading(cfg.resume):
-            policy.load_state_dict(upgrade_state(ckpt["policy_state"], policy))
-            value_fn.load_state_dict(upgrade_state(ckpt["value_state"], value_fn))
-            vf_optimizer.load_state_dict(_adam_state(ckpt["optimizer_state"], vf_optimizer))
-            _restore_rng(ckpt["rng"], generator if device.type == "cpu" else cpu_generator)
-            if device.type != "cpu" and "device_generator" in ckpt["rng"]:
-                generator.set_state(ckpt["rng"]["device_generator"])
-            history = list(ckpt["history"])
-            for entry in history:
-                float(entry["time/elapsed_s"])  # what the resumed run reads of its history
-            steps_done = _checks.require_int(ckpt["total_steps_done"], "total_steps_done", 0)
-            iteration = _checks.require_int(ckpt["iteration"], "iteration", 0)
-            episode_returns = [float(x) for x in ckpt.get("episode_returns", [])]
-            episode_lengths = [int(x) for x in ckpt.get("episode_lengths", [])]
-            episodes = _checks.require_int(ckpt.get("episodes", 0), "episodes", 0)
-        # Environments cannot be restored mid-episode: start fresh episodes, seeded by position.
-        env_seed = seed + 7919 * iteration
-
-    collector = RolloutCollector(envs, policy, cfg.n_steps, env_seed, device)
-    if ckpt is not None:
-        collector.episode_returns.extend(episode_returns)
-        collector.episode_lengths.extend(episode_lengths)
-        collector.episodes = episodes
+        policy, value_fn = _build_networks(cfg, spec, envs, env_id, seed, ckpt, policy_net,
+                                           value_net)
+        generator = torch.Generator(device=device).manual_seed(seed + 1)
+        run = _Run(policy, value_fn,
+                   torch.optim.Adam([value_fn.flat], lr=cfg.vf_lr, foreach=True), generator,
+                   generator if device.type == "cpu" else torch.Generator().manual_seed(seed + 2))
+        episodes = _restore(run, ckpt, cfg.resume) if ckpt is not None else None
+    # Environments cannot be restored mid-episode: a resumed run starts fresh episodes, seeded by
+    # position.
+    collector = RolloutCollector(envs, policy, cfg.n_steps, seed + 7919 * run.iteration, device)
+    if episodes is not None:
+        collector.episode_returns.extend(episodes[0])
+        collector.episode_lengths.extend(episodes[1])
+        collector.episodes = episodes[2]
 
     logger = None
     if cfg.log_dir is not None or cfg.progress:
@@ -569,112 +536,44 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, poli
         # env_id and seed let `trpo-ext plot` group the runs of one task across seeds.
         run_config = {**_config_dict(cfg), "env_id": env_id, "seed": seed, "total_steps": total_steps}
         logger = RunLogger(cfg.log_dir, cfg.progress, total_steps, run_config,
-                           start_steps=steps_done, resumed=ckpt is not None,
-                           history=history if ckpt is not None else None)
+                           start_steps=run.steps_done, resumed=ckpt is not None,
+                           history=run.history if ckpt is not None else None)
     checkpoint_path = None
-    samples_per_update = cfg.n_envs * cfg.n_steps
+    samples = cfg.n_envs * cfg.n_steps
     start_time = time.perf_counter()
-    elapsed_before = float(history[-1]["time/elapsed_s"]) if history else 0.0
-
-    def write_checkpoint() -> str:
-        from .checkpoint import save_checkpoint
-
-        rng = _rng_state(generator if device.type == "cpu" else cpu_generator)
-        if device.type != "cpu":
-            rng["device_generator"] = generator.get_state()
-        state = {
-            "env_id": env_id, "config": _config_dict(cfg), "seed": seed, "policy_spec": spec,
-            "custom_networks": policy.custom_net,
-            "total_steps": total_steps,
-            "policy_state": {k: v.detach().cpu() for k, v in policy.state_dict().items()},
-            "value_state": {k: v.detach().cpu() for k, v in value_fn.state_dict().items()},
-            "optimizer_state": vf_optimizer.state_dict(),
-            "total_steps_done": steps_done, "iteration": iteration, "history": history,
-            "episodes": collector.episodes,
-            "episode_returns": list(collector.episode_returns),
-            "episode_lengths": list(collector.episode_lengths), "rng": rng,
-        }
-        directory = os.path.join(os.fspath(cfg.log_dir), "checkpoints")
-        path = os.path.join(directory, f"step_{steps_done:09d}.pt")
-        save_checkpoint(state, [path, os.path.join(directory, "last.pt")])
-        return path
-
+    elapsed_before = float(run.history[-1]["time/elapsed_s"]) if run.history else 0.0
     try:
-        while steps_done < total_steps:
-            iteration += 1
+        while run.steps_done < total_steps:
+            run.iteration += 1
             t0 = time.perf_counter()
             # 1. Sample with π_θold.
-            batch = collector.collect(policy, value_fn, generator)
+            batch = collector.collect(policy, value_fn, run.generator)
             t1 = time.perf_counter()
-
-            # 2. Advantages by GAE, standardised (a zero spread leaves them centred, not NaN).
-            advantages, returns = gae(batch.rewards, batch.values, batch.next_values,
-                                      batch.terminated, batch.done, cfg.gamma, cfg.gae_lambda)
-            advantages = advantages.reshape(-1)
-            if cfg.normalize_advantages:
-                advantages = (advantages - advantages.mean()) / (
-                    advantages.std(unbiased=False) + 1e-8)
-            returns = returns.reshape(-1)
-            values = batch.values.reshape(-1)
+            # 2. Advantages by GAE.
+            advantages, returns = _advantages(batch, cfg)
             t2 = time.perf_counter()
-
             # 3–7. The policy step and the value fit.
-            obs = flatten_time(batch.obs, samples_per_update)
-            actions = flatten_time(batch.actions, samples_per_update)
-            metrics = trpo_update(policy, value_fn, vf_optimizer, obs, actions, advantages,
-                                  returns, cfg, cpu_generator if device.type != "cpu" else generator)
+            metrics = trpo_update(policy, value_fn, run.optimizer, flatten_time(batch.obs, samples),
+                                  flatten_time(batch.actions, samples), advantages, returns, cfg,
+                                  run.cpu_generator)
             # Then the normaliser takes in this batch; the next rollout sees the new statistics.
             policy.encoder.update(batch.raw_features)
-            steps_done += samples_per_update
+            run.steps_done += samples
             t3 = time.perf_counter()
-
-            var_returns = returns.var(unbiased=False)
-            explained_variance = torch.where(
-                var_returns > 0, 1 - (returns - values).var(unbiased=False) / var_returns,
-                torch.full_like(var_returns, float("nan")))
-            scalars = [metrics["train/kl"], metrics["train/kl_max_row"],
-                       metrics["train/surrogate_improvement"],
-                       metrics["train/expected_improvement"], metrics["train/entropy"],
-                       metrics["train/value_loss"], explained_variance]
-            kl, kl_max, surr_imp, exp_imp, entropy, value_loss, ev = torch.stack(
-                [x.to(device=device, dtype=torch.float32).reshape(()) for x in scalars]).tolist()
-            returns_recent = collector.episode_returns
-            entry = {
-                "time/iteration": iteration,
-                "time/total_steps": steps_done,
-                "rollout/ep_return_mean": float(np.mean(returns_recent)) if returns_recent
-                else float("nan"),
-                "rollout/ep_length_mean": float(np.mean(collector.episode_lengths))
-                if collector.episode_lengths else float("nan"),
-                "rollout/episodes": collector.episodes,
-                "train/kl": kl,
-                "train/kl_max_row": kl_max,
-                "train/surrogate_improvement": surr_imp,
-                "train/expected_improvement": exp_imp,
-                "train/line_search_steps": int(metrics["train/line_search_steps"]),
-                "train/line_search_success": bool(metrics["train/line_search_success"]),
-                "train/cg_residual": float(_float(metrics["train/cg_residual"])),
-                "train/cg_iterations": int(_float(metrics["train/cg_iterations"])),
-                "train/entropy": entropy,
-                "train/value_loss": value_loss,
-                "train/explained_variance": ev,
-                "time/fps": samples_per_update / max(t3 - t0, 1e-9),
-                "time/elapsed_s": elapsed_before + time.perf_counter() - start_time,
-                "time/sampling_s": t1 - t0,
-                "time/gae_s": t2 - t1,
-                "time/gradient_s": metrics["time/gradient_s"],
-                "time/cg_s": metrics["time/cg_s"],
-                "time/line_search_s": metrics["time/line_search_s"],
-                "time/critic_s": metrics["time/critic_s"],
-            }
-            history.append(entry)
+            metrics.update({"time/fps": samples / max(t3 - t0, 1e-9), "time/sampling_s": t1 - t0,
+                            "time/gae_s": t2 - t1,
+                            "time/elapsed_s": elapsed_before + time.perf_counter() - start_time})
+            entry = _history_entry(run, metrics, returns, batch.values.reshape(-1), collector)
+            run.history.append(entry)
             if logger is not None:
                 logger.log(entry)
             stop = callback is not None and callback(entry) is False
-            last = stop or steps_done >= total_steps
+            last = stop or run.steps_done >= total_steps
             if cfg.log_dir is not None and (last or (cfg.checkpoint_every and
-                                                     iteration % cfg.checkpoint_every == 0)):
-                checkpoint_path = write_checkpoint()
+                                                     run.iteration % cfg.checkpoint_every == 0)):
+                checkpoint_path = _write_checkpoint(
+                    cfg.log_dir, run.steps_done,
+                    _checkpoint_state(run, collector, cfg, env_id, seed, spec, total_steps))
             if stop:
                 break
     finally:
@@ -682,9 +581,136 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, poli
         if logger is not None:
             logger.close()
     policy.eval()
-    return TrainResult(policy=policy, value_fn=value_fn, history=history,
+    return TrainResult(policy=policy, value_fn=value_fn, history=run.history,
                        checkpoint_path=checkpoint_path,
                        log_dir=os.fspath(cfg.log_dir) if cfg.log_dir is not None else None)
+
+
+def _build_networks(cfg, spec, envs, env_id, seed, ckpt, policy_net, value_net):
+    """The policy and the critic (the caller's networks or the built-in ones) on the run's device,
+    checked against the environment and, when resuming, against the checkpoint."""
+    if ckpt is not None:
+        saved = ckpt.get("policy_spec")
+        saved = saved if isinstance(saved, dict) else {}
+        differ = [f"{k} {spec.get(k)} vs {saved.get(k)}"
+                  for k in ("obs_kind", "obs_dim", "obs_keys", "action_kind", "action_dim",
+                            "action_nvec")
+                  if saved.get(k) != spec.get(k)]
+        if differ:
+            spaces = f"{envs.single_observation_space}, {envs.single_action_space}"
+            raise ValueError(f"resume: the environment's spaces ({spaces}) are not those the "
+                             f"checkpoint was trained on ({', '.join(differ)})")
+        if bool(ckpt.get("custom_networks")) != (policy_net is not None):
+            raise ValueError("resume: the checkpoint was trained with your own policy_net and "
+                             "value_net; pass them again" if ckpt.get("custom_networks") else
+                             "resume: the checkpoint was trained with the built-in networks; "
+                             "do not pass policy_net / value_net")
+    device = torch.device(cfg.device)
+    init_gen = torch.Generator().manual_seed(seed)
+    policy = Policy(spec, cfg.hidden_sizes, cfg.init_log_std, cfg.normalize_obs, init_gen,
+                    env_id=env_id, net=policy_net).to(device)
+    value_fn = ValueFunction(spec, cfg.hidden_sizes, init_gen,
+                             normalize_targets=cfg.normalize_value_targets,
+                             net=value_net).to(device)
+    if {id(p) for p in policy.net.parameters()} & {id(p) for p in value_fn.net.parameters()}:
+        raise ValueError("policy_net and value_net share parameters; TRPO updates the policy "
+                         "and fits the critic separately: give each its own network")
+    _check_network_outputs(policy, value_fn, envs.single_observation_space)
+    return policy, value_fn
+
+
+def _restore(run: _Run, ckpt: Dict[str, Any], path) -> Tuple[List[float], List[int], int]:
+    """Loads a checkpoint into ``run`` bit for bit; returns the collector's episode statistics
+    (recent returns, recent lengths, episode count)."""
+    from .checkpoint import reading, upgrade_state
+
+    with reading(path):
+        run.policy.load_state_dict(upgrade_state(ckpt["policy_state"], run.policy))
+        run.value_fn.load_state_dict(upgrade_state(ckpt["value_state"], run.value_fn))
+        run.optimizer.load_state_dict(_adam_state(ckpt["optimizer_state"], run.optimizer))
+        _restore_rng(ckpt["rng"], run.cpu_generator)
+        if run.generator is not run.cpu_generator and "device_generator" in ckpt["rng"]:
+            run.generator.set_state(ckpt["rng"]["device_generator"])
+        run.history = list(ckpt["history"])
+        for entry in run.history:
+            float(entry["time/elapsed_s"])  # what the resumed run reads of its history
+        run.steps_done = _checks.require_int(ckpt["total_steps_done"], "total_steps_done", 0)
+        run.iteration = _checks.require_int(ckpt["iteration"], "iteration", 0)
+        return ([float(x) for x in ckpt.get("episode_returns", [])],
+                [int(x) for x in ckpt.get("episode_lengths", [])],
+                _checks.require_int(ckpt.get("episodes", 0), "episodes", 0))
+
+
+def _checkpoint_state(run: _Run, collector, cfg, env_id, seed, spec, total_steps
+                      ) -> Dict[str, Any]:
+    """Everything that defines the run and where it stands, as a checkpoint stores it."""
+    rng = _rng_state(run.cpu_generator)
+    if run.generator is not run.cpu_generator:
+        rng["device_generator"] = run.generator.get_state()
+    return {
+        "env_id": env_id, "config": _config_dict(cfg), "seed": seed, "policy_spec": spec,
+        "custom_networks": run.policy.custom_net, "total_steps": total_steps,
+        "policy_state": {k: v.detach().cpu() for k, v in run.policy.state_dict().items()},
+        "value_state": {k: v.detach().cpu() for k, v in run.value_fn.state_dict().items()},
+        "optimizer_state": run.optimizer.state_dict(),
+        "total_steps_done": run.steps_done, "iteration": run.iteration, "history": run.history,
+        "episodes": collector.episodes,
+        "episode_returns": list(collector.episode_returns),
+        "episode_lengths": list(collector.episode_lengths), "rng": rng,
+    }
+
+
+def _write_checkpoint(log_dir, steps_done: int, state: Dict[str, Any]) -> str:
+    from .checkpoint import save_checkpoint
+
+    directory = os.path.join(os.fspath(log_dir), "checkpoints")
+    path = os.path.join(directory, f"step_{steps_done:09d}.pt")
+    save_checkpoint(state, [path, os.path.join(directory, "last.pt")])
+    return path
+
+
+def _advantages(batch, cfg: TRPOConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages (standardised with ``normalize_advantages``; a zero spread leaves them
+    centred, not NaN) and returns, flattened to ``[T·N]``."""
+    advantages, returns = gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
+                              batch.done, cfg.gamma, cfg.gae_lambda)
+    advantages = advantages.reshape(-1)
+    if cfg.normalize_advantages:
+        advantages = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
+    return advantages, returns.reshape(-1)
+
+
+def _history_entry(run: _Run, metrics: Dict[str, Any], returns: torch.Tensor,
+                   values: torch.Tensor, collector) -> Dict[str, Any]:
+    """One iteration's history entry (plain Python numbers): the update's metrics read from the
+    device in one transfer, the episode statistics, the time split."""
+    var_returns = returns.var(unbiased=False)
+    explained_variance = torch.where(
+        var_returns > 0, 1 - (returns - values).var(unbiased=False) / var_returns,
+        torch.full_like(var_returns, float("nan")))
+    names = ("train/kl", "train/kl_max_row", "train/surrogate_improvement",
+             "train/expected_improvement", "train/entropy", "train/value_loss")
+    scalars = [metrics[k] for k in names] + [explained_variance]
+    values_read = torch.stack([x.to(device=returns.device, dtype=torch.float32).reshape(())
+                               for x in scalars]).tolist()
+    read = dict(zip(names + ("train/explained_variance",), values_read))
+    recent_returns, recent_lengths = collector.episode_returns, collector.episode_lengths
+    entry = {
+        "time/iteration": run.iteration,
+        "time/total_steps": run.steps_done,
+        "rollout/ep_return_mean": float(np.mean(recent_returns)) if recent_returns
+        else float("nan"),
+        "rollout/ep_length_mean": float(np.mean(recent_lengths)) if recent_lengths
+        else float("nan"),
+        "rollout/episodes": collector.episodes,
+        **read,
+        "train/line_search_steps": int(metrics["train/line_search_steps"]),
+        "train/line_search_success": bool(metrics["train/line_search_success"]),
+        "train/cg_residual": float(_float(metrics["train/cg_residual"])),
+        "train/cg_iterations": int(_float(metrics["train/cg_iterations"])),
+    }
+    entry.update({k: metrics[k] for k in HISTORY_KEYS if k.startswith("time/") and k in metrics})
+    return {k: entry[k] for k in HISTORY_KEYS}
 
 
 def _adam_state(state: Dict[str, Any], optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
