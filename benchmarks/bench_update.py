@@ -90,13 +90,45 @@ def run_sb3(env_id: str, iterations: int, seed: int):
     return times[1:]
 
 
+def adam_steps(n_params: int = 5_400, steps: int = 400) -> None:
+    """Per-step time of trpo_ext's flat Adam against torch.optim.Adam (foreach, fused) on one flat
+    parameter of the default critic's size; the update takes vf_epochs × B / minibatch steps."""
+    from trpo_ext.policies import Adam
+
+    torch.set_num_threads(1)
+    grad = torch.randn(n_params)
+    rows = []
+    for _ in range(2):
+        for name in ("trpo_ext", "torch foreach", "torch fused"):
+            p = torch.randn(n_params)
+            if name == "trpo_ext":
+                opt = Adam(p, lr=1e-3)
+                step = lambda: opt.step(grad)  # noqa: E731
+            else:
+                opt = torch.optim.Adam([p], lr=1e-3, **({"fused": True} if "fused" in name
+                                                        else {"foreach": True}))
+                p.grad = grad
+                step = opt.step
+            step()
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            rows.append([name, f"{(time.perf_counter() - t) / steps * 1e6:.0f}"])
+    per_update = CFG.vf_epochs * SAMPLES // CFG.vf_minibatch_size
+    print(f"Adam on one flat parameter of {n_params} entries ({per_update} steps an update)")
+    print_table(["optimizer", "us/step"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=["HalfCheetah-v5", "CartPole-v1"])
     parser.add_argument("--iterations", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-sb3", action="store_true")
+    parser.add_argument("--adam", action="store_true", help="time the critic's optimiser only")
     args = parser.parse_args()
+    if args.adam:
+        return adam_steps()
     print(describe_machine())
     print(f"same work on every side: {SAMPLES} samples per update ({CFG.n_envs} envs x "
           f"{CFG.n_steps} steps), networks {CFG.hidden_sizes} tanh, {CFG.cg_iters} CG iterations, "

@@ -35,7 +35,7 @@ from . import _checks
 from .cg import conjugate_gradient
 from .config import TRPOConfig
 from .gae import gae
-from .policies import (Policy, ValueFunction, fisher_product, linearize, space_spec,
+from .policies import (Adam, Policy, ValueFunction, fisher_product, linearize, space_spec,
                        surrogate_gradient)
 from .rollout import (RolloutCollector, _tree_map, check_env_id, env_factory, flatten_time,
                       make_vector_env)
@@ -68,7 +68,7 @@ class TrainResult:
 
 # --- the update: steps 3 to 7 --------------------------------------------------------------------
 
-def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: torch.optim.Optimizer,
+def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
                 obs, actions: torch.Tensor, advantages: torch.Tensor,
                 returns: torch.Tensor, cfg: TRPOConfig, generator: Optional[torch.Generator]
                 ) -> Dict[str, Any]:
@@ -223,8 +223,7 @@ def _fit_value_function(value_fn, optimizer, obs, returns, cfg, generator) -> to
             end = start + cfg.vf_minibatch_size
             loss_sum += value_fn.regression_gradient(_tree_map(lambda x: x[start:end], obs_epoch),
                                                      targets_epoch[start:end], grad)
-            value_fn.flat.grad = grad
-            optimizer.step()
+            optimizer.step(grad)
             n_minibatches += 1
     return loss_sum / max(n_minibatches, 1)
 
@@ -498,7 +497,7 @@ class _Run:
     """What one run carries from iteration to iteration (and what a checkpoint restores)."""
     policy: Policy
     value_fn: ValueFunction
-    optimizer: torch.optim.Optimizer
+    optimizer: Adam
     generator: torch.Generator       # sampling, on the update's device
     cpu_generator: torch.Generator   # the critic's shuffles (the same as generator on the CPU)
     history: List[Dict[str, Any]] = field(default_factory=list)
@@ -518,7 +517,7 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, poli
                                            value_net)
         generator = torch.Generator(device=device).manual_seed(seed + 1)
         run = _Run(policy, value_fn,
-                   torch.optim.Adam([value_fn.flat], lr=cfg.vf_lr, foreach=True), generator,
+                   Adam(value_fn.flat, lr=cfg.vf_lr), generator,
                    generator if device.type == "cpu" else torch.Generator().manual_seed(seed + 2))
         episodes = _restore(run, ckpt, cfg.resume) if ckpt is not None else None
     # Environments cannot be restored mid-episode: a resumed run starts fresh episodes, seeded by
@@ -627,7 +626,7 @@ def _restore(run: _Run, ckpt: Dict[str, Any], path) -> Tuple[List[float], List[i
     with reading(path):
         run.policy.load_state_dict(upgrade_state(ckpt["policy_state"], run.policy))
         run.value_fn.load_state_dict(upgrade_state(ckpt["value_state"], run.value_fn))
-        run.optimizer.load_state_dict(_adam_state(ckpt["optimizer_state"], run.optimizer))
+        run.optimizer.load_state_dict(ckpt["optimizer_state"])
         _restore_rng(ckpt["rng"], run.cpu_generator)
         if run.generator is not run.cpu_generator and "device_generator" in ckpt["rng"]:
             run.generator.set_state(ckpt["rng"]["device_generator"])
@@ -711,17 +710,6 @@ def _history_entry(run: _Run, metrics: Dict[str, Any], returns: torch.Tensor,
     }
     entry.update({k: metrics[k] for k in HISTORY_KEYS if k.startswith("time/") and k in metrics})
     return {k: entry[k] for k in HISTORY_KEYS}
-
-
-def _adam_state(state: Dict[str, Any], optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
-    """A checkpoint's optimiser state as ``optimizer.load_state_dict`` takes it; checkpoints of
-    earlier versions hold the hand-written Adam's ``{step, exp_avg, exp_avg_sq, ...}``."""
-    if "state" in state:
-        return state
-    fresh = optimizer.state_dict()
-    fresh["state"] = {0: {"step": torch.tensor(float(state["step"])),
-                          "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}}
-    return fresh
 
 
 def _check_network_outputs(policy: Policy, value_fn: ValueFunction, observation_space) -> None:
