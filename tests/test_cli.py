@@ -133,6 +133,8 @@ def test_bad_flags_are_usage_errors(argv, flag, capsys):
     rc, _, err = run_main(["train"] + argv, capsys)
     assert rc == 2
     assert flag in err
+    # One line that names the problem and where the help is, not the whole usage block.
+    assert len(err.strip().splitlines()) == 1 and "(see `trpo-ext" in err
 
 
 def test_config_types_from_strings():

@@ -92,8 +92,11 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 — the unpickler fails in many ways on a damaged file
-        raise CheckpointError(f"{path!r} is not a readable trpo_ext checkpoint (truncated, corrupt or "
-                              f"written by something else): {type(e).__name__}: {e}") from None
+        # torch's own message suggests weights_only=False, which would run code from the file:
+        # never relay that; say what the file is not.
+        raise CheckpointError(f"{path!r} is not a trpo_ext checkpoint: it cannot be read as one "
+                              f"(truncated, corrupt, or another kind of file; "
+                              f"{type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not a trpo_ext checkpoint (no '{FORMAT}' format marker)")
     if state.get("version") != VERSION:

@@ -194,6 +194,14 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=34)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line that names the problem and where the help is, exit status 2
+    (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _wrap(text: str) -> str:
     import shutil
     import textwrap
@@ -252,13 +260,13 @@ Files in the log directory: progress.csv (one row per iteration), tb/ (TensorBoa
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, formatter_class=_Formatter,
         description=_wrap("Trust Region Policy Optimization with fused C++/CUDA kernels: train a "
                           "policy on a gymnasium task, evaluate a checkpoint, plot learning curves."),
         epilog=f"Run `{PROG} COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"trpo_ext {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     # train ---------------------------------------------------------------------------------------
