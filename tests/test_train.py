@@ -28,6 +28,21 @@ SMALL = dict(n_envs=2, n_steps=64)
 train_mod = importlib.import_module("trpo_ext.train")
 
 
+def episode_return(policy, env_id, seed):
+    """An independent evaluation: one episode stepped by hand with ``policy.act``."""
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    obs, _ = env.reset(seed=seed)
+    total, done = 0.0, False
+    while not done:
+        obs, r, terminated, truncated, _ = env.step(policy.act(obs))
+        total += float(r)
+        done = terminated or truncated
+    env.close()
+    return total
+
+
 def _timeless(history):
     return [{k: v for k, v in h.items() if not k.startswith("time/") or k in
              ("time/iteration", "time/total_steps")} for h in history]
@@ -98,6 +113,78 @@ def test_failed_line_search_leaves_parameters_bit_identical(env_id, monkeypatch)
     assert len(calls) == cfg.line_search_steps
     assert m["train/line_search_success"] is False
     assert m["train/line_search_steps"] == cfg.line_search_steps
+    assert torch.equal(policy.flat.detach(), before)
+
+
+def _trials(monkeypatch, reject_first=0, improve=True):
+    """Spies on the line search: records θ at each trial (a surrogate/KL evaluation without
+    grad), rejects the first ``reject_first`` trials (a KL beyond any δ) and, with
+    ``improve=False``, reports no surrogate improvement at all."""
+    real = Policy.surrogate_kl
+    thetas = []
+
+    def spy(self, old, new, actions, logp_old, advantages):
+        surrogate, mean_kl, max_kl = real(self, old, new, actions, logp_old, advantages)
+        if torch.is_grad_enabled():  # the reference at θ_old, not a trial
+            return surrogate, mean_kl, max_kl
+        thetas.append(self.flat.detach().clone())
+        if not improve:
+            return surrogate - 1e6, mean_kl, max_kl
+        if len(thetas) <= reject_first:
+            return surrogate, mean_kl + 1.0, max_kl
+        return surrogate, mean_kl, max_kl
+
+    monkeypatch.setattr(Policy, "surrogate_kl", spy)
+    return thetas
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_step_size_and_backtracking_schedule(env_id, monkeypatch):
+    # β = sqrt(2δ / sᵀ(F + damping·I)s), with F·s computed independently (autograd hvp of the
+    # textbook mean KL), and trial k at θ_old + 0.8^k·β·s.
+    cfg = TRPOConfig(max_kl=0.02, cg_damping=0.05)
+    policy, value_fn, obs, actions, adv, ret = _setup(env_id, batch=64)
+    theta_old = policy.flat.detach().clone()
+    solved = {}
+    real_cg = train_mod.conjugate_gradient
+
+    def spy_cg(matvec, b, x0=None, **kw):
+        solved["res"] = real_cg(matvec, b, x0, **kw)
+        return solved["res"]
+
+    monkeypatch.setattr(train_mod, "conjugate_gradient", spy_cg)
+    thetas = _trials(monkeypatch, reject_first=3)
+    m = trpo_update(policy, value_fn, Adam(value_fn.flat, 1e-3), obs, actions, adv, ret, cfg,
+                    torch.Generator().manual_seed(0))
+    s = solved["res"].x
+    old = tuple(p.detach() for p in _reference_dist(policy, theta_old, obs))
+
+    def mean_kl(theta):
+        new = _reference_dist(policy, theta, obs)
+        if policy.gaussian:
+            return mean_kl_diag_gaussian_reference(old[0], old[1], new[0], new[1])
+        return mean_kl_categorical_reference(old[0], new[0])
+
+    _, fs = torch.autograd.functional.hvp(mean_kl, theta_old, s)
+    beta = math.sqrt(2 * cfg.max_kl / float(s.double() @ (fs + cfg.cg_damping * s).double()))
+    assert len(thetas) == 4 and m["train/line_search_steps"] == 4
+    assert m["train/line_search_success"] is True
+    for k, theta in enumerate(thetas):
+        torch.testing.assert_close(theta - theta_old, cfg.backtrack_ratio ** k * beta * s,
+                                   rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(policy.flat.detach(), thetas[-1], rtol=0, atol=0)
+
+
+def test_no_improvement_tries_every_step_then_keeps_theta_old(monkeypatch):
+    policy, value_fn, obs, actions, adv, ret = _setup()
+    before = policy.flat.detach().clone()
+    thetas = _trials(monkeypatch, improve=False)
+    cfg = TRPOConfig()
+    m = trpo_update(policy, value_fn, Adam(value_fn.flat, 1e-3), obs, actions, adv, ret, cfg,
+                    torch.Generator().manual_seed(0))
+    assert len(thetas) == cfg.line_search_steps
+    assert m["train/line_search_success"] is False and float(m["train/kl"]) == 0
+    assert float(m["train/surrogate_improvement"]) == 0
     assert torch.equal(policy.flat.detach(), before)
 
 
@@ -436,7 +523,7 @@ def test_discrete_observations_and_policy_act_and_evaluate():
     assert isinstance(a.item(), int) and 0 <= a < 4
     assert result.policy.act(np.array([0, 5, 6])).shape == (3,)
     rets = trpo_ext.evaluate_returns(result.policy, "FrozenLake-v1", episodes=3, seed=1)
-    assert len(rets) == 3 and all(r in (0.0, 1.0) for r in rets)
+    assert rets == [episode_return(result.policy, "FrozenLake-v1", s) for s in (1, 2, 3)]
     sampled = [trpo_ext.evaluate_returns(result.policy, "FrozenLake-v1", episodes=5, seed=2,
                                          deterministic=False) for _ in range(2)]
     assert sampled[0] == sampled[1]  # seeded: the same episodes and the same action draws
@@ -456,7 +543,8 @@ def test_policy_act_applies_normalisation_and_clips():
     samples = p.act(np.repeat(obs[None], 200, 0), deterministic=False,
                     generator=torch.Generator().manual_seed(0))
     assert samples.max() <= 2.0 and samples.min() >= -2.0
-    assert trpo_ext.evaluate(p, "Pendulum-v1", episodes=2) < 0
+    assert trpo_ext.evaluate_returns(p, "Pendulum-v1", episodes=2) == pytest.approx(
+        [episode_return(p, "Pendulum-v1", s) for s in (0, 1)], rel=1e-6)  # batched vs one
 
 
 def test_act_and_evaluate_refuse_what_the_policy_was_not_built_for():

@@ -1,6 +1,7 @@
 """Argument checks shared by the Python wrappers: each error names the argument and what it got."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -81,3 +82,16 @@ def fake_same_device(**tensors) -> None:
         torch._check(t.device == ref.device,
                      lambda: f"{name} is on {t.device} but {ref_name} is on {ref.device}: all "
                              f"tensor arguments must be on one device")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside, restored on exit (0: untouched)."""
+    previous = torch.get_num_threads()
+    if n and n != previous:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)

@@ -9,7 +9,6 @@ import torch
 from . import _checks
 from .policies import Policy
 from .rollout import check_env_id
-from .train import _torch_threads
 
 __all__ = ["evaluate", "evaluate_returns"]
 
@@ -42,7 +41,7 @@ def evaluate_returns(policy, env: Union[str, Callable[[], Any], None] = None, ep
     was_training = policy.training
     policy.eval()
     # One thread: per-step batches are tiny, and a thread pool only adds wake-up latency.
-    with _torch_threads(1):
+    with _checks.torch_threads(1):
         return _run(policy, env, episodes, seed, deterministic, generator, was_training)
 
 

@@ -309,19 +309,6 @@ def _validate(cfg: TRPOConfig) -> None:
             raise ValueError(f"resume: checkpoint {path!r} does not exist")
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """torch's intra-op thread count set to ``n`` inside, restored on exit (0: untouched)."""
-    previous = torch.get_num_threads()
-    if n and n != previous:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
-
-
 def _rng_state(generator: torch.Generator) -> Dict[str, Any]:
     np_state = np.random.get_state()
     return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
@@ -449,7 +436,7 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: Optional
 
     _check_log_dir(cfg.log_dir, cfg.resume)
 
-    with _torch_threads(cfg.num_threads):
+    with _checks.torch_threads(cfg.num_threads):
         return _train(cfg, env, env_id, total_steps, seed, callback, ckpt, policy_net, value_net)
 
 
