@@ -14,13 +14,14 @@ log_std ``[A]``), the same work on both sides, each pair checked to agree before
 * ``fisher``: the Fisher metric applied to a direction (our ``fisher_metric_*`` op) against the
   Hessian-vector product of torch.distributions' mean KL at new = old (double backward), the same
   numbers;
-* ``fvp (autograd)``: that Hessian-vector product through our ``mean_kl_*`` op (its second-order
+* ``fvp kl (autograd)``: that Hessian-vector product through our ``mean_kl_*`` op (its second-order
   autograd formula is written in torch operations, not a kernel), for reference.
 
 Timings alternate ours and the baseline and keep each one's best of ``--repeats`` medians, so a
 noisy shared machine disturbs both alike.
 
     PYTHONPATH=. python benchmarks/bench_kl.py [--device cpu|cuda] [--threads N] [--repeats R]
+                                                [--quick]
 """
 from __future__ import annotations
 
@@ -138,12 +139,12 @@ def cases(B, device):
                lambda: torch.ops.trpo_ext.kl_diag_gaussian_backward(one, one, mo, lo, mn, ln, act,
                                                                     lp, adv),
                backward_fn(torch_surrogate_gaussian, const, (mn, ln)))
-        yield ("fwd+bwd (autograd) gauss", A,
+        yield ("fwd+bwd gauss (autograd)", A,
                grad_fn(trpo_ext.surrogate_kl_diag_gaussian, const, (mn, ln)),
                grad_fn(torch_surrogate_gaussian, const, (mn, ln)))
         yield ("fisher gauss", A, lambda: trpo_ext.fisher_metric_diag_gaussian(lo, *v),
                hvp_fn(torch_kl_gaussian, (mo, lo), v))
-        yield ("fvp (autograd) gauss", A, hvp_fn(trpo_ext.mean_kl_diag_gaussian, (mo, lo), v),
+        yield ("fvp kl gauss (autograd)", A, hvp_fn(trpo_ext.mean_kl_diag_gaussian, (mo, lo), v),
                hvp_fn(torch_kl_gaussian, (mo, lo), v))
     for K in CLASSES:
         lo, ln, act, lp, adv = categorical_case(B, K, device)
@@ -157,12 +158,12 @@ def cases(B, device):
         yield ("backward cat", K,
                lambda: torch.ops.trpo_ext.kl_categorical_backward(one, one, lo, ln, act, lp, adv),
                backward_fn(torch_surrogate_categorical, const, (ln,)))
-        yield ("fwd+bwd (autograd) cat", K,
+        yield ("fwd+bwd cat (autograd)", K,
                grad_fn(trpo_ext.surrogate_kl_categorical, const, (ln,)),
                grad_fn(torch_surrogate_categorical, const, (ln,)))
         yield ("fisher cat", K, lambda: trpo_ext.fisher_metric_categorical(lo, u),
                hvp_fn(torch_kl_categorical, (lo,), (u,)))
-        yield ("fvp (autograd) cat", K, hvp_fn(trpo_ext.mean_kl_categorical, (lo,), (u,)),
+        yield ("fvp kl cat (autograd)", K, hvp_fn(trpo_ext.mean_kl_categorical, (lo,), (u,)),
                hvp_fn(torch_kl_categorical, (lo,), (u,)))
 
 
@@ -175,11 +176,11 @@ def check(ours, ref, what):
                                    msg=lambda m: f"{what}: {m}")
 
 
-def run(device: str, repeats: int) -> list:
+def run(device: str, repeats: int, batches=BATCHES) -> list:
     print(f"# bench_kl on {device}: {describe_machine(device)}; "
           f"{datetime.datetime.now():%Y-%m-%d %H:%M}")
     rows = []
-    for B in BATCHES:
+    for B in batches:
         for name, width, ours, base in cases(B, device):
             check(ours(), base(), f"{name} B={B} {width}")
             t_ours = t_base = float("inf")
@@ -198,14 +199,15 @@ def main() -> None:
                         help="torch CPU threads (default: torch's default)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternating timings of each pair; the best of each is kept")
-    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # old flag: no-op
+    parser.add_argument("--quick", action="store_true",
+                        help="B = 2,048 only, one timing per pair (a smoke run)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [args.device] if args.device else (
         ["cpu"] + (["cuda"] if trpo_ext.build_info()["cuda_available"] else []))
     for d in devices:
-        run(d, args.repeats)
+        run(d, 1 if args.quick else args.repeats, BATCHES[:1] if args.quick else BATCHES)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # torch 2.14.1 is a CUDA 13.0 build; the build needs it present (no build isolation) so that the
 # extension is compiled against the torch that will import it.
-"$PY" -m pip install --quiet "torch==2.14.1" ninja numpy "setuptools>=64" wheel
-"$PY" -m pip install --quiet "gymnasium[mujoco]>=1.0" scipy pytest hypothesis pytest-benchmark \
-  matplotlib tensorboard tqdm sb3-contrib
+"$PY" -m pip install --quiet "torch==2.14.1" ninja numpy "setuptools>=64" wheel \
+  "gymnasium[mujoco]>=1.0" scipy pytest hypothesis pytest-benchmark matplotlib tensorboard tqdm \
+  sb3-contrib
 
 export MAX_JOBS=${MAX_JOBS:-2}
 if [ -e build ]; then
