@@ -7,6 +7,8 @@ CPU-only build and ``TRPO_EXT_CUDA=1`` makes a missing toolkit an error.  The de
 import glob
 import os
 import shutil
+import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -112,7 +114,7 @@ VERSION = "0.1.0"
 # The C++ embedding shipped inside the Python package (trpo_ext/share/, `trpo_ext.cmake_prefix_path`):
 # a CMake package config that builds the solver from these sources in the consumer's project.
 _SHIPPED_SOURCES = ["include/trpo_ext/cg.h", "csrc/common.h", "csrc/cg.h", "csrc/cg_solver.cpp",
-                    "csrc/cpu/cg_cpu.cpp", "csrc/cpu/cg_cpu_kernels.h", "csrc/cuda/cg_cuda.cu",
+                    "csrc/cpu/cg_cpu.cpp", "csrc/cuda/cg_cuda.cu",
                     "csrc/cuda/cuda_utils.cuh"]
 
 
@@ -135,6 +137,14 @@ def _ship_cmake_package(package_dir):
 
 
 class _BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    def finalize_options(self):
+        super().finalize_options()
+        # Object files in one folder of the source tree whoever builds (`setup.py build_ext`, pip's
+        # editable or regular install, which would otherwise use a fresh temporary folder): ninja
+        # then recompiles only what changed, and an unchanged extension in seconds.
+        self.build_temp = os.path.join(
+            HERE, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
     def run(self):
         super().run()
         _ship_cmake_package(os.path.join(self.build_lib, "trpo_ext"))
@@ -148,7 +158,7 @@ setup(
     description="Trust Region Policy Optimization with fused C++/CUDA kernels for PyTorch",
     packages=find_packages(include=["trpo_ext", "trpo_ext.*"]),
     package_data={"trpo_ext": ["py.typed"]},
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # torch 2.14 wheels exist for Python 3.10 and newer
     install_requires=["torch>=2.11", "numpy", "gymnasium>=1.0"],
     extras_require={
         "mujoco": ["gymnasium[mujoco]>=1.0"],

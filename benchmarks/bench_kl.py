@@ -1,33 +1,27 @@
-"""Benchmark: trpo_ext's fused KL / surrogate ops against the pure-PyTorch way.
+"""Benchmark: trpo_ext's KL ops against torch.distributions, at TRPO's batch sizes.
 
-Baseline: torch.distributions objects built from the network's outputs (Independent(Normal) for
-Gaussian policies, Categorical for discrete ones; ``validate_args=False``, which is the faster
-setting) and ``kl_divergence(old, new).mean()``; the line search's pass is the same objects'
-``log_prob`` for the surrogate plus the KL mean and max.  Inputs float32, state-independent
-log_std ``[A]``.
+One table, ours vs torch.distributions, at B = 2,048 and B = 50,000 rows (float32, state-independent
+log_std ``[A]``), the same work on both sides, each pair checked to agree before it is timed:
 
-Bytes floor: every input read once (means/actions/logits ``[B, ·]``, logp_old and advantages
-``[B]``, int64 actions ``[B]``).  "% bw" compares that floor's rate with the device's measured copy
-bandwidth (``benchmarks/_common.measure_copy_bandwidth``, read + write counted).
+* ``kl``: the batch-mean KL(old ‖ new) — ``kl_divergence(old, new).mean()`` of
+  ``Independent(Normal)`` / ``Categorical`` objects (``validate_args=False``, the faster setting);
+* ``surr+kl``: the line search's pass (surrogate, mean KL, max KL) — the same objects' ``log_prob``
+  for the surrogate plus the KL's mean and max;
+* ``backward``: the gradient of surrogate + mean KL w.r.t. the new distribution's parameters — our
+  backward op (what autograd calls) against torch's backward pass over a recorded graph;
+* ``fwd+bwd (autograd)``: forward and that gradient by ``torch.autograd.grad`` on both sides, as a
+  caller sees it (our side pays the Python of the ops' autograd registration);
+* ``fisher``: the Fisher metric applied to a direction (our ``fisher_metric_*`` op) against the
+  Hessian-vector product of torch.distributions' mean KL at new = old (double backward), the same
+  numbers;
+* ``fvp kl (autograd)``: that Hessian-vector product through our ``mean_kl_*`` op (its second-order
+  autograd formula is written in torch operations, not a kernel), for reference.
 
-On CUDA, "graph us" is our op's GPU time alone: 20 calls captured in one CUDA graph, the median
-replay time divided by 20 (``benchmarks/_common.cuda_graph_time``); "ours us" loops calls from
-Python without synchronising, so below ~20 us it measures the host's dispatch and launch, not the
-kernel. "% bw (graph)" is the bytes floor's rate at the graph time. Batches that fit the L2 cache
-(B ≤ 65536) stay there across replays, so their graph rate can exceed the memory bandwidth. Rows of
-at most 32 elements run the tiled CUDA kernels unless ``TRPO_EXT_KL_CUDA_TILES=0`` (G-lane
-kernels): run the benchmark once each way to compare them.
+Timings alternate ours and the baseline and keep each one's best of ``--repeats`` medians, so a
+noisy shared machine disturbs both alike.
 
-Math floor: the exponentials and logarithms an op cannot avoid (categorical: one exp per logit of
-each distribution and one log per row of each, plus the surrogate's exp per row — for K = 2, whose
-closed form needs exp(−|ℓ₁ − ℓ₀|) of each distribution and one log, two exps and one log per row,
-plus one of each for the surrogate; Gaussian: the surrogate's exp per row), each costed at torch's own vectorised ``exp`` / ``log`` rate per element,
-measured at start-up on 10⁶ float32 elements.  Where it exceeds the bytes floor the op is bound by
-arithmetic rather than memory; "% floor" is max(bytes floor time, math floor) over our time.  CPU
-only: on a GPU torch's exp over 10⁶ elements is a launch and a pass over memory, not a rate of the
-special-function units, so the GPU table has the graph columns instead.
-
-    PYTHONPATH=. python benchmarks/bench_kl.py [--device cpu|cuda] [--quick]
+    PYTHONPATH=. python benchmarks/bench_kl.py [--device cpu|cuda] [--threads N] [--repeats R]
+                                                [--quick]
 """
 from __future__ import annotations
 
@@ -42,10 +36,9 @@ from torch.distributions import Categorical, Independent, Normal, kl_divergence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import trpo_ext  # noqa: E402
-from benchmarks._common import (  # noqa: E402
-    cuda_graph_time, describe_machine, measure_copy_bandwidth, print_table, timeit)
+from benchmarks._common import describe_machine, print_table, timeit  # noqa: E402
 
-BATCHES = [2048, 65536, 1_000_000]
+BATCHES = [2048, 50_000]
 ACTION_DIMS = [1, 6, 17]
 CLASSES = [2, 18]
 
@@ -73,184 +66,148 @@ def categorical_case(B, K, device, dtype=torch.float32):
             adv.to(device, dtype)]
 
 
-# --- the pure-PyTorch way ------------------------------------------------------------------------
+# --- torch.distributions -----------------------------------------------------------------------
 
 def _normal(mean, log_std):
     return Independent(Normal(mean, log_std.exp(), validate_args=False), 1, validate_args=False)
 
 
-def baseline_kl_gaussian(mo, lo, mn, ln):
+def _categorical(logits):
+    return Categorical(logits=logits, validate_args=False)
+
+
+def torch_kl_gaussian(mo, lo, mn, ln):
     return kl_divergence(_normal(mo, lo), _normal(mn, ln)).mean()
 
 
-def baseline_surrogate_gaussian(mo, lo, mn, ln, act, lp, adv):
+def torch_surrogate_gaussian(mo, lo, mn, ln, act, lp, adv):
     old, new = _normal(mo, lo), _normal(mn, ln)
     kl = kl_divergence(old, new)
-    surrogate = (torch.exp(new.log_prob(act) - lp) * adv).mean()
-    return surrogate, kl.mean(), kl.max()
+    return (torch.exp(new.log_prob(act) - lp) * adv).mean(), kl.mean(), kl.max()
 
 
-def baseline_kl_categorical(lo, ln):
-    return kl_divergence(Categorical(logits=lo, validate_args=False),
-                         Categorical(logits=ln, validate_args=False)).mean()
+def torch_kl_categorical(lo, ln):
+    return kl_divergence(_categorical(lo), _categorical(ln)).mean()
 
 
-def baseline_surrogate_categorical(lo, ln, act, lp, adv):
-    old = Categorical(logits=lo, validate_args=False)
-    new = Categorical(logits=ln, validate_args=False)
+def torch_surrogate_categorical(lo, ln, act, lp, adv):
+    old, new = _categorical(lo), _categorical(ln)
     kl = kl_divergence(old, new)
-    surrogate = (torch.exp(new.log_prob(act) - lp) * adv).mean()
-    return surrogate, kl.mean(), kl.max()
+    return (torch.exp(new.log_prob(act) - lp) * adv).mean(), kl.mean(), kl.max()
+
+
+# --- the cases: (name, width, ours, baseline) ----------------------------------------------------
+
+def grad_fn(surrogate_fn, const, params):
+    """surrogate + mean KL, differentiated w.r.t. the new distribution's parameters."""
+    def f():
+        xs = [p.clone().requires_grad_() for p in params]
+        s, k, _ = surrogate_fn(*const(xs))
+        return torch.autograd.grad(s + k, xs)
+    return f
+
+
+def backward_fn(surrogate_fn, const, params):
+    """torch's backward pass alone, over a graph recorded once."""
+    xs = [p.clone().requires_grad_() for p in params]
+    s, k, _ = surrogate_fn(*const(xs))
+    out = s + k
+    return lambda: torch.autograd.grad(out, xs, retain_graph=True)
+
+
+def hvp_fn(kl_fn, old, v):
+    """The Hessian-vector product of the mean KL at new = old (double backward)."""
+    def f():
+        xs = [p.clone().requires_grad_() for p in old]
+        gs = torch.autograd.grad(kl_fn(*old, *xs), xs, create_graph=True)
+        return torch.autograd.grad(sum((g * u).sum() for g, u in zip(gs, v)), xs)
+    return f
+
+
+def cases(B, device):
+    for A in ACTION_DIMS:
+        mo, lo, mn, ln, act, lp, adv = gaussian_case(B, A, device)
+        v = (torch.randn_like(mo), torch.randn_like(lo))
+        yield ("kl gauss", A, lambda: trpo_ext.mean_kl_diag_gaussian(mo, lo, mn, ln),
+               lambda: torch_kl_gaussian(mo, lo, mn, ln))
+        yield ("surr+kl gauss", A,
+               lambda: trpo_ext.surrogate_kl_diag_gaussian(mo, lo, mn, ln, act, lp, adv),
+               lambda: torch_surrogate_gaussian(mo, lo, mn, ln, act, lp, adv))
+        const = lambda xs: (mo, lo, xs[0], xs[1], act, lp, adv)  # noqa: E731
+        one = torch.ones((), device=device)
+        yield ("backward gauss", A,
+               lambda: torch.ops.trpo_ext.kl_diag_gaussian_backward(one, one, mo, lo, mn, ln, act,
+                                                                    lp, adv),
+               backward_fn(torch_surrogate_gaussian, const, (mn, ln)))
+        yield ("fwd+bwd gauss (autograd)", A,
+               grad_fn(trpo_ext.surrogate_kl_diag_gaussian, const, (mn, ln)),
+               grad_fn(torch_surrogate_gaussian, const, (mn, ln)))
+        yield ("fisher gauss", A, lambda: trpo_ext.fisher_metric_diag_gaussian(lo, *v),
+               hvp_fn(torch_kl_gaussian, (mo, lo), v))
+        yield ("fvp kl gauss (autograd)", A, hvp_fn(trpo_ext.mean_kl_diag_gaussian, (mo, lo), v),
+               hvp_fn(torch_kl_gaussian, (mo, lo), v))
+    for K in CLASSES:
+        lo, ln, act, lp, adv = categorical_case(B, K, device)
+        u = torch.randn_like(lo)
+        yield ("kl cat", K, lambda: trpo_ext.mean_kl_categorical(lo, ln),
+               lambda: torch_kl_categorical(lo, ln))
+        yield ("surr+kl cat", K, lambda: trpo_ext.surrogate_kl_categorical(lo, ln, act, lp, adv),
+               lambda: torch_surrogate_categorical(lo, ln, act, lp, adv))
+        const = lambda xs: (lo, xs[0], act, lp, adv)  # noqa: E731
+        one = torch.ones((), device=device)
+        yield ("backward cat", K,
+               lambda: torch.ops.trpo_ext.kl_categorical_backward(one, one, lo, ln, act, lp, adv),
+               backward_fn(torch_surrogate_categorical, const, (ln,)))
+        yield ("fwd+bwd cat (autograd)", K,
+               grad_fn(trpo_ext.surrogate_kl_categorical, const, (ln,)),
+               grad_fn(torch_surrogate_categorical, const, (ln,)))
+        yield ("fisher cat", K, lambda: trpo_ext.fisher_metric_categorical(lo, u),
+               hvp_fn(torch_kl_categorical, (lo,), (u,)))
+        yield ("fvp kl cat (autograd)", K, hvp_fn(trpo_ext.mean_kl_categorical, (lo,), (u,)),
+               hvp_fn(torch_kl_categorical, (lo,), (u,)))
 
 
 def check(ours, ref, what):
-    ours = ours if isinstance(ours, tuple) else (ours,)
-    ref = ref if isinstance(ref, tuple) else (ref,)
+    ours = ours if isinstance(ours, (tuple, list)) else (ours,)
+    ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+    assert len(ours) == len(ref), what
     for o, r in zip(ours, ref):
         torch.testing.assert_close(o.double(), r.double(), rtol=2e-4, atol=1e-5,
                                    msg=lambda m: f"{what}: {m}")
 
 
-def measure_math_rates(device: str, n: int = 1_000_000):
-    """Seconds per element of torch's float32 ``exp`` and ``log`` on ``device`` (outputs preallocated)."""
-    x = torch.empty(n, device=device).uniform_(-10.0, 0.0)
-    y = torch.empty_like(x)
-    pos = x.neg().add_(1.0)
-    t_exp = timeit(lambda: torch.exp(x, out=y), device)
-    t_log = timeit(lambda: torch.log(pos, out=y), device)
-    return t_exp / n, t_log / n
-
-
-def run(device: str, quick: bool) -> None:
-    batches = BATCHES[:2] if quick else BATCHES
-    on_gpu = torch.device(device).type == "cuda"
-    bw = measure_copy_bandwidth(device)
-    print(f"# bench_kl on {device}: {describe_machine(device)}")
-    if on_gpu:
-        # No math floor on a GPU: torch's exp over 10⁶ elements there measures a launch and a pass
-        # over memory, not the special-function units (seen on an H200: a "floor" 2× our time).
-        t_exp = t_log = 0.0
-        print(f"# measured copy bandwidth {bw / 1e9:.1f} GB/s; "
-              f"{datetime.datetime.now():%Y-%m-%d %H:%M}")
-    else:
-        t_exp, t_log = measure_math_rates(device)
-        print(f"# measured copy bandwidth {bw / 1e9:.1f} GB/s; torch exp {t_exp * 1e9:.2f} ns and "
-              f"log {t_log * 1e9:.2f} ns per float32 element; "
-              f"{datetime.datetime.now():%Y-%m-%d %H:%M}")
-    if on_gpu:
-        tiles = os.environ.get("TRPO_EXT_KL_CUDA_TILES", "1") != "0"
-        print(f"# forward kernels for rows of <= 32 elements: "
-              f"{'tiled' if tiles else 'G-lane (TRPO_EXT_KL_CUDA_TILES=0)'}")
-    headers = ["op", "B", "A/K", "ours us", "baseline us", "speedup", "floor MB", "ours GB/s",
-               "% bw"] + (["graph us", "% bw (graph)"] if on_gpu else ["math floor us", "% floor"])
+def run(device: str, repeats: int, batches=BATCHES) -> list:
+    print(f"# bench_kl on {device}: {describe_machine(device)}; "
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}")
     rows = []
-
-    def graph_cells(ours_fn, nbytes):
-        try:
-            t = cuda_graph_time(ours_fn)
-        except Exception as e:  # noqa: BLE001  the table says what went wrong, the run goes on
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            return [f"capture failed: {type(e).__name__}: {first_line[:100]}", ""]
-        return [t * 1e6, 100 * nbytes / t / bw]
-
-    def add(op, B, width, nbytes, ours_fn, base_fn, n_exp=0, n_log=0):
-        check(ours_fn(), base_fn(), f"{op} B={B} {width}")
-        t_ours = timeit(ours_fn, device)
-        t_base = timeit(base_fn, device)
-        rate = nbytes / t_ours
-        math_floor = n_exp * t_exp + n_log * t_log
-        floor = max(nbytes / bw, math_floor)
-        rows.append([op, B, width, t_ours * 1e6, t_base * 1e6, t_base / t_ours, nbytes / 1e6,
-                     rate / 1e9, 100 * rate / bw]
-                    + (graph_cells(ours_fn, nbytes) if on_gpu
-                       else [math_floor * 1e6, 100 * floor / t_ours]))
-
-    el = 4  # float32
     for B in batches:
-        for A in ACTION_DIMS:
-            mo, lo, mn, ln, act, lp, adv = gaussian_case(B, A, device)
-            kl_bytes = 2 * B * A * el + 2 * A * el
-            add("kl gauss", B, A, kl_bytes, lambda: trpo_ext.mean_kl_diag_gaussian(mo, lo, mn, ln),
-                lambda: baseline_kl_gaussian(mo, lo, mn, ln))
-            add("surr+kl gauss", B, A, kl_bytes + B * A * el + 2 * B * el,
-                lambda: trpo_ext.surrogate_kl_diag_gaussian(mo, lo, mn, ln, act, lp, adv),
-                lambda: baseline_surrogate_gaussian(mo, lo, mn, ln, act, lp, adv), n_exp=B)
-        for K in CLASSES:
-            lo, ln, act, lp, adv = categorical_case(B, K, device)
-            kl_bytes = 2 * B * K * el
-            n_exp, n_log = (2 * B, B) if K == 2 else (2 * B * K, 2 * B)
-            add("kl cat", B, K, kl_bytes, lambda: trpo_ext.mean_kl_categorical(lo, ln),
-                lambda: baseline_kl_categorical(lo, ln), n_exp=n_exp, n_log=n_log)
-            add("surr+kl cat", B, K, kl_bytes + B * 8 + 2 * B * el,
-                lambda: trpo_ext.surrogate_kl_categorical(lo, ln, act, lp, adv),
-                lambda: baseline_surrogate_categorical(lo, ln, act, lp, adv),
-                n_exp=n_exp + B, n_log=n_log + (B if K == 2 else 0))
-    print_table(headers, rows)
-
-    # The update's other two uses: the policy gradient (backward of the surrogate) and one
-    # Fisher-vector product (double backward of the mean KL at θ_old), w.r.t. the distribution
-    # parameters directly (a network would add its own backward to both sides).
-    print(f"\n# gradient and FVP w.r.t. the distribution parameters ({device})")
-    grows = []
-    for B in batches[:2]:
-        mo, lo, mn, ln, act, lp, adv = gaussian_case(B, 6, device)
-        mn_, ln_ = mn.clone().requires_grad_(), ln.clone().requires_grad_()
-        v = (torch.randn_like(mn), torch.randn_like(ln))
-
-        def grad_ours():
-            return torch.autograd.grad(trpo_ext.surrogate_kl_diag_gaussian(
-                mo, lo, mn_, ln_, act, lp, adv)[0], (mn_, ln_))
-
-        def grad_base():
-            return torch.autograd.grad(baseline_surrogate_gaussian(
-                mo, lo, mn_, ln_, act, lp, adv)[0], (mn_, ln_))
-
-        def fvp(kl_fn):
-            def f():
-                a, b = mo.clone().requires_grad_(), lo.clone().requires_grad_()
-                ga, gb = torch.autograd.grad(kl_fn(mo, lo, a, b), (a, b), create_graph=True)
-                return torch.autograd.grad((ga * v[0]).sum() + (gb * v[1]).sum(), (a, b))
-            return f
-
-        for name, o, b in (("grad surr gauss", grad_ours, grad_base),
-                           ("fvp kl gauss", fvp(trpo_ext.mean_kl_diag_gaussian),
-                            fvp(baseline_kl_gaussian))):
-            check(tuple(o()), tuple(b()), name)
-            t_o, t_b = timeit(o, device), timeit(b, device)
-            grows.append([name, B, 6, t_o * 1e6, t_b * 1e6, t_b / t_o])
-        lo_c, ln_c, act_c, lp_c, adv_c = categorical_case(B, 18, device)
-        x = ln_c.clone().requires_grad_()
-        vc = torch.randn_like(x)
-
-        def grad_cat(fn):
-            return lambda: torch.autograd.grad(fn(lo_c, x, act_c, lp_c, adv_c)[0], (x,))
-
-        def fvp_cat(kl_fn):
-            def f():
-                a = lo_c.clone().requires_grad_()
-                (ga,) = torch.autograd.grad(kl_fn(lo_c, a), (a,), create_graph=True)
-                return torch.autograd.grad((ga * vc).sum(), (a,))
-            return f
-
-        for name, o, b in (("grad surr cat", grad_cat(trpo_ext.surrogate_kl_categorical),
-                            grad_cat(baseline_surrogate_categorical)),
-                           ("fvp kl cat", fvp_cat(trpo_ext.mean_kl_categorical),
-                            fvp_cat(baseline_kl_categorical))):
-            check(tuple(o()), tuple(b()), name)
-            t_o, t_b = timeit(o, device), timeit(b, device)
-            grows.append([name, B, 18, t_o * 1e6, t_b * 1e6, t_b / t_o])
-    print_table(["op", "B", "A/K", "ours us", "baseline us", "speedup"], grows)
+        for name, width, ours, base in cases(B, device):
+            check(ours(), base(), f"{name} B={B} {width}")
+            t_ours = t_base = float("inf")
+            for _ in range(repeats):
+                t_ours = min(t_ours, timeit(ours, device))
+                t_base = min(t_base, timeit(base, device))
+            rows.append([name, B, width, t_ours * 1e6, t_base * 1e6, t_base / t_ours])
+    print_table(["op", "B", "A/K", "ours us", "torch.distributions us", "ratio"], rows)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: both if available)")
-    parser.add_argument("--quick", action="store_true", help="skip B = 1e6")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's default)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternating timings of each pair; the best of each is kept")
+    parser.add_argument("--quick", action="store_true",
+                        help="B = 2,048 only, one timing per pair (a smoke run)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = [args.device] if args.device else (
         ["cpu"] + (["cuda"] if trpo_ext.build_info()["cuda_available"] else []))
     for d in devices:
-        run(d, args.quick)
+        run(d, 1 if args.quick else args.repeats, BATCHES[:1] if args.quick else BATCHES)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from trpo_ext._reference import gae_baseline
 
 from bench_gae import make_inputs
 
-CASES = [(2048, 1), (2048, 16), (1024, 1024), (1_000_000, 1)]
+CASES = [(2048, 1), (2048, 16), (1024, 1024)]
 
 
 @pytest.mark.parametrize("T,N", CASES, ids=[f"{t}x{n}" for t, n in CASES])
@@ -20,7 +20,7 @@ def test_gae_trpo_ext(benchmark, T, N):
     assert torch.isfinite(adv).all()
 
 
-@pytest.mark.parametrize("T,N", CASES[:3], ids=[f"{t}x{n}" for t, n in CASES[:3]])
+@pytest.mark.parametrize("T,N", CASES, ids=[f"{t}x{n}" for t, n in CASES])
 def test_gae_baseline_loop(benchmark, T, N):
     args = make_inputs(T, N, torch.float32, "cpu")
     expected = trpo_ext.gae(*args, 0.99, 0.95)

@@ -1,7 +1,9 @@
-// The C++ embedding of the CG solver (include/trpo_ext/cg.h): the same loop as trpo_ext/cg.py,
-// calling the backend passes directly.  This file is compiled into the Python extension (so CI
-// builds it) and into the standalone CMake library, which has no op registry to dispatch through:
-// that is why it picks the backend from b's device itself.
+// The C++ embedding of the CG solver (include/trpo_ext/cg.h): trpo_ext/cg.py's `_solve` written in
+// C++ (a C++ matvec cannot be a Python callable), calling the same kernels in the same order — the
+// cg_init / cg_step / cg_finish implementations the ops register — with the same stopping and
+// polling rules.  This file is compiled into the Python extension (so CI builds it) and into the
+// standalone CMake library, which has no op registry to dispatch through: that is why it picks the
+// backend from b's device itself.
 #include "trpo_ext/cg.h"
 
 #include <c10/util/Exception.h>

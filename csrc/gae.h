@@ -29,21 +29,19 @@ TRPO_HD Affine<acc_t> identity() {
 
 // The TD residual.  A terminated step never reads next_value, so whatever a caller stored there for
 // a terminal state (a reset observation's value, NaN) cannot leak into the result.
-// acc_t may also be a CPU SIMD vector type (GCC/clang vector extensions), mask_t then the matching
-// integer vector: the same expressions then compute several elements at once.
-template <typename acc_t, typename mask_t = bool>
-TRPO_HD acc_t td_residual(acc_t reward, acc_t value, acc_t next_value, mask_t terminated,
+template <typename acc_t>
+TRPO_HD acc_t td_residual(acc_t reward, acc_t value, acc_t next_value, bool terminated,
                           acc_t gamma) {
   // Both arms computed, then selected: a select (not a branch) keeps the loops vectorisable, and a
   // select, unlike a multiplication by (1 - terminated), does not propagate a NaN next_value.
-  const acc_t bootstrap = terminated ? acc_t{} : gamma * next_value;
+  const acc_t bootstrap = terminated ? acc_t(0) : gamma * next_value;
   return reward + bootstrap - value;
 }
 
 // How much of A_{t+1} flows into A_t: the recursion stops at any episode end.
-template <typename acc_t, typename mask_t = bool>
-TRPO_HD acc_t trace_coef(mask_t done, acc_t gamma_lam) {
-  return done ? acc_t{} : gamma_lam;
+template <typename acc_t>
+TRPO_HD acc_t trace_coef(bool done, acc_t gamma_lam) {
+  return done ? acc_t(0) : gamma_lam;
 }
 
 // One step of the backward recursion: A_t from A_{t+1}.

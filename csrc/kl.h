@@ -1,24 +1,27 @@
-// KL(π_old ‖ π_new) and the TRPO surrogate for diagonal-Gaussian and categorical policies: the
-// per-element math that the CPU and CUDA kernels share, and the input checks both backends run.
+// KL(π_old ‖ π_new), the TRPO surrogate and the Fisher metric for diagonal-Gaussian and categorical
+// policies: the per-element math that the CPU and CUDA kernels share (one formula per
+// distribution), and the input checks both backends run.
 //
 // Diagonal Gaussian, per action dimension (μ means, ℓ = log σ):
 //   KL = ℓ_new − ℓ_old + (σ_old² + (μ_old − μ_new)²) / (2 σ_new²) − ½
 //      = ½ (eˣ − 1 − x) + ½ z²,   x = 2 (ℓ_old − ℓ_new),  z = (μ_old − μ_new) e^{−ℓ_new}
 // The second form keeps the KL of nearby distributions (the line search's regime, KL ~ 1e-3) free of
-// the cancellation in "var_ratio − 1 − log var_ratio".
+// the cancellation in "var_ratio − 1 − log var_ratio".  The terms that depend on the log_stds only
+// ("columns": ½ (eˣ − 1 − x), −expm1(x), e^{−ℓ_new}) are computed once per dimension when log_std
+// is state-independent.
 //   log π_new(a) = Σ_a [ −½ ((a − μ_new) e^{−ℓ_new})² − ℓ_new − ½ log 2π ]
-// Categorical (logits ℓ, K classes):
-//   KL = Σ_k p_old,k (ℓ_old,k − ℓ_new,k) − LSE(ℓ_old) + LSE(ℓ_new)
-// computed with running (max, Σ exp) pairs — an online log-sum-exp — so that large logits never
-// overflow and so that a row can be split across GPU lanes and merged.
+// Categorical (logits ℓ, K classes), one row in two passes: the maxima m, then
+//   s = Σ_k e^{ℓ_k − m} (old and new) and c = Σ_k e^{ℓ_old,k − m_old} (ℓ_old,k − ℓ_new,k), and
+//   KL = c / s_old + (m_new − m_old) + (log s_new − log s_old),
+// so large logits never overflow and identical rows give exactly 0.
 //
 // Batch sums (mean KL, surrogate) accumulate in double for both dtypes: with float32 and B = 1e6 a
-// float32 running sum loses several digits, and one double add per row costs nothing next to the
-// loads.  Per-element math runs in at::opmath_type<scalar_t>.
+// float32 running sum loses several digits.  Per-element math runs in at::opmath_type<scalar_t>.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 
@@ -29,8 +32,45 @@ namespace kl {
 
 constexpr double kHalfLog2Pi = 0.91893853320467274178;
 
-// Overloads so the same expression picks the float or double libm/CUDA function on both sides.
+template <typename T>
+TRPO_HD T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// e^x for float on the host: Cody–Waite reduction x = n ln2 + r, |r| <= ln2/2, and Cephes' degree-5
+// polynomial for e^r (about 1e-7 relative); 2ⁿ built in the exponent bits.  Written branch-free so
+// that the compiler inlines and vectorises the categorical loops (libm's expf is an opaque call
+// there, which measured about twice as slow per element).  Below −87 it gives 0, above 88 +inf,
+// NaN stays NaN.  The device uses CUDA's expf.
+inline float host_expf(float x) {
+  const float magic = 12582912.0f;  // 1.5·2²³: adding it rounds to an integer in the low bits
+  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // NaN passes through
+  const float kn = xc * 1.44269504088896341f + magic;
+  int32_t ki, mi;
+  std::memcpy(&ki, &kn, sizeof ki);
+  std::memcpy(&mi, &magic, sizeof mi);
+  const float fn = kn - magic;
+  const float r = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;  // ln2 as head + tail
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (ki - mi + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const float y = p * scale;
+  return x < -87.0f ? 0.0f : (x > 88.0f ? std::numeric_limits<float>::infinity() : y);
+}
+
+// Overloads so the same expression picks the float or double function on both sides.
+#if defined(__CUDA_ARCH__)
 TRPO_HD float k_exp(float x) { return ::expf(x); }
+#else
+TRPO_HD float k_exp(float x) { return host_expf(x); }
+#endif
 TRPO_HD double k_exp(double x) { return ::exp(x); }
 TRPO_HD float k_expm1(float x) { return ::expm1f(x); }
 TRPO_HD double k_expm1(double x) { return ::expm1(x); }
@@ -38,11 +78,6 @@ TRPO_HD float k_log(float x) { return ::logf(x); }
 TRPO_HD double k_log(double x) { return ::log(x); }
 TRPO_HD float k_abs(float x) { return ::fabsf(x); }
 TRPO_HD double k_abs(double x) { return ::fabs(x); }
-
-template <typename T>
-TRPO_HD T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
 
 // max that propagates NaN from either side, like torch.max.
 template <typename T>
@@ -55,18 +90,13 @@ TRPO_HD T nan_max(T a, T b) {
 template <typename acc_t>
 TRPO_HD acc_t expm1_minus_x(acc_t x) {
   if (k_abs(x) < acc_t(0.25)) {
-    // x²/2! + x³/3! + ... + x¹²/12!, Horner from the top.
-    acc_t s = acc_t(1) / acc_t(479001600);
-    s = acc_t(1) / acc_t(39916800) + x * s;
-    s = acc_t(1) / acc_t(3628800) + x * s;
-    s = acc_t(1) / acc_t(362880) + x * s;
-    s = acc_t(1) / acc_t(40320) + x * s;
-    s = acc_t(1) / acc_t(5040) + x * s;
-    s = acc_t(1) / acc_t(720) + x * s;
-    s = acc_t(1) / acc_t(120) + x * s;
-    s = acc_t(1) / acc_t(24) + x * s;
-    s = acc_t(1) / acc_t(6) + x * s;
-    s = acc_t(1) / acc_t(2) + x * s;
+    acc_t s = acc_t(1) / acc_t(479001600);  // x²/2! + ... + x¹²/12!, Horner from the top
+    const acc_t inv_fact[] = {acc_t(1) / acc_t(39916800), acc_t(1) / acc_t(3628800),
+                              acc_t(1) / acc_t(362880),   acc_t(1) / acc_t(40320),
+                              acc_t(1) / acc_t(5040),     acc_t(1) / acc_t(720),
+                              acc_t(1) / acc_t(120),      acc_t(1) / acc_t(24),
+                              acc_t(1) / acc_t(6),        acc_t(1) / acc_t(2)};
+    for (acc_t c : inv_fact) s = c + x * s;
     return x * x * s;
   }
   return k_expm1(x) - x;
@@ -74,182 +104,90 @@ TRPO_HD acc_t expm1_minus_x(acc_t x) {
 
 // --- diagonal Gaussian -------------------------------------------------------------------------
 
-// The part of one dimension's KL that depends on the standard deviations only: ½ (eˣ − 1 − x).
-// With a state-independent log_std it is one number per dimension, which the CPU hoists out of the
-// batch loop.
+// The terms of one dimension that depend on the log_stds only.
 template <typename acc_t>
-TRPO_HD acc_t gaussian_kl_scale_term(acc_t log_std_old, acc_t log_std_new) {
-  return acc_t(0.5) * expm1_minus_x(acc_t(2) * (log_std_old - log_std_new));
-}
-
-// KL of one action dimension from its scale term and 1/σ_new.  Scaling by 1/σ_new before squaring
-// keeps z² finite for tiny σ_new where 1/σ_new² alone would not be.
-template <typename acc_t>
-TRPO_HD acc_t gaussian_kl_from_parts(acc_t scale_term, acc_t inv_std_new, acc_t mean_old,
-                                     acc_t mean_new) {
-  const acc_t z = (mean_old - mean_new) * inv_std_new;
-  return scale_term + acc_t(0.5) * z * z;
-}
-
-// KL of one action dimension.
-template <typename acc_t>
-TRPO_HD acc_t gaussian_kl(acc_t mean_old, acc_t log_std_old, acc_t mean_new, acc_t log_std_new) {
-  return gaussian_kl_from_parts(gaussian_kl_scale_term(log_std_old, log_std_new),
-                                k_exp(-log_std_new), mean_old, mean_new);
-}
-
-// log N(a; μ, σ²) of one action dimension without the −½ log 2π constant (added once per row).
-template <typename acc_t>
-TRPO_HD acc_t gaussian_log_prob_from_parts(acc_t action, acc_t mean, acc_t log_std, acc_t inv_std) {
-  const acc_t z = (action - mean) * inv_std;
-  return acc_t(-0.5) * z * z - log_std;
-}
+struct GaussCol {
+  acc_t kl_scale;    // ½ (eˣ − 1 − x): the KL's variance part
+  acc_t grad_scale;  // −expm1(x) = 1 − σ_old²/σ_new²: the variance part of ∂KL/∂ℓ_new
+  acc_t inv_std;     // 1/σ_new
+  acc_t log_std;     // ℓ_new
+};
 
 template <typename acc_t>
-TRPO_HD acc_t gaussian_log_prob_core(acc_t action, acc_t mean, acc_t log_std) {
-  return gaussian_log_prob_from_parts(action, mean, log_std, k_exp(-log_std));
+TRPO_HD GaussCol<acc_t> gauss_col(acc_t log_std_old, acc_t log_std_new) {
+  const acc_t x = acc_t(2) * (log_std_old - log_std_new);
+  return {acc_t(0.5) * expm1_minus_x(x), -k_expm1(x), k_exp(-log_std_new), log_std_new};
 }
 
-// ∂KL/∂ℓ_new = 1 − σ_old²/σ_new² − z²: its scale part, −expm1(x), per dimension.
+// KL of one dimension.  Scaling by 1/σ_new before squaring keeps z² finite for tiny σ_new.
 template <typename acc_t>
-TRPO_HD acc_t gaussian_kl_grad_scale_term(acc_t log_std_old, acc_t log_std_new) {
-  return -k_expm1(acc_t(2) * (log_std_old - log_std_new));
+TRPO_HD acc_t gauss_kl(const GaussCol<acc_t>& c, acc_t mean_old, acc_t mean_new) {
+  const acc_t z = (mean_old - mean_new) * c.inv_std;
+  return c.kl_scale + acc_t(0.5) * z * z;
 }
 
-// ∂KL/∂μ_new and ∂KL/∂ℓ_new of one action dimension from its parts.
+// log N(a; μ_new, σ_new²) of one dimension without the −½ log 2π constant (added once per row).
 template <typename acc_t>
-TRPO_HD void gaussian_kl_grad_from_parts(acc_t grad_scale_term, acc_t inv_std_new, acc_t mean_old,
-                                         acc_t mean_new, acc_t& d_mean, acc_t& d_log_std) {
-  const acc_t z = (mean_old - mean_new) * inv_std_new;
-  d_mean = -z * inv_std_new;
-  d_log_std = grad_scale_term - z * z;
+TRPO_HD acc_t gauss_log_prob(const GaussCol<acc_t>& c, acc_t action, acc_t mean_new) {
+  const acc_t z = (action - mean_new) * c.inv_std;
+  return acc_t(-0.5) * z * z - c.log_std;
 }
 
+// ∂/∂μ_new and ∂/∂ℓ_new of grad_kl · KL + coef · log π_new(a), one dimension.
 template <typename acc_t>
-TRPO_HD void gaussian_kl_grad(acc_t mean_old, acc_t log_std_old, acc_t mean_new, acc_t log_std_new,
-                              acc_t& d_mean, acc_t& d_log_std) {
-  gaussian_kl_grad_from_parts(gaussian_kl_grad_scale_term(log_std_old, log_std_new),
-                              k_exp(-log_std_new), mean_old, mean_new, d_mean, d_log_std);
-}
-
-// ∂ log π_new(a)/∂μ_new and ∂/∂ℓ_new of one action dimension.
-template <typename acc_t>
-TRPO_HD void gaussian_log_prob_grad(acc_t action, acc_t mean, acc_t inv_std, acc_t& d_mean,
-                                    acc_t& d_log_std) {
-  const acc_t z = (action - mean) * inv_std;
-  d_mean = z * inv_std;
-  d_log_std = z * z - acc_t(1);
+TRPO_HD void gauss_grad(const GaussCol<acc_t>& c, acc_t mean_old, acc_t mean_new, acc_t action,
+                        acc_t grad_kl, acc_t coef, acc_t& d_mean, acc_t& d_log_std) {
+  const acc_t z = (mean_old - mean_new) * c.inv_std;
+  const acc_t za = (action - mean_new) * c.inv_std;
+  d_mean = -grad_kl * z * c.inv_std + coef * za * c.inv_std;
+  d_log_std = grad_kl * (c.grad_scale - z * z) + coef * (za * za - acc_t(1));
 }
 
 // --- categorical -------------------------------------------------------------------------------
 
-// A partial row: running maxima and Σ exp(ℓ − max) for old and new logits, and
-// t = Σ exp(ℓ_old − max_old) (ℓ_old − ℓ_new).  Partials over disjoint column sets merge exactly.
+// One row's running sums for the maxima m_old, m_new of its logits (the second pass).
 template <typename acc_t>
-struct CatRow {
-  acc_t max_old;
-  acc_t sum_old;
-  acc_t cross;
-  acc_t max_new;
-  acc_t sum_new;
+struct CatSums {
+  acc_t sum_old;  // Σ e^{ℓ_old − m_old}
+  acc_t sum_new;  // Σ e^{ℓ_new − m_new}
+  acc_t cross;    // Σ e^{ℓ_old − m_old} (ℓ_old − ℓ_new)
 };
 
+// First pass: m = max(m, ℓ).  A NaN logit is skipped here but makes the sums NaN.
 template <typename acc_t>
-TRPO_HD CatRow<acc_t> cat_empty() {
-  return {neg_inf<acc_t>(), acc_t(0), acc_t(0), neg_inf<acc_t>(), acc_t(0)};
+TRPO_HD acc_t cat_max(acc_t m, acc_t logit) {
+  return logit > m ? logit : m;
 }
 
+// Second pass, one class.  A class at −inf (masked) in the old policy adds nothing: not
+// 0 · (−inf − ℓ_new) = NaN to the cross term (torch.distributions agrees).
 template <typename acc_t>
-TRPO_HD void cat_push(CatRow<acc_t>& r, acc_t logit_old, acc_t logit_new) {
-  const acc_t diff = logit_old - logit_new;
-  if (logit_old > r.max_old) {
-    // exp(−inf) = 0 on the first element, so the empty partial needs no special case.
-    const acc_t scale = k_exp(r.max_old - logit_old);
-    r.sum_old = r.sum_old * scale + acc_t(1);
-    r.cross = r.cross * scale + diff;
-    r.max_old = logit_old;
-  } else {
-    // A −inf logit (a masked class) adds nothing: not exp(−inf − (−inf)) = NaN while the partial is
-    // still empty, and not 0 · (−inf − ℓ_new) = NaN to the cross term (torch.distributions agrees).
-    // A NaN logit (no comparison holds for it) lands here and makes the sums NaN, as in torch.
-    const acc_t e = logit_old == neg_inf<acc_t>() ? acc_t(0) : k_exp(logit_old - r.max_old);
-    r.sum_old += e;
-    r.cross += e == acc_t(0) ? acc_t(0) : e * diff;
-  }
-  if (logit_new > r.max_new) {
-    r.sum_new = r.sum_new * k_exp(r.max_new - logit_new) + acc_t(1);
-    r.max_new = logit_new;
-  } else if (logit_new != neg_inf<acc_t>()) {
-    r.sum_new += k_exp(logit_new - r.max_new);
-  }
+TRPO_HD void cat_push(CatSums<acc_t>& s, acc_t logit_old, acc_t logit_new, acc_t max_old,
+                      acc_t max_new) {
+  const acc_t e = k_exp(logit_old - max_old);
+  s.sum_old += e;
+  s.sum_new += k_exp(logit_new - max_new);
+  s.cross += e == acc_t(0) ? acc_t(0) : e * (logit_old - logit_new);
 }
 
-// a·sa + b·sb with one rounding pattern everywhere.  nvcc contracts a product and a sum into an
-// FMA by its own choice of which product to fuse, so the old and new sums of identical rows could
-// round differently (a KL of 1e-17 at θ = θ_old, seen on an H200); an explicit FMA fixes the shape.
-// Only the CUDA kernels merge partial rows; host code keeps the plain expression.
+// KL of a finished row.  Identical rows give exactly 0 (the same operations on the same values).
 template <typename acc_t>
-TRPO_HD acc_t scaled_pair_sum(acc_t a, acc_t sa, acc_t b, acc_t sb) {
-#if defined(__CUDA_ARCH__)
-  const acc_t bsb = b * sb;
-  return fma(a, sa, bsb);
-#else
-  return a * sa + b * sb;
-#endif
+TRPO_HD acc_t cat_kl(const CatSums<acc_t>& s, acc_t max_old, acc_t max_new) {
+  return s.cross / s.sum_old + (max_new - max_old) + (k_log(s.sum_new) - k_log(s.sum_old));
 }
 
+// log p of a class from its logit and its row's maximum and log Σ e^{ℓ − max}: (ℓ − max) is exact
+// for nearby logits, where ℓ − (max + log Σ) would round at the logits' scale.
 template <typename acc_t>
-TRPO_HD CatRow<acc_t> cat_merge(const CatRow<acc_t>& a, const CatRow<acc_t>& b) {
-  // An empty side carries max = −inf; skipping it avoids exp(−inf − (−inf)) = NaN.
-  CatRow<acc_t> r;
-  if (b.sum_old == acc_t(0)) {
-    r.max_old = a.max_old, r.sum_old = a.sum_old, r.cross = a.cross;
-  } else if (a.sum_old == acc_t(0)) {
-    r.max_old = b.max_old, r.sum_old = b.sum_old, r.cross = b.cross;
-  } else {
-    r.max_old = a.max_old > b.max_old ? a.max_old : b.max_old;
-    const acc_t sa = k_exp(a.max_old - r.max_old);
-    const acc_t sb = k_exp(b.max_old - r.max_old);
-    r.sum_old = scaled_pair_sum(a.sum_old, sa, b.sum_old, sb);
-    r.cross = scaled_pair_sum(a.cross, sa, b.cross, sb);
-  }
-  if (b.sum_new == acc_t(0)) {
-    r.max_new = a.max_new, r.sum_new = a.sum_new;
-  } else if (a.sum_new == acc_t(0)) {
-    r.max_new = b.max_new, r.sum_new = b.sum_new;
-  } else {
-    r.max_new = a.max_new > b.max_new ? a.max_new : b.max_new;
-    r.sum_new = scaled_pair_sum(a.sum_new, k_exp(a.max_new - r.max_new), b.sum_new,
-                                k_exp(b.max_new - r.max_new));
-  }
-  return r;
+TRPO_HD acc_t cat_log_prob(acc_t logit, acc_t max, acc_t log_sum) {
+  return (logit - max) - log_sum;
 }
 
+// ∂/∂ℓ_new,k of grad_kl · KL + coef · log π_new(a), given p_old,k and p_new,k:
+//   grad_kl (p_new,k − p_old,k) + coef ([k = a] − p_new,k).
 template <typename acc_t>
-TRPO_HD acc_t cat_lse_old(const CatRow<acc_t>& r) {
-  return r.max_old + k_log(r.sum_old);
-}
-
-template <typename acc_t>
-TRPO_HD acc_t cat_lse_new(const CatRow<acc_t>& r) {
-  return r.max_new + k_log(r.sum_new);
-}
-
-// KL of a finished row.  Identical old and new rows give exactly 0 (the same operations on the
-// same values).
-template <typename acc_t>
-TRPO_HD acc_t cat_kl(const CatRow<acc_t>& r) {
-  return r.cross / r.sum_old - cat_lse_old(r) + cat_lse_new(r);
-}
-
-// ∂/∂ℓ_new,k of (g_kl · KL + c · log π_new(a)) for one class, given the row's two log-sum-exps:
-//   g_kl (p_new,k − p_old,k) + c ([k = a] − p_new,k).
-template <typename acc_t>
-TRPO_HD acc_t cat_grad(acc_t logit_old, acc_t logit_new, acc_t lse_old, acc_t lse_new,
-                       acc_t grad_kl, acc_t c, bool is_action) {
-  const acc_t p_new = k_exp(logit_new - lse_new);
-  const acc_t p_old = k_exp(logit_old - lse_old);
-  return grad_kl * (p_new - p_old) + c * ((is_action ? acc_t(1) : acc_t(0)) - p_new);
+TRPO_HD acc_t cat_grad(acc_t p_old, acc_t p_new, acc_t grad_kl, acc_t coef, bool is_action) {
+  return grad_kl * (p_new - p_old) + coef * ((is_action ? acc_t(1) : acc_t(0)) - p_new);
 }
 
 // Class indices outside [0, K) are refused on the CPU; on the GPU (no host synchronisation) the
@@ -259,9 +197,7 @@ TRPO_HD bool action_in_range(index_t a, int64_t K) {
   return a >= 0 && static_cast<int64_t>(a) < K;
 }
 
-// --- per-row surrogate term and batch sums ------------------------------------------------------
-
-// exp(log π_new(a) − logp_old) · A.
+// exp(log π_new(a) − logp_old) · A: one row's surrogate term.
 template <typename acc_t>
 TRPO_HD acc_t surrogate_term(acc_t logp_new, acc_t logp_old, acc_t advantage) {
   return k_exp(logp_new - logp_old) * advantage;
@@ -278,6 +214,24 @@ TRPO_HD Sums sums_empty() { return {0.0, 0.0, neg_inf<double>()}; }
 
 TRPO_HD Sums sums_merge(const Sums& a, const Sums& b) {
   return {a.kl + b.kl, a.surrogate + b.surrogate, nan_max(a.max_kl, b.max_kl)};
+}
+
+// --- Fisher metric: the Hessian of the batch-mean KL(old ‖ new) at new = old ----------------------
+// Per batch element (the batch mean adds a factor 1/B):
+//   Gaussian:    ∂²KL/∂μ_new² = e^{−2ℓ} per dimension, ∂²KL/∂ℓ_new² = 2, no cross term;
+//   categorical: ∂²KL/∂ℓ_new∂ℓ_newᵀ = diag(p) − p pᵀ (p = softmax of the logits), so
+//                M u = p ⊙ (u − pᵀu).
+
+template <typename acc_t>
+TRPO_HD acc_t gauss_metric_mean(acc_t u, acc_t log_std) {
+  return u * k_exp(acc_t(-2) * log_std);
+}
+
+constexpr double kGaussMetricLogStd = 2.0;
+
+template <typename acc_t>
+TRPO_HD acc_t cat_metric(acc_t p, acc_t u, acc_t p_dot_u) {
+  return p * (u - p_dot_u);
 }
 
 // --- input checks (both backends) ---------------------------------------------------------------
@@ -417,25 +371,6 @@ inline CategoricalInputs check_categorical(const at::Tensor& logits_old,
     in.advantages = s.advantages->contiguous();
   }
   return in;
-}
-
-// --- Fisher metric: the Hessian of the batch-mean KL(old ‖ new) at new = old ----------------------
-// The closed-form Fisher-vector product F v = Jᵀ (M (J v)) needs M, the metric of the distribution
-// in its own parameters.  Per batch element (the batch mean adds a factor 1/B):
-//   Gaussian:    ∂²KL/∂μ_new² = e^{−2ℓ} per dimension, ∂²KL/∂ℓ_new² = 2, no cross term;
-//   categorical: ∂²KL/∂ℓ_new∂ℓ_newᵀ = diag(p) − p pᵀ (p = softmax of the logits), so
-//                M u = p ⊙ (u − pᵀu).
-
-template <typename acc_t>
-TRPO_HD acc_t gaussian_metric_mean(acc_t u, acc_t log_std) {
-  return u * k_exp(acc_t(-2) * log_std);
-}
-
-constexpr double kGaussianMetricLogStd = 2.0;
-
-template <typename acc_t>
-TRPO_HD acc_t cat_metric(acc_t p, acc_t u, acc_t p_dot_u) {
-  return p * (u - p_dot_u);
 }
 
 // The metric ops' inputs, checked and made contiguous once for both backends.

@@ -5,8 +5,6 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
-#include "cpu/cpu_isa.h"
-
 #ifndef TRPO_EXT_CUDA_ARCHS
 #define TRPO_EXT_CUDA_ARCHS ""
 #endif
@@ -99,10 +97,9 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddStringConstant(mod, "cuda_archs", TRPO_EXT_CUDA_ARCHS);
   PyModule_AddIntConstant(mod, "torch_version_major", TORCH_VERSION_MAJOR);
   PyModule_AddIntConstant(mod, "torch_version_minor", TORCH_VERSION_MINOR);
-  // The CPU build the KL and tanh kernels run (cpu/cpu_isa.h: fixed for the process), and the best
-  // this CPU offers.
-  PyModule_AddStringConstant(mod, "cpu_isa", trpo_ext::cpu_isa_name(trpo_ext::cpu_isa_selected()));
-  PyModule_AddStringConstant(mod, "cpu_isa_supported",
-                             trpo_ext::cpu_isa_name(trpo_ext::cpu_isa_supported()));
+  // Deprecated, kept for one release: the CPU kernels are compiled once and vectorised by the
+  // compiler, with no run-time choice of instruction set.
+  PyModule_AddStringConstant(mod, "cpu_isa", "compiler");
+  PyModule_AddStringConstant(mod, "cpu_isa_supported", "compiler");
   return mod;
 }

@@ -29,20 +29,3 @@ def run_with_env(variables: dict, script: str, timeout: float = 600) -> None:
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(TESTS), TESTS] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=timeout)
-
-
-def run_with_cpu_isa(isa: str, script: str, timeout: float = 600) -> None:
-    """``run_with_env`` with TRPO_EXT_CPU_ISA=``isa`` (which CPU build of the multiply-compiled
-    kernels to use: "baseline", "avx2", "avx512", or anything else for the best the CPU has)."""
-    run_with_env({"TRPO_EXT_CPU_ISA": isa}, script, timeout)
-
-
-# The CPU builds of the KL and tanh kernels, lowest first, and "auto" (the best this CPU has).
-CPU_ISAS = ["baseline", "avx2", "avx512", "auto"]
-
-
-def require_cpu_isa(isa: str) -> None:
-    """Skips the test when this CPU lacks the instruction set ``isa`` (one of CPU_ISAS)."""
-    best = trpo_ext.build_info()["cpu_isa_supported"]
-    if isa != "auto" and CPU_ISAS.index(isa) > CPU_ISAS.index(best):
-        pytest.skip(f"this CPU offers {best}, not {isa}")

@@ -7,7 +7,7 @@ import torch
 import trpo_ext
 from trpo_ext._reference import conjugate_gradient_reference
 
-from conftest import CUDA, DEVICES, TESTS, run_with_cpu_isa
+from conftest import CUDA, DEVICES
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -139,12 +139,14 @@ def test_converged_matches_solve(name, A, damping, with_x0, dtype, device):
     x = res.x.cpu().double().numpy()
     # The stopping rule itself, on the residual the recurrence tracked …
     assert res.residual_norm <= rtol * np.linalg.norm(b)
-    # … which stays close to the true residual, and the error is bounded by cond · residual.
+    # … which stays within rounding (eps · cond) of the true residual, and the error is bounded by
+    # cond · residual.  Both bounds stay below 1 (x = 0 has true residual ‖b‖ and error 1) for
+    # every problem: float32 at cond 1e4 measures a true residual of 5e-4·‖b‖ and an error of 3e-4.
     true_res = np.linalg.norm(b - Ad @ x)
     eps = np.finfo(np.float64 if dtype == torch.float64 else np.float32).eps
-    assert true_res <= 2 * rtol * np.linalg.norm(b) + 1e3 * eps * cond * np.linalg.norm(b)
+    assert true_res <= (2 * rtol + 10 * eps * cond) * np.linalg.norm(b)
     err = np.linalg.norm(x - exact) / np.linalg.norm(exact)
-    assert err <= cond * (2 * rtol + 1e3 * eps)
+    assert err <= min(cond * (2 * rtol + 10 * eps), 1e-2)
 
 
 # --- xᵀ(A + damping·I)x ----------------------------------------------------------------------------
@@ -332,31 +334,6 @@ def test_result_independent_of_thread_count(n, dtype):
     for x, xAx, rnorm in results[1:]:
         assert torch.equal(x, results[0][0]) and torch.equal(xAx, results[0][1])
         assert rnorm == results[0][2]
-
-
-_ISA_SCRIPT = """
-import sys, torch
-sys.path.insert(0, {tests!r})
-from test_cg import CHUNKED_SIZES, _chunked_solve
-torch.save({{(n, str(dtype), with_x0): _chunked_solve(n, dtype, with_x0)
-            for n in CHUNKED_SIZES for dtype in (torch.float32, torch.float64)
-            for with_x0 in (False, True)}}, {out!r})
-"""
-
-
-@pytest.mark.parametrize("isa", ["baseline", "auto"])
-def test_cpu_instruction_sets_give_the_same_bits(isa, tmp_path):
-    # The CPU kernels are compiled for SSE2 and for AVX2 (chosen at run time; TRPO_EXT_CPU_ISA=baseline
-    # forces SSE2).  Both sum in the same fixed lanes without FMA, so they agree bit for bit.  On a
-    # machine without AVX2 both runs take the SSE2 kernels and the test checks only reproducibility.
-    out = tmp_path / "results.pt"
-    run_with_cpu_isa(isa, _ISA_SCRIPT.format(tests=TESTS, out=str(out)))
-    theirs = torch.load(out)
-    for (n, dtype_name, with_x0), (x, xAx, rnorm) in theirs.items():
-        dtype = getattr(torch, dtype_name.split(".")[-1])
-        mine = _chunked_solve(n, dtype, with_x0)
-        assert torch.equal(x, mine[0]), (n, dtype, with_x0)
-        assert torch.equal(xAx, mine[1]) and rnorm == mine[2], (n, dtype, with_x0)
 
 
 # --- the operator ---------------------------------------------------------------------------------

@@ -1,24 +1,35 @@
 """Loads the compiled extension and says what it was built with."""
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
 _torch_mm = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
+_BUILD_HOW = ("run `bash scripts/setup.sh` (or `pip install --no-build-isolation -e .`) in the "
+              "trpo_ext source tree")
+
 try:
     from . import _C  # noqa: F401  (importing runs the op registrations)
-except ImportError as exc:  # an undefined symbol means a build for another torch
+except ImportError as exc:
+    if importlib.util.find_spec(f"{__package__}._C") is None:  # no compiled file: never built
+        raise ImportError(
+            "trpo_ext: the extension is not built here "
+            f"({os.path.dirname(os.path.abspath(__file__))} has no compiled trpo_ext._C); "
+            f"{_BUILD_HOW}."
+        ) from exc
+    # The file is there but does not load: an undefined symbol means a build for another torch.
     raise ImportError(
         f"trpo_ext's compiled extension could not be loaded with torch {torch.__version__}: {exc}. "
-        "It was probably built against another torch; rebuild it with "
-        "`pip install --no-build-isolation .` (or `-e .`) in the trpo_ext source tree."
+        f"It was probably built against another torch; rebuild it: {_BUILD_HOW}."
     ) from exc
 
 if (_C.torch_version_major, _C.torch_version_minor) != _torch_mm:
     raise ImportError(
         f"trpo_ext was built against torch {_C.torch_version_major}.{_C.torch_version_minor} but "
-        f"torch {torch.__version__} is installed; rebuild it with "
-        "`pip install --no-build-isolation .` (or `-e .`) in the trpo_ext source tree."
+        f"torch {torch.__version__} is installed; rebuild it: {_BUILD_HOW}."
     )
 
 
@@ -28,11 +39,11 @@ def build_info() -> dict:
     Returns a dict with ``cuda`` (bool: CUDA kernels compiled in), ``cuda_version`` (toolkit
     version string or None), ``cuda_archs`` (the ``TORCH_CUDA_ARCH_LIST`` used, or None),
     ``torch`` (the torch version it was built against, major.minor), ``cuda_available``
-    (whether a GPU can be used now: compiled in and ``torch.cuda.is_available()``), ``cpu_isa``
-    (the instruction set the CPU kernels of the KL ops and the networks run with: "baseline",
-    "avx2" or "avx512"; the best this CPU offers unless the environment variable
-    ``TRPO_EXT_CPU_ISA`` named a lower one when the extension was loaded) and
-    ``cpu_isa_supported`` (the best this CPU offers).
+    (whether a GPU can be used now: compiled in and ``torch.cuda.is_available()``).
+
+    ``cpu_isa`` and ``cpu_isa_supported`` are deprecated and will be removed in the next release:
+    the CPU kernels are compiled once and vectorised by the compiler, with no run-time choice of
+    instruction set, so both are always ``"compiler"`` (and ``TRPO_EXT_CPU_ISA`` does nothing).
     """
     with_cuda = bool(_C.with_cuda)
     return {

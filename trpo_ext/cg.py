@@ -172,8 +172,7 @@ def conjugate_gradient(
         :class:`CGResult` ``(x, iterations, residual_norm, status, xAx, state)``.  Dot products
         accumulate in float32 for float32 inputs and float64 for float64; the scalars are kept in
         float64.  On the CPU the sums run in a fixed order (fixed chunks of the vectors, fixed SIMD
-        lanes), so a solve gives the same bits whatever the number of threads, and with the SSE2 or
-        the AVX2 kernels (picked at run time; ``TRPO_EXT_CPU_ISA=baseline`` forces SSE2).
+        lanes), so a solve gives the same bits whatever the number of threads.
     """
     require_tensor(b, "b")
     # The op checks b too; checking here first gives the same messages before matvec is looked at.

@@ -1,7 +1,8 @@
 """KL(π_old ‖ π_new) and the TRPO surrogate for diagonal-Gaussian and categorical policies.
 
-Each function is one fused pass over the batch (ops ``torch.ops.trpo_ext.kl_*``): on CUDA a single
-kernel launch after the network's forward, with no host synchronisation.
+Each function is one fused pass over the batch (ops ``torch.ops.trpo_ext.kl_*``): on CUDA one pass
+over the rows plus a one-block launch that adds the blocks' partial sums, with no host
+synchronisation.
 
 Conventions shared by every function here:
 

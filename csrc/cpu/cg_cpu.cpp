@@ -1,10 +1,10 @@
 // Conjugate gradient passes on the CPU.  Each pass is one sweep over the vectors; the scalar step
 // between passes (cg.h) runs on the calling thread.  Reductions split the vectors into fixed chunks
-// (independent of the thread count), sum each chunk in SIMD lanes (cg_cpu_kernels.h) and add the
-// chunks' sums in order, so a solve gives the same bits with 1 or 16 threads, and with the SSE2 or
-// the AVX2 build of the kernels.  Vectors up to kSerialMax elements are swept on the calling thread:
-// below that, waking the thread pool (three times per iteration) costs more than it saves, and on a
-// loaded machine a pool thread that is not running can stall the whole pass.
+// (independent of the thread count), sum each chunk in SIMD lanes and add the chunks' sums in
+// float64 in order, so a solve gives the same bits with 1 or 16 threads.  Vectors up to kSerialMax
+// elements are swept on the calling thread: below that, waking the thread pool (three times per
+// iteration) costs more than it saves, and on a loaded machine a pool thread that is not running can
+// stall the whole pass.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -12,8 +12,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <utility>
 
 #include "cg.h"
@@ -27,59 +25,126 @@ constexpr int64_t kChunk = int64_t(1) << 14;
 // Parallel only above this many elements (a multiple of kChunk; changes no result).
 constexpr int64_t kSerialMax = int64_t(1) << 18;
 
-// One instruction set's passes over a range of elements (cg_cpu_kernels.h).
-template <typename scalar_t, typename acc_t>
-struct PassTable {
-  acc_t (*curvature)(const scalar_t*, const scalar_t*, acc_t, int64_t, int64_t);
-  acc_t (*residual)(const scalar_t*, const scalar_t*, const scalar_t*, acc_t, acc_t, int64_t,
-                    int64_t);
-  void (*update)(scalar_t*, scalar_t*, scalar_t*, const scalar_t*, acc_t, acc_t, acc_t, int64_t,
-                 int64_t);
-  void (*init)(const scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, scalar_t*, acc_t,
-               int64_t, int64_t, acc_t*, acc_t*);
-  acc_t (*finish)(const scalar_t*, const scalar_t*, const scalar_t*, int64_t, int64_t);
-};
+// Sums: element i of a range is added into lane (i − begin) mod kLanes of kLanes independent
+// accumulators, folded in a fixed tree, so the compiler vectorises across lanes without
+// reassociating anything.  No FMA contraction is asked for: the residual and update passes must
+// compute r − α·(Ap + d·p) identically.
+// 128 bytes of accumulators (32 floats or 16 doubles): enough independent additions to hide the add
+// latency when the data sit in L1/L2.
+template <typename acc_t>
+inline constexpr int kLanes = static_cast<int>(128 / sizeof(acc_t));
 
-// The kernels compiled twice: for the x86-64 baseline and for AVX2 (without FMA, so that both give
-// the same bits).  Each copy has internal linkage in its own namespace.
-namespace isa_base {
-#include "cg_cpu_kernels.h"
-}  // namespace isa_base
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TRPO_CG_HAVE_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2")
-namespace isa_avx2 {
-#include "cg_cpu_kernels.h"
-}  // namespace isa_avx2
-#pragma GCC pop_options
-#endif
-
-// AVX2 where the CPU has it, unless the environment variable TRPO_EXT_CPU_ISA=baseline asks for the
-// SSE2 kernels (tests use it to compare the two builds).  Read once.
-bool use_avx2() {
-#ifdef TRPO_CG_HAVE_AVX2
-  static const bool yes = [] {
-    const char* want = std::getenv("TRPO_EXT_CPU_ISA");
-    if (want != nullptr && std::strcmp(want, "baseline") == 0) return false;
-    return __builtin_cpu_supports("avx2") != 0;
-  }();
-  return yes;
-#else
-  return false;
-#endif
+template <typename acc_t, int L>
+inline acc_t fold_lanes(acc_t (&a)[L]) {
+  for (int w = L / 2; w > 0; w /= 2) {
+    for (int j = 0; j < w; ++j) a[j] += a[j + w];
+  }
+  return a[0];
 }
 
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-const PassTable<scalar_t, acc_t>& passes() {
-#ifdef TRPO_CG_HAVE_AVX2
-  static const PassTable<scalar_t, acc_t> table =
-      use_avx2() ? isa_avx2::pass_table<scalar_t, acc_t>() : isa_base::pass_table<scalar_t, acc_t>();
-#else
-  static const PassTable<scalar_t, acc_t> table = isa_base::pass_table<scalar_t, acc_t>();
-#endif
-  return table;
+// Σ term(i) over [begin, end) in kLanes lanes.
+template <typename acc_t, typename Term>
+inline acc_t lane_sum(int64_t begin, int64_t end, const Term& term) {
+  constexpr int L = kLanes<acc_t>;
+  acc_t a[L] = {};
+  int64_t i = begin;
+  for (; i + L <= end; i += L) {
+    for (int j = 0; j < L; ++j) a[j] += term(i + j);
+  }
+  for (int j = 0; i < end; ++i, ++j) a[j] += term(i);
+  return fold_lanes(a);
+}
+
+// pᵀ(Ap + d·p) over [begin, end).
+template <typename scalar_t, typename acc_t>
+acc_t curvature_range(const scalar_t* __restrict__ p,   // [n]
+                      const scalar_t* __restrict__ Ap,  // [n]
+                      acc_t d, int64_t begin, int64_t end) {
+  return lane_sum<acc_t>(begin, end, [&](int64_t i) {
+    const acc_t pi = static_cast<acc_t>(p[i]);
+    return pi * damped<acc_t>(static_cast<acc_t>(Ap[i]), pi, d);
+  });
+}
+
+// r'ᵀr' over [begin, end) with r' = r − α(Ap + d·p), r' not stored.
+template <typename scalar_t, typename acc_t>
+acc_t residual_range(const scalar_t* __restrict__ r,   // [n]
+                     const scalar_t* __restrict__ Ap,  // [n]
+                     const scalar_t* __restrict__ p,   // [n]
+                     acc_t alpha, acc_t d, int64_t begin, int64_t end) {
+  return lane_sum<acc_t>(begin, end, [&](int64_t i) {
+    const acc_t ri = residual_candidate<acc_t>(static_cast<acc_t>(r[i]), static_cast<acc_t>(Ap[i]),
+                                               static_cast<acc_t>(p[i]), alpha, d);
+    return ri * ri;
+  });
+}
+
+// x += αp, r = r', p = r' + βp over [begin, end): r' recomputed exactly as residual_range did.
+template <typename scalar_t, typename acc_t>
+void update_range(scalar_t* __restrict__ x,         // [n]
+                  scalar_t* __restrict__ r,         // [n]
+                  scalar_t* __restrict__ p,         // [n]
+                  const scalar_t* __restrict__ Ap,  // [n]
+                  acc_t alpha, acc_t beta, acc_t d, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t pi = static_cast<acc_t>(p[i]);
+    const acc_t ri = residual_candidate<acc_t>(static_cast<acc_t>(r[i]), static_cast<acc_t>(Ap[i]),
+                                               pi, alpha, d);
+    x[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) + alpha * pi);
+    r[i] = static_cast<scalar_t>(ri);
+    p[i] = static_cast<scalar_t>(ri + beta * pi);
+  }
+}
+
+// The start over [begin, end): r = p = b − (Ax0 + d·x0) (or b without x0); rᵀr and bᵀb.
+template <bool kHasX0, typename scalar_t, typename acc_t>
+void init_range_impl(const scalar_t* __restrict__ b,    // [n]
+                     const scalar_t* __restrict__ x0,   // [n] (read only with kHasX0)
+                     const scalar_t* __restrict__ Ax0,  // [n] (read only with kHasX0)
+                     scalar_t* __restrict__ r,          // [n]
+                     scalar_t* __restrict__ p,          // [n]
+                     acc_t d, int64_t begin, int64_t end, acc_t* rr, acc_t* bb) {
+  constexpr int L = kLanes<acc_t>;
+  acc_t sr[L] = {}, sb[L] = {};
+  auto element = [&](int64_t i, int j) {
+    const acc_t bi = static_cast<acc_t>(b[i]);
+    acc_t ri = bi;
+    if constexpr (kHasX0) {
+      ri = bi - damped<acc_t>(static_cast<acc_t>(Ax0[i]), static_cast<acc_t>(x0[i]), d);
+    }
+    r[i] = static_cast<scalar_t>(ri);
+    p[i] = static_cast<scalar_t>(ri);
+    sr[j] += ri * ri;
+    sb[j] += bi * bi;
+  };
+  int64_t i = begin;
+  for (; i + L <= end; i += L) {
+    for (int j = 0; j < L; ++j) element(i + j, j);
+  }
+  for (int j = 0; i < end; ++i, ++j) element(i, j);
+  *rr = fold_lanes(sr);
+  *bb = fold_lanes(sb);
+}
+
+template <typename scalar_t, typename acc_t>
+void init_range(const scalar_t* b, const scalar_t* x0, const scalar_t* Ax0, scalar_t* r,
+                scalar_t* p, acc_t d, int64_t begin, int64_t end, acc_t* rr, acc_t* bb) {
+  if (x0 != nullptr) {
+    init_range_impl<true>(b, x0, Ax0, r, p, d, begin, end, rr, bb);
+  } else {
+    init_range_impl<false>(b, x0, Ax0, r, p, d, begin, end, rr, bb);
+  }
+}
+
+// xᵀ(b − r) over [begin, end).
+template <typename scalar_t, typename acc_t>
+acc_t finish_range(const scalar_t* __restrict__ b,  // [n]
+                   const scalar_t* __restrict__ x,  // [n]
+                   const scalar_t* __restrict__ r,  // [n]
+                   int64_t begin, int64_t end) {
+  return lane_sum<acc_t>(begin, end, [&](int64_t i) {
+    return static_cast<acc_t>(x[i]) * (static_cast<acc_t>(b[i]) - static_cast<acc_t>(r[i]));
+  });
 }
 
 // Runs chunk(c) for every chunk c of [0, n): on the calling thread up to kSerialMax elements, else
@@ -133,12 +198,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> init_cpu(const at::Tensor& b,
     scalar_t* rp = r.data_ptr<scalar_t>();              // [n]
     scalar_t* pp = p.data_ptr<scalar_t>();              // [n]
     const acc_t d = static_cast<acc_t>(damping);
-    const auto& k = passes<scalar_t>();
     const int64_t chunks = (n + kChunk - 1) / kChunk;
     c10::SmallVector<double, 128> partial(2 * chunks);
     for_each_chunk(n, [&](int64_t c) {
       acc_t rr = 0, bb = 0;
-      k.init(bp, xp, axp, rp, pp, d, c * kChunk, std::min(n, (c + 1) * kChunk), &rr, &bb);
+      init_range(bp, xp, axp, rp, pp, d, c * kChunk, std::min(n, (c + 1) * kChunk), &rr, &bb);
       partial[2 * c] = static_cast<double>(rr);
       partial[2 * c + 1] = static_cast<double>(bb);
     });
@@ -167,22 +231,21 @@ void step_cpu(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p, con
     scalar_t* pp = p.data_ptr<scalar_t>();           // [n]
     const scalar_t* ap = Apc.data_ptr<scalar_t>();   // [n]
     const acc_t d = static_cast<acc_t>(damping);
-    const auto& k = passes<scalar_t>();
 
     finish_curvature(s, chunked_sum(n, [&](int64_t begin, int64_t end) {
-      return k.curvature(pp, ap, d, begin, end);
+      return curvature_range(pp, ap, d, begin, end);
     }));
     if (s[kStatus] != kRunning) return;
 
     const acc_t alpha = static_cast<acc_t>(s[kAlpha]);
     finish_residual(s, chunked_sum(n, [&](int64_t begin, int64_t end) {
-      return k.residual(rp, ap, pp, alpha, d, begin, end);
+      return residual_range(rp, ap, pp, alpha, d, begin, end);
     }));
     if (s[kApply] == 0.0) return;
 
     const acc_t beta = static_cast<acc_t>(s[kBeta]);
     for_each_chunk(n, [&](int64_t c) {
-      k.update(xp, rp, pp, ap, alpha, beta, d, c * kChunk, std::min(n, (c + 1) * kChunk));
+      update_range(xp, rp, pp, ap, alpha, beta, d, c * kChunk, std::min(n, (c + 1) * kChunk));
     });
   });
 }
@@ -198,9 +261,9 @@ at::Tensor finish_cpu(const at::Tensor& b, const at::Tensor& x, const at::Tensor
     const scalar_t* bp = bc.data_ptr<scalar_t>();  // [n]
     const scalar_t* xp = x.data_ptr<scalar_t>();   // [n]
     const scalar_t* rp = r.data_ptr<scalar_t>();   // [n]
-    const auto& k = passes<scalar_t>();
+    using acc_t = at::opmath_type<scalar_t>;
     s[kXAx] = chunked_sum(n, [&](int64_t begin, int64_t end) {
-      return k.finish(bp, xp, rp, begin, end);
+      return finish_range<scalar_t, acc_t>(bp, xp, rp, begin, end);
     });
     *xAx.data_ptr<scalar_t>() = static_cast<scalar_t>(s[kXAx]);
   });

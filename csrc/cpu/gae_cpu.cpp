@@ -5,28 +5,12 @@
 // map, a short serial scan over chunks gives every chunk its carry-in, and pass 2 replays each chunk.
 // Lanes are processed kLanes at a time in lockstep, so their independent chains overlap in the
 // pipeline instead of waiting on one multiply-add at a time.
-//
-// One float32 environment (T = 1e6, N = 1) has its own path: the column is scanned four elements at
-// a time in SIMD registers, in cache-sized blocks processed as a pipeline from the last block to the
-// first.  A worker composes its block's affine map (the block's inputs come from memory once and stay
-// in L2), waits for the carry of the block after it (published by the worker that took that block as
-// soon as that one had composed its map), publishes its own carry and replays the block from cache.
-// Memory sees each input read once and each output written once; the blocks depend on the shape
-// only, so the result does not depend on the number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 #include <algorithm>
-#include <atomic>
-#include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include "gae.h"
@@ -234,167 +218,6 @@ Ptrs<scalar_t> ptrs(const gae::Inputs& in, at::Tensor& advantages, at::Tensor& r
           returns.data_ptr<scalar_t>()};
 }
 
-// --- one float32 environment: a vectorised scan of the column -------------------------------
-
-// Four-wide float vectors (GCC/clang vector extensions, so the shared header's expressions apply to
-// them unchanged) and SSE2 for the shuffles and the widening of the mask bytes, which the compilers
-// otherwise expand element by element.  SSE2 is part of x86-64, so no run-time dispatch is needed;
-// elsewhere (and for float64) one environment takes the lane path.
-#if defined(__SSE2__)
-#define TRPO_GAE_SIMD 1
-
-// Elements per block: its inputs and outputs (22 B per element) fit in one core's L2.
-constexpr int64_t kBlockElems = 16384;
-
-// Spins until `flag` is set by another worker, then reads what it guards.
-template <typename T>
-T wait_for(const std::atomic<int>& flag, const T& value) {
-  for (int spins = 0; flag.load(std::memory_order_acquire) == 0; ++spins) {
-    if (spins > 64) std::this_thread::yield();
-  }
-  return value;
-}
-
-struct Simd {
-  typedef float vec __attribute__((vector_size(16)));
-  typedef int32_t mask __attribute__((vector_size(16)));
-  static constexpr int W = 4;
-  // Elements K.. of `a` moved down to 0.., zeros entering at the top.
-  template <int K>
-  static vec down0(vec a) {
-    return reinterpret_cast<vec>(_mm_srli_si128(reinterpret_cast<__m128i>(a), 4 * K));
-  }
-  // The same with ones entering (the identity map's coefficient).
-  template <int K>
-  static vec down1(vec a) {
-    const vec ones_on_top = K == 1 ? vec{0.f, 0.f, 0.f, 1.f} : vec{0.f, 0.f, 1.f, 1.f};
-    return reinterpret_cast<vec>(_mm_or_ps(reinterpret_cast<__m128>(down0<K>(a)),
-                                           reinterpret_cast<__m128>(ones_on_top)));
-  }
-  // Sixteen mask bytes to four vectors of 32-bit masks, all ones where the byte is nonzero.
-  static void widen(const uint8_t* bytes, mask out[4]) {
-    const __m128i zero = _mm_setzero_si128();
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
-    const __m128i is_zero = _mm_cmpeq_epi8(b, zero);
-    const __m128i set = _mm_xor_si128(is_zero, _mm_set1_epi8(-1));
-    const __m128i lo = _mm_unpacklo_epi8(set, set);
-    const __m128i hi = _mm_unpackhi_epi8(set, set);
-    out[0] = reinterpret_cast<mask>(_mm_unpacklo_epi16(lo, lo));
-    out[1] = reinterpret_cast<mask>(_mm_unpackhi_epi16(lo, lo));
-    out[2] = reinterpret_cast<mask>(_mm_unpacklo_epi16(hi, hi));
-    out[3] = reinterpret_cast<mask>(_mm_unpackhi_epi16(hi, hi));
-  }
-};
-
-// Vectors per unrolled group: their carries come from one scalar map each, computed off the
-// critical path, so the serial dependency is one multiply-add per group.
-constexpr int kGroupVecs = 4;
-
-// Backward over t0 + len - 1 .. t0 of the single column, A at t0 + len being `carry`.  kStore: write
-// advantages and returns.  Either way return A at t0; when not storing also set *coef_prod to the
-// product of the trace coefficients, so that (A at t0 from carry 0, product) is the block's map.
-template <bool kStore>
-float scan_column(const Ptrs<float>& p, int64_t t0, int64_t len, float gamma, float gamma_lam,
-                  float carry, float* coef_prod) {
-  using vec = Simd::vec;
-  using mask = Simd::mask;
-  constexpr int W = Simd::W;
-  constexpr int G = W * kGroupVecs;
-  static_assert(G == 16, "Simd::widen handles sixteen masks");
-  float x = carry;
-  float prod = 1.f;
-  // The elements past the last whole group (latest in time, so first in the backward order).
-  const int64_t whole = t0 + len / G * G;
-  for (int64_t t = t0 + len - 1; t >= whole; --t) {
-    const float v = p.values[t];
-    const float d =
-        gae::td_residual<float>(p.rewards[t], v, p.next_values[t], p.terminated[t] != 0, gamma);
-    const float c = gae::trace_coef<float>(p.done[t] != 0, gamma_lam);
-    x = gae::step<float>(d, c, x);
-    prod *= c;
-    if (kStore) {
-      p.advantages[t] = x;
-      p.returns[t] = x + v;
-    }
-  }
-  const vec g = vec{} + gamma;
-  const vec gl = vec{} + gamma_lam;
-  for (int64_t base = whole - G; base >= t0; base -= G) {
-    mask term[kGroupVecs], done[kGroupVecs];
-    Simd::widen(p.terminated + base, term);
-    Simd::widen(p.done + base, done);
-    vec a[kGroupVecs], b[kGroupVecs], v[kGroupVecs];
-    for (int u = 0; u < kGroupVecs; ++u) {
-      const int64_t t = base + u * W;
-      vec r, nv;
-      std::memcpy(&r, p.rewards + t, sizeof(vec));
-      std::memcpy(&v[u], p.values + t, sizeof(vec));
-      std::memcpy(&nv, p.next_values + t, sizeof(vec));
-      // The per-element maps, then their suffix compositions within the vector: afterwards element
-      // i holds the map from A at t + W (the next vector's first element) to A at t + i.
-      gae::Affine<vec> f{gae::td_residual<vec, mask>(r, v[u], nv, term[u], g),
-                         gae::trace_coef<vec, mask>(done[u], gl)};
-      f = gae::combine<vec>(f, {Simd::down0<1>(f.a), Simd::down1<1>(f.b)});
-      f = gae::combine<vec>(f, {Simd::down0<2>(f.a), Simd::down1<2>(f.b)});
-      a[u] = f.a;
-      b[u] = f.b;
-    }
-    // in[u]: A at the first element after vector u, from the group's carry-in x.
-    float in[kGroupVecs];
-    gae::Affine<float> after = gae::identity<float>();  // vectors u + 1 .. end of the group
-    for (int u = kGroupVecs - 1; u >= 0; --u) {
-      in[u] = gae::step<float>(after.a, after.b, x);
-      after = gae::combine<float>({a[u][0], b[u][0]}, after);
-    }
-    x = gae::step<float>(after.a, after.b, x);
-    prod *= after.b;
-    if (kStore) {
-      for (int u = 0; u < kGroupVecs; ++u) {
-        const vec A = a[u] + b[u] * in[u];
-        const vec ret = A + v[u];
-        std::memcpy(p.advantages + base + u * W, &A, sizeof(vec));
-        std::memcpy(p.returns + base + u * W, &ret, sizeof(vec));
-      }
-    }
-  }
-  if (!kStore) *coef_prod = prod;
-  return x;
-}
-
-// The single column in blocks of kBlockElems, pipelined as described at the top.  Every block is
-// composed (from carry 0) before its replay, even when its carry-in is already known, so that the
-// carry it passes on does not depend on timing or on the number of threads.
-void gae_one_env(const Ptrs<float>& p, int64_t T, float gamma, float gamma_lam) {
-  const int64_t rows = kBlockElems;
-  const int64_t B = (T + rows - 1) / rows;
-  if (B == 1) {
-    scan_column<true>(p, 0, T, gamma, gamma_lam, 0.f, nullptr);
-    return;
-  }
-  std::vector<float> carry(B);  // carry[b]: A at the first row of block b, once ready[b]
-  std::unique_ptr<std::atomic<int>[]> ready(new std::atomic<int>[B]);
-  for (int64_t b = 0; b < B; ++b) ready[b].store(0, std::memory_order_relaxed);
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(std::max(at::get_num_threads(), 1), B);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (;;) {
-      const int64_t k = next.fetch_add(1, std::memory_order_relaxed);
-      if (k >= B) break;
-      const int64_t b = B - 1 - k;
-      const int64_t t0 = b * rows;
-      const int64_t len = std::min(rows, T - t0);
-      float prod;
-      const float a = scan_column<false>(p, t0, len, gamma, gamma_lam, 0.f, &prod);
-      const float in = b == B - 1 ? 0.f : wait_for(ready[b + 1], carry[b + 1]);
-      carry[b] = gae::step<float>(a, prod, in);
-      ready[b].store(1, std::memory_order_release);
-      scan_column<true>(p, t0, len, gamma, gamma_lam, in, nullptr);
-    }
-  });
-}
-#else
-#define TRPO_GAE_SIMD 0
-#endif  // defined(__SSE2__)
 
 int64_t choose_num_chunks(int64_t T, int64_t N, int threads) {
   const int64_t wanted_lanes =
@@ -415,13 +238,6 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   const int64_t T = in.T;
   const int64_t N = in.N;
   if (T == 0 || N == 0) return {advantages, returns};
-#if TRPO_GAE_SIMD
-  if (N == 1 && in.rewards.scalar_type() == at::kFloat) {
-    gae_one_env(ptrs<float>(in, advantages, returns), T, static_cast<float>(gamma),
-                static_cast<float>(gamma * lam));
-    return {advantages.view(rewards.sizes()), returns.view(rewards.sizes())};
-  }
-#endif
 
   int64_t C = choose_num_chunks(T, N, at::get_num_threads());
   const int64_t L = (T + C - 1) / C;

@@ -1,5 +1,5 @@
-// tanh_and_derivative on CUDA: one thread per element (grid-stride), y = tanh(x), d = 1 − y², with
-// the accurate libdevice tanhf / tanh — the loads and stores dominate on a GPU.
+// tanh_and_derivative on CUDA: one thread per element (grid-stride) with act.h's math (the accurate
+// tanhf / tanh: the loads and stores dominate on a GPU).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,24 +8,21 @@
 #include <algorithm>
 #include <tuple>
 
-#include "common.h"
+#include "act.h"
 #include "cuda/cuda_utils.cuh"
 
 namespace trpo_ext {
 namespace {
 
-__device__ __forceinline__ float device_tanh(float x) { return tanhf(x); }
-__device__ __forceinline__ double device_tanh(double x) { return tanh(x); }
-
 template <typename scalar_t>
-__global__ void tanh_deriv_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                                  scalar_t* __restrict__ d, int64_t n) {
+__global__ void tanh_deriv_kernel(const scalar_t* __restrict__ x,  // [n]
+                                  scalar_t* __restrict__ y,        // [n]
+                                  scalar_t* __restrict__ d,        // [n]
+                                  int64_t n) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
-    const scalar_t t = device_tanh(x[i]);
-    y[i] = t;
-    d[i] = scalar_t(1) - t * t;
+    act::tanh_and_derivative(x[i], y[i], d[i]);
   }
 }
 

@@ -1,0 +1,23 @@
+// tanh_and_derivative: (tanh(x), 1 − tanh(x)²) in one pass, for the linearised networks of
+// policies.py (every hidden layer's forward and the derivative its Jacobian-vector products need).
+// The per-element math both backends run.
+#pragma once
+
+#include <cmath>
+
+#include "common.h"
+
+namespace trpo_ext {
+namespace act {
+
+TRPO_HD float k_tanh(float x) { return ::tanhf(x); }
+TRPO_HD double k_tanh(double x) { return ::tanh(x); }
+
+template <typename scalar_t>
+TRPO_HD void tanh_and_derivative(scalar_t x, scalar_t& y, scalar_t& d) {
+  y = k_tanh(x);
+  d = scalar_t(1) - y * y;
+}
+
+}  // namespace act
+}  // namespace trpo_ext
