@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from . import kl as _kl
 from ._act import tanh_and_derivative
 
@@ -84,11 +85,9 @@ class RunningMeanStd(nn.Module):
     def update(self, x: torch.Tensor) -> None:
         """Fold a batch ``[B, dim]`` into the statistics."""
         x = x.reshape(-1, self.mean.numel()).to(torch.float64)
-        n = x.shape[0]
-        if n == 0:
+        if x.shape[0] == 0:
             return
-        batch_mean = x.mean(0)
-        batch_var = x.var(0, unbiased=False)
+        n, batch_mean, batch_var = distributed.moments(x)  # data-parallel: all ranks' batches
         total = self.count + n
         delta = batch_mean - self.mean
         self.mean += delta * (n / total)
@@ -487,8 +486,9 @@ class ValueFunction(_FlatModule):
             return targets
         sigma = self.target_scale()
         self.target_fits += 1
-        self.target_sq_mean.lerp_(targets.to(torch.float64).square().mean(),
-                                  1.0 / self.target_fits.to(torch.float64))
+        batch_sq_mean = targets.to(torch.float64).square().mean()
+        distributed.reduce_mean_(batch_sq_mean)  # data-parallel: all ranks' targets
+        self.target_sq_mean.lerp_(batch_sq_mean, 1.0 / self.target_fits.to(torch.float64))
         new_sigma = self.target_scale()
         ratio = torch.where(self.target_fits == 1, torch.ones_like(sigma), sigma / new_sigma)
         views = self._data_views()
@@ -498,16 +498,18 @@ class ValueFunction(_FlatModule):
 
     @torch.no_grad()
     def regression_gradient(self, obs: torch.Tensor, targets: torch.Tensor,
-                            grad: torch.Tensor) -> torch.Tensor:
+                            grad: torch.Tensor, count: Optional[int] = None) -> torch.Tensor:
         """The loss mean((net(obs) − targets)²) (0-d tensor), ``targets [B]`` on the network's scale
         (returns/σ, as :meth:`update_target_statistics` returns them; the returns themselves
         without target normalisation, when net = V).  It equals mean((V(obs) − returns)²)/σ².  Its
         gradient in ``flat`` is written into ``grad`` by one forward and one backward pass of the
-        network, without an autograd graph."""
+        network, without an autograd graph.  ``count``: the divisor of the mean, when these rows
+        are one rank's share of a minibatch of ``count`` rows (data-parallel; default: the rows)."""
         lin = Linearization(self, obs)
         diff = lin.output.squeeze(-1) - targets
-        lin.vjp(diff.unsqueeze(-1) * (2.0 / diff.numel()), grad)
-        return diff.square().mean()
+        n = diff.numel() if count is None else count
+        lin.vjp(diff.unsqueeze(-1) * (2.0 / n), grad)
+        return diff.square().sum() / n
 
 
 class Adam:

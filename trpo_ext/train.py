@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import numpy as np
 import torch
 
-from . import _checks
+from . import _checks, distributed
 from .cg import conjugate_gradient
 from .config import TRPOConfig
 from .gae import gae
@@ -86,6 +86,7 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     with torch.no_grad():
         logp_old = policy.log_prob(old, actions)
         g = policy.surrogate_gradient(lin, old, actions, logp_old, advantages)
+        distributed.reduce_mean_(g)  # data-parallel: g of the whole batch
     # The surrogate at θ_old (the line search's reference); nothing here requires grad.
     surrogate_old, _, _ = policy.surrogate_kl(old, old, actions, logp_old, advantages)
     t1 = clock()
@@ -94,8 +95,8 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     # in closed form, Jᵀ M J v: J v by one forward-mode pass through the linearised network, M the
     # distribution's Fisher metric (a fused op), Jᵀ by one backward pass; no autograd graph.
     def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return policy.fisher_vector_product(lin, old, v)
+        with torch.no_grad():  # data-parallel: F v of the whole batch, so every rank's CG is one
+            return distributed.reduce_mean_(policy.fisher_vector_product(lin, old, v))
 
     # sync=False: x and xAx stay on the device; the CG's counters are read after the line search,
     # whose decisions are the update's only host synchronisations.
@@ -124,6 +125,9 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
             trial = policy.distribution_params(obs)
             surrogate, kl, kl_max = policy.surrogate_kl(old, trial, actions, logp_old, advantages)
             improve = surrogate - surrogate_old
+            # Data-parallel: the whole batch's improvement and KL, so every rank decides alike.
+            improve, kl, kl_max = distributed.reduce_scalars([improve, kl, kl_max],
+                                                             ("mean", "mean", "max"))
             accept = step_ok & (kl <= cfg.max_kl) & (improve > 0)
             # The decision: one host read per trial; the first also brings the CG's counters.
             decision = torch.stack([step_ok, accept]).to(cg_scalars.dtype)
@@ -150,28 +154,35 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     # is fitted to returns/σ.  (Data-parallel: the batch's mean squared return inside
     # update_target_statistics is one more sum for the ranks to all-reduce.)
     targets = value_fn.update_target_statistics(returns)
-    batch_size = obs.shape[0]
+    batch_size = obs.shape[0] * distributed.world().size  # data-parallel: all ranks' rows
     value_loss_sum = torch.zeros((), device=obs.device)
     n_minibatches = 0
     vf_grad = torch.empty_like(value_fn.flat, requires_grad=False)
     # Every epoch's shuffle drawn up front on the CPU generator (the same draws, in the same order,
     # as one per epoch), and on CUDA copied in one asynchronous transfer from pinned memory: a
     # pageable copy would make the host wait for the queued update.
-    orders = torch.stack([torch.randperm(batch_size, generator=generator, device="cpu")
-                          for _ in range(cfg.vf_epochs)]) if cfg.vf_epochs else \
-        torch.empty(0, batch_size, dtype=torch.long)
+    # Data-parallel: every rank draws the permutation of all ranks' rows and keeps its own rows
+    # of each minibatch (critic_minibatches); their gradients are summed below.
+    epochs = [distributed.critic_minibatches(
+        torch.randperm(batch_size, generator=generator, device="cpu"), cfg.vf_minibatch_size,
+        obs.shape[0] // cfg.n_steps) for _ in range(cfg.vf_epochs)]
+    orders = torch.stack([order for order, _ in epochs]) if epochs else \
+        torch.empty(0, obs.shape[0], dtype=torch.long)
     if obs.device.type != "cpu":
         orders = orders.pin_memory().to(obs.device, non_blocking=True)
-    for order in orders:
+    for order, (_, minibatches) in zip(orders, epochs):
         # One gather per epoch; the minibatches are then slices (the same rows as obs[idx]).
         obs_epoch, targets_epoch = obs[order], targets[order]
-        for start in range(0, batch_size, cfg.vf_minibatch_size):
-            end = start + cfg.vf_minibatch_size
+        for start, end, size in minibatches:
             loss = value_fn.regression_gradient(obs_epoch[start:end], targets_epoch[start:end],
-                                                vf_grad)
+                                                vf_grad, size)
+            distributed.reduce_sum_(vf_grad)  # data-parallel: the whole minibatch's gradient
             vf_optimizer.step(vf_grad)
             value_loss_sum += loss
             n_minibatches += 1
+    # Data-parallel: the logged entropy and value loss of the whole batch.
+    entropy, value_loss_sum = distributed.reduce_scalars([policy.entropy(old), value_loss_sum],
+                                                         ("mean", "sum"))
     t4 = clock()
 
     # Expected improvement gᵀ(α·β·s) of the step taken, or of the last one tried if none was.
@@ -184,7 +195,7 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
         "train/line_search_success": accepted,
         "train/cg_residual": cg.residual_norm,
         "train/cg_iterations": cg.iterations,
-        "train/entropy": policy.entropy(old),
+        "train/entropy": entropy,
         # In return units whether or not the targets are normalised: σ² times the normalised loss.
         "train/value_loss": value_loss_sum / max(n_minibatches, 1) * value_fn.target_scale() ** 2,
         "time/gradient_s": t1 - t0,
@@ -245,6 +256,8 @@ def _validate(cfg: TRPOConfig) -> None:
     _checks.require_int(cfg.num_threads, "num_threads", 0, _MAX_NUM_THREADS)
     _checks.require_int(cfg.checkpoint_every, "checkpoint_every", 0)
     _checks.require_int(cfg.env_workers, "env_workers", -1)
+    if cfg.distributed not in distributed.MODES:
+        raise ValueError(f"distributed must be one of {distributed.MODES}, got {cfg.distributed!r}")
     for name in ("async_envs", "normalize_obs", "normalize_advantages", "normalize_value_targets",
                  "progress"):
         value = getattr(cfg, name)
@@ -341,6 +354,9 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
     restored).  On CUDA the ``time/*`` split is host time: the update does not synchronise to
     measure it.
     """
+    if settings.get("resume") is None:  # torchrun --max-restarts: a restart continues the run
+        restart = distributed.restart_checkpoint(settings.get("log_dir"))
+        settings = {**settings, "resume": restart} if restart else settings
     cfg = _make_config(settings)
     total_steps = _checks.require_int(total_steps, "total_steps", 1)
     seed = _checks.require_seed(seed)
@@ -375,10 +391,12 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
     if ckpt is not None and env_id is not None and ckpt["env_id"] not in (None, env_id):
         raise ValueError(f"resume: env {env_id!r} differs from the checkpoint's {ckpt['env_id']!r}")
 
-    _check_log_dir(cfg.log_dir, cfg.resume)
-
-    with _torch_threads(cfg.num_threads):
-        return _train(cfg, env, env_id, total_steps, seed, callback, ckpt)
+    # Data-parallel under torchrun: rank 0 alone writes in log_dir.
+    with _torch_threads(cfg.num_threads), \
+            distributed.running(cfg.distributed, torch.device(cfg.device)) as (world, device):
+        if world.rank == 0:
+            _check_log_dir(cfg.log_dir, cfg.resume)
+        return _train(cfg, env, env_id, total_steps, seed, callback, ckpt, world, device)
 
 
 @contextlib.contextmanager
@@ -420,11 +438,13 @@ def _check_log_dir(log_dir, resume) -> None:
         raise ValueError(f"log_dir {path!r} is not writable")
 
 
-def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> TrainResult:
-    device = torch.device(cfg.device)
-    workers = 0 if cfg.async_envs else choose_workers(env, env_factory(env), cfg.n_envs,
+def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, world, device
+           ) -> TrainResult:
+    shard = distributed.shard(cfg.n_envs)  # data-parallel: this rank's environments
+    n_local = shard.stop - shard.start
+    workers = 0 if cfg.async_envs else choose_workers(env, env_factory(env), n_local,
                                                       cfg.env_workers)
-    envs = make_vector_env(env, cfg.n_envs, cfg.async_envs, workers)
+    envs = make_vector_env(env, n_local, cfg.async_envs, workers)
     with _closing_on_error(envs):
         spec = space_spec(envs.single_observation_space, envs.single_action_space)
         if ckpt is not None:
@@ -470,14 +490,14 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
         # Environments cannot be restored mid-episode: start fresh episodes, seeded by position.
         env_seed = seed + 7919 * iteration
 
-    collector = RolloutCollector(envs, policy, cfg.n_steps, env_seed, device)
+    collector = RolloutCollector(envs, policy, cfg.n_steps, env_seed, device, shard)
     if ckpt is not None:
         collector.episode_returns.extend(episode_returns)
         collector.episode_lengths.extend(episode_lengths)
         collector.episodes = episodes
 
     logger = None
-    if cfg.log_dir is not None or cfg.progress:
+    if world.rank == 0 and (cfg.log_dir is not None or cfg.progress):
         from .logger import RunLogger  # imported only when asked for: it pulls logging libraries
 
         # env_id and seed let `trpo-ext plot` group the runs of one task across seeds.
@@ -486,12 +506,17 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
                            start_steps=steps_done, resumed=ckpt is not None)
     checkpoint_path = None
     samples_per_update = cfg.n_envs * cfg.n_steps
+    local_samples = n_local * cfg.n_steps  # data-parallel: this rank's share
     start_time = time.perf_counter()
     elapsed_before = float(history[-1]["time/elapsed_s"]) if history else 0.0
 
-    def write_checkpoint() -> str:
+    def write_checkpoint(write: bool) -> str:
         from .checkpoint import save_checkpoint
 
+        directory = os.path.join(os.fspath(cfg.log_dir), "checkpoints")
+        path = os.path.join(directory, f"step_{steps_done:09d}.pt")
+        if not write:  # data-parallel: rank 0 writes, every rank returns the path
+            return path
         rng = _rng_state(generator if device.type == "cpu" else cpu_generator)
         if device.type != "cpu":
             rng["device_generator"] = generator.get_state()
@@ -505,8 +530,6 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
             "episode_returns": list(collector.episode_returns),
             "episode_lengths": list(collector.episode_lengths), "rng": rng,
         }
-        directory = os.path.join(os.fspath(cfg.log_dir), "checkpoints")
-        path = os.path.join(directory, f"step_{steps_done:09d}.pt")
         save_checkpoint(state, [path, os.path.join(directory, "last.pt")])
         return path
 
@@ -523,26 +546,30 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
                                       batch.terminated, batch.done, cfg.gamma, cfg.gae_lambda)
             advantages = advantages.reshape(-1)
             if cfg.normalize_advantages:
-                advantages = (advantages - advantages.mean()) / (
-                    advantages.std(unbiased=False) + 1e-8)
+                # Data-parallel: the whole batch's mean and spread.
+                _, mean, var = distributed.moments(advantages)
+                std = advantages.std(unbiased=False) if world.size == 1 else var.sqrt()
+                advantages = (advantages - mean) / (std + 1e-8)
             returns = returns.reshape(-1)
             values = batch.values.reshape(-1)
             t2 = time.perf_counter()
 
             # 3–7. The policy step and the value fit.
-            obs = batch.obs.reshape(samples_per_update, -1)
-            actions = batch.actions.reshape(samples_per_update, *batch.actions.shape[2:])
+            obs = batch.obs.reshape(local_samples, -1)
+            actions = batch.actions.reshape(local_samples, *batch.actions.shape[2:])
             metrics = trpo_update(policy, value_fn, vf_optimizer, obs, actions, advantages,
                                   returns, cfg, cpu_generator if device.type != "cpu" else generator)
             # Then the normaliser takes in this batch; the next rollout sees the new statistics.
             if policy.obs_rms is not None:
-                policy.obs_rms.update(batch.raw_features.reshape(samples_per_update, -1))
+                policy.obs_rms.update(batch.raw_features.reshape(local_samples, -1))
             steps_done += samples_per_update
             t3 = time.perf_counter()
 
-            var_returns = returns.var(unbiased=False)
+            # Data-parallel: the variances of the whole batch.
+            _, _, (var_returns, var_residual) = distributed.moments(
+                torch.stack([returns, returns - values], 1))
             explained_variance = torch.where(
-                var_returns > 0, 1 - (returns - values).var(unbiased=False) / var_returns,
+                var_returns > 0, 1 - var_residual / var_returns,
                 torch.full_like(var_returns, float("nan")))
             scalars = [metrics["train/kl"], metrics["train/max_kl"],
                        metrics["train/surrogate_improvement"],
@@ -583,10 +610,12 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
             if logger is not None:
                 logger.log(entry)
             stop = callback is not None and callback(entry) is False
+            if callback is not None:
+                stop = distributed.any_rank(stop)  # data-parallel: one rank's stop stops all
             last = stop or steps_done >= total_steps
             if cfg.log_dir is not None and (last or (cfg.checkpoint_every and
                                                      iteration % cfg.checkpoint_every == 0)):
-                checkpoint_path = write_checkpoint()
+                checkpoint_path = write_checkpoint(world.rank == 0)
             if stop:
                 break
     finally:
