@@ -58,7 +58,10 @@ class World:
 
 
 _world = World()
-_started = False  # a process group was set up by this process at some point (the CLI reads it)
+# A collective has completed in this process: errors after it can be a rank's own, errors before
+# it (settings, environments) are the same on every rank (the CLI prints them once, on rank 0).
+_started = False
+_groups = 0  # process groups this process has set up
 
 
 def world() -> World:
@@ -67,6 +70,7 @@ def world() -> World:
 
 
 def started() -> bool:
+    """Whether a collective has completed in this process (training has begun)."""
     return _started
 
 
@@ -89,18 +93,20 @@ def _wanted(mode: str) -> bool:
 
 
 @contextlib.contextmanager
-def running(mode: str, device: torch.device) -> Iterator[Tuple[World, torch.device]]:
+def running(mode: str, device: torch.device, n_envs: int
+            ) -> Iterator[Tuple[World, torch.device]]:
     """Around one training run: joins torchrun's ranks when ``mode`` asks for it (``"auto"``: when
     torchrun's environment is present), yields ``(world, device)`` (a bare ``"cuda"`` becomes
     ``cuda:LOCAL_RANK``), and afterwards leaves the process group as found (one that the caller
-    set up stays up)."""
-    global _world, _started
+    set up stays up).  ``n_envs`` that the ranks cannot share evenly are refused first."""
+    global _world
     import torch.distributed as dist
 
     if not _wanted(mode) and not (mode != "off" and dist.is_available() and dist.is_initialized()):
         yield World(), device
         return
     own = not dist.is_initialized()
+    _check_split(n_envs, int(os.environ["WORLD_SIZE"]) if own else dist.get_world_size())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
@@ -108,14 +114,15 @@ def running(mode: str, device: torch.device) -> Iterator[Tuple[World, torch.devi
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # torchrun's static rendezvous (--master-addr/--master-port) keeps one store across
-        # --max-restarts: without a key prefix per attempt, a restarted group reads the dead
-        # ranks' addresses and never connects.
+        # --max-restarts and across the runs of one script: without a key prefix per attempt
+        # and per run, a new group reads an old one's addresses and never connects.
+        global _groups
+        _groups += 1
         store, rank, size = next(dist.rendezvous("env://", timeout=_TIMEOUT))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        prefix = f"trpo_ext/attempt_{attempt}/group_{_groups}"
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_TIMEOUT,
-                                store=dist.PrefixStore(f"trpo_ext/attempt_{attempt}", store),
-                                rank=rank, world_size=size)
-    _started = True
+                                store=dist.PrefixStore(prefix, store), rank=rank, world_size=size)
     comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
     _world = World(dist.get_rank(), dist.get_world_size(), local_rank, comm)
     try:
@@ -149,12 +156,16 @@ class Shard:
     total: int
 
 
+def _check_split(n_envs: int, size: int) -> None:
+    if n_envs % size:
+        raise ValueError(f"n_envs={n_envs} cannot be split evenly over {size} ranks: choose a "
+                         f"multiple of {size} (n_envs counts the environments of all ranks)")
+
+
 def shard(n_envs: int) -> Shard:
     """The environments rank r steps, out of the run's ``n_envs``; an uneven split is refused."""
     w = _world
-    if n_envs % w.size:
-        raise ValueError(f"n_envs={n_envs} cannot be split evenly over {w.size} ranks: choose a "
-                         f"multiple of {w.size} (n_envs counts the environments of all ranks)")
+    _check_split(n_envs, w.size)
     n = n_envs // w.size
     return Shard(w.rank * n, (w.rank + 1) * n, n_envs)
 
@@ -163,11 +174,13 @@ def shard(n_envs: int) -> Shard:
 
 def reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over the ranks, in place (returns ``t``)."""
+    global _started
     if _world.size > 1:
         import torch.distributed as dist
 
         with _collective("an all-reduce"):
             dist.all_reduce(t)
+        _started = True
     return t
 
 

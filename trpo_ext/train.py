@@ -393,7 +393,7 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
 
     # Data-parallel under torchrun: rank 0 alone writes in log_dir.
     with _torch_threads(cfg.num_threads), \
-            distributed.running(cfg.distributed, torch.device(cfg.device)) as (world, device):
+            distributed.running(cfg.distributed, torch.device(cfg.device), cfg.n_envs) as (world, device):
         if world.rank == 0:
             _check_log_dir(cfg.log_dir, cfg.resume)
         return _train(cfg, env, env_id, total_steps, seed, callback, ckpt, world, device)
