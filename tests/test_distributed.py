@@ -175,12 +175,13 @@ def test_two_ranks_equal_one_process_and_each_other(tmp_path):
         assert r0["steps_stepped"] + r1["steps_stepped"] == r0["history"][-1]["time/total_steps"]
         assert one["steps_stepped"] == 2 * share
         # Against one process on the union of the batches: the same seeds and action noise per
-        # environment, so the same episodes; the sums differ only in their order.  The first
-        # update agrees to float32 round-off (the reduced sums differ by a few ulp); CG then
-        # amplifies those ulps by the Fisher matrix's condition number, which the tolerances
-        # allow for (kl 1e-3 relative, parameters 1e-3 of the distance they moved).  Leaving out
-        # any one of the reductions (g, F·v, the critic's gradients, the statistics) changes them
-        # by far more: by ~0.1 to 1 of the step (tested by hand with each one removed).
+        # environment, so the same episodes; the float32 sums differ only in their order, by a
+        # few ulp.  Ten CG iterations amplify those by the Fisher matrix's conditioning: the
+        # parameters differ by up to 5e-4 of the distance they have moved from θ_0 (Pendulum;
+        # 2e-5 on CartPole), the KL by up to 1e-4 relative.  The tolerances, 2e-3 and 1e-3, are
+        # far below what one missing reduction does: without the F·v, the critic-gradient or
+        # the observation-moment reduction the parameters are off by 0.17 to 0.9 of that
+        # distance by the third iteration (measured by removing each).
         params = [np.array(p) for p in [one["initial"]] + one["params"]]
         for it in range(3):
             a, b = r0["history"][it], one["history"][it]
@@ -189,9 +190,9 @@ def test_two_ranks_equal_one_process_and_each_other(tmp_path):
             np.testing.assert_allclose(a["rollout/ep_return_mean"], b["rollout/ep_return_mean"],
                                        rtol=1e-4, equal_nan=True)
             np.testing.assert_allclose(a["train/kl"], b["train/kl"], rtol=1e-3)
-            moved = np.abs(params[it + 1] - params[it]).max()
+            moved = np.abs(params[it + 1] - params[0]).max()
             error = np.abs(np.array(r0["params"][it]) - params[it + 1]).max()
-            assert error <= 1e-3 * moved, (spec["env"], it, error, moved)
+            assert error <= 2e-3 * moved, (spec["env"], it, error, moved)
 
 
 def test_two_machines_by_rendezvous(tmp_path):
