@@ -442,8 +442,9 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, worl
            ) -> TrainResult:
     shard = distributed.shard(cfg.n_envs)  # data-parallel: this rank's environments
     n_local = shard.stop - shard.start
-    workers = 0 if cfg.async_envs else choose_workers(env, env_factory(env), n_local,
-                                                      cfg.env_workers)
+    # Data-parallel: "auto" (-1) env workers would oversubscribe the cores the ranks already use.
+    requested = 0 if cfg.env_workers < 0 and world.size > 1 else cfg.env_workers
+    workers = 0 if cfg.async_envs else choose_workers(env, env_factory(env), n_local, requested)
     envs = make_vector_env(env, n_local, cfg.async_envs, workers)
     with _closing_on_error(envs):
         spec = space_spec(envs.single_observation_space, envs.single_action_space)
