@@ -10,7 +10,13 @@ iteration's one-off costs excluded) to the end of the last, logging and checkpoi
 launch first checks that its ranks end with the same parameters, bit for bit.
 
 ``--env-workers W`` adds a row per task: one rank stepping its environments with W worker
-processes (``env_workers=W``), the process pool that ranks may replace.
+processes (``env_workers=W``), the process pool that ranks may replace; its efficiency is per
+process (speed-up / (1 + W)).
+
+On a machine whose cores other work shares, wall-clock rates say little about scaling; the CPU
+seconds per 1000 steps, summed over the ranks, say how much work the ranks add (collectives,
+duplicated per-iteration work): the CPU efficiency, 1-rank CPU time / K-rank CPU time, is what
+the ranks would reach on idle cores, waits at the collectives aside.
 
 The rows of one repeat run in turn (tasks × rank counts), and the table reports each row's median
 over ``--repeats`` with its range: on a machine shared with other work the rows see about the same
@@ -47,15 +53,18 @@ def _worker(args) -> None:
 
     torch.set_num_threads(1)
     steps = args.iterations * args.n_envs * args.n_steps
+    cpu = []  # this process's CPU seconds at the end of each iteration
     result = trpo_ext.train(args.tasks[0], steps, seed=0, n_envs=args.n_envs,
-                            n_steps=args.n_steps, env_workers=args.env_workers)
+                            n_steps=args.n_steps, env_workers=args.env_workers,
+                            callback=lambda entry: cpu.append(time.process_time()))
     h = result.history
-    rate = (h[-1]["time/total_steps"] - h[0]["time/total_steps"]) / (
-        h[-1]["time/elapsed_s"] - h[0]["time/elapsed_s"])
+    timed_steps = h[-1]["time/total_steps"] - h[0]["time/total_steps"]
+    rate = timed_steps / (h[-1]["time/elapsed_s"] - h[0]["time/elapsed_s"])
     digest = hashlib.sha256(result.policy.flat.detach().numpy().tobytes() +
                             result.value_fn.flat.detach().numpy().tobytes()).hexdigest()
     with open(f"{args.worker_out}.{os.environ.get('RANK', '0')}", "w") as f:
-        json.dump({"steps_per_s": rate, "digest": digest}, f)
+        json.dump({"steps_per_s": rate, "digest": digest,
+                   "cpu_s_per_kstep": 1000 * (cpu[-1] - cpu[0]) / timed_steps}, f)
 
 
 def _free_port() -> int:
@@ -64,7 +73,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(task: str, ranks: int, env_workers: int, args, tmp: str) -> float:
+def _launch(task: str, ranks: int, env_workers: int, args, tmp: str):
     out = os.path.join(tmp, f"{task}-{ranks}-{env_workers}-{time.monotonic_ns()}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
            "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
@@ -83,7 +92,9 @@ def _launch(task: str, ranks: int, env_workers: int, args, tmp: str) -> float:
     digests = {rec["digest"] for rec in records}
     if len(digests) != 1:
         raise AssertionError(f"{task} on {ranks} ranks: the ranks' parameters differ")
-    return records[0]["steps_per_s"]
+    # Rank 0's rate is the run's (it waits for the others at every collective); the CPU time is
+    # all ranks' (the env workers' own, in their processes, is not counted).
+    return records[0]["steps_per_s"], sum(rec["cpu_s_per_kstep"] for rec in records)
 
 
 def main() -> None:
@@ -115,28 +126,38 @@ def main() -> None:
           f"n_envs={args.n_envs} n_steps={args.n_steps} iterations={args.iterations} "
           f"repeats={args.repeats} | load average {os.getloadavg()[0]:.1f}", flush=True)
     rates = {row: [] for row in rows}
+    cpus = {row: [] for row in rows}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for row in rows:
-                rate = _launch(*row, args, tmp)
+                rate, cpu = _launch(*row, args, tmp)
                 rates[row].append(rate)
+                cpus[row].append(cpu)
                 print(f"  repeat {repeat}: {row[0]} ranks={row[1]} env_workers={row[2]}: "
-                      f"{rate:,.0f} steps/s", flush=True)
+                      f"{rate:,.0f} steps/s, {cpu:.3f} CPU s per 1000 steps", flush=True)
                 if args.out:
                     with open(args.out, "a") as f:
                         f.write(json.dumps({"task": row[0], "ranks": row[1],
                                             "env_workers": row[2], "steps_per_s": rate,
+                                            "cpu_s_per_kstep": cpu,
                                             "n_envs": args.n_envs, "n_steps": args.n_steps,
                                             "host": platform.node(), "time": time.time()}) + "\n")
-    print(f"\n| task | ranks | env_workers | steps/s median (range) | speed-up | efficiency |")
-    print("|---|---|---|---|---|---|")
+    # Efficiency = speed-up / ranks from the wall-clock rates; on a machine whose cores other
+    # work also uses, the CPU-time ratio (1-rank CPU time per step / K ranks' together) says
+    # what the ranks would give on idle cores, waits at the collectives aside.
+    print("\n| task | ranks | env_workers | steps/s median (range) | speed-up | efficiency "
+          "| CPU s / 1000 steps | CPU efficiency |")
+    print("|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for task, k, w in rows:
-        med = statistics.median(rates[(task, k, w)])
-        base = statistics.median(rates[(task, 1, 0)]) if (task, 1, 0) in rates else float("nan")
+        med, cpu = statistics.median(rates[(task, k, w)]), statistics.median(cpus[(task, k, w)])
+        base = statistics.median(rates[(task, 1, 0)]) if (task, 1, 0) in rates else nan
+        base_cpu = statistics.median(cpus[(task, 1, 0)]) if (task, 1, 0) in cpus else nan
         speedup = med / base
         lo, hi = min(rates[(task, k, w)]), max(rates[(task, k, w)])
+        cpu_eff = f"{base_cpu / cpu:.0%}" if not w else "-"
         print(f"| {task} | {k} | {w} | {med:,.0f} ({lo:,.0f}–{hi:,.0f}) | {speedup:.2f} | "
-              f"{speedup / k:.0%} |")
+              f"{speedup / (k + w):.0%} | {cpu:.3f} | {cpu_eff} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Data-parallel training under torchrun: gloo on 127.0.0.1, two ranks on the CI machine's two cores.
+"""Data-parallel training under torchrun: gloo on 127.0.0.1, two ranks on CI's two cores.
 
-Every launch is a ``python -m torch.distributed.run`` subprocess with a timeout, so that a hang fails
-the test instead of stalling CI.  The ranks run :func:`_worker` (this module, imported by the
+Every launch is a ``python -m torch.distributed.run`` subprocess with a timeout, so that a hang
+fails the test instead of stalling CI.  The ranks run :func:`_worker` (this module, imported by the
 launched script), which records what the tests compare in a JSON file per rank.
 """
 import hashlib

@@ -2,7 +2,7 @@
 
 ``torchrun --nproc-per-node K -m trpo_ext train ...`` (or ``trpo_ext.train`` in a script that
 torchrun starts) runs K copies of the driver.  The settings describe the whole run: ``n_envs`` is
-the total number of environments, rank r steps environments ``[r·n, (r+1)·n)`` with n = n_envs / K,
+the total number of environments, rank r steps environments ``[r·n, (r+1)·n)``, n = n_envs / K,
 seeded ``seed + i`` as environment i is in one process, with the action noise of environment i
 (every rank draws the noise of all n_envs environments from the same generator and keeps its own
 columns, so the generators of all ranks stay in the same state).  Every sum over the batch goes

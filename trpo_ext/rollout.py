@@ -133,7 +133,8 @@ class RolloutCollector:
     def reset(self, seed: int) -> None:
         """Start fresh episodes in every environment, seeded ``seed + i``, i the environment's
         index in the run (``shard.start + 0, 1, …``)."""
-        self.obs, _ = self.envs.reset(seed=[seed + self.shard.start + i for i in range(self.n_envs)])
+        first = seed + self.shard.start
+        self.obs, _ = self.envs.reset(seed=[first + i for i in range(self.n_envs)])
         self._ep_return = np.zeros(self.n_envs)
         self._ep_length = np.zeros(self.n_envs, dtype=np.int64)
 

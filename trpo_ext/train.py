@@ -151,8 +151,7 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     # 7. Value-function regression on the returns, minibatched Adam; each minibatch's gradient by
     # one forward and one backward pass of the critic (no autograd graph).  With target
     # normalisation the returns' scale σ is updated first (V's outputs preserved), and the network
-    # is fitted to returns/σ.  (Data-parallel: the batch's mean squared return inside
-    # update_target_statistics is one more sum for the ranks to all-reduce.)
+    # is fitted to returns/σ (data-parallel: σ from all ranks' returns).
     targets = value_fn.update_target_statistics(returns)
     batch_size = obs.shape[0] * distributed.world().size  # data-parallel: all ranks' rows
     value_loss_sum = torch.zeros((), device=obs.device)
@@ -349,6 +348,11 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
     ``normalize_value_targets``, which must match).
     Environments start fresh episodes, seeded from the seed and the iteration.
 
+    Under torchrun (``distributed="auto"``, the default) the run is data-parallel over the ranks:
+    ``n_envs`` and ``total_steps`` count all ranks, every rank returns the result, rank 0 alone
+    writes ``log_dir``, and a restarted run (``torchrun --max-restarts``) resumes from
+    ``log_dir``'s last checkpoint (:mod:`trpo_ext.distributed`).
+
     Invalid settings, an unknown env id or unsupported spaces raise before any training.  torch's
     global settings are left as found (the thread count is set only while training runs, and
     restored).  On CUDA the ``time/*`` split is host time: the update does not synchronise to
@@ -392,8 +396,8 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: int = 10
         raise ValueError(f"resume: env {env_id!r} differs from the checkpoint's {ckpt['env_id']!r}")
 
     # Data-parallel under torchrun: rank 0 alone writes in log_dir.
-    with _torch_threads(cfg.num_threads), \
-            distributed.running(cfg.distributed, torch.device(cfg.device), cfg.n_envs) as (world, device):
+    with _torch_threads(cfg.num_threads), distributed.running(
+            cfg.distributed, torch.device(cfg.device), cfg.n_envs) as (world, device):
         if world.rank == 0:
             _check_log_dir(cfg.log_dir, cfg.resume)
         return _train(cfg, env, env_id, total_steps, seed, callback, ckpt, world, device)
