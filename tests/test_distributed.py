@@ -151,8 +151,21 @@ def _load(out, rank):
         return json.load(f)
 
 
-# Three iterations of each kind of policy; Pendulum's episodes (200 steps) end in the third.
-EQUIVALENCE = [("CartPole-v1", dict(n_envs=8, n_steps=64)),
+def test_distributed_setting_is_checked(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="distributed='on' but RANK, WORLD_SIZE.*torchrun"):
+        trpo_ext.train("CartPole-v1", 128, n_envs=2, n_steps=64, distributed="on")
+    with pytest.raises(ValueError, match="distributed must be one of"):
+        trpo_ext.train("CartPole-v1", 128, n_envs=2, n_steps=64, distributed="yes")
+    # Without torchrun, "auto" is one process.
+    result = trpo_ext.train("CartPole-v1", 128, n_envs=2, n_steps=64)
+    assert result.history[-1]["time/total_steps"] == 128
+
+
+# Three iterations of each kind of policy.  CartPole's episodes pass the 100 that the logged mean
+# covers in the second iteration; Pendulum's (200 steps) end in the third.
+EQUIVALENCE = [("CartPole-v1", dict(n_envs=8, n_steps=128)),
                ("Pendulum-v1", dict(n_envs=8, n_steps=100))]
 
 

@@ -10,12 +10,14 @@ through the helpers below, which make each rank's update that of one process on 
 ranks' batches; the parameters therefore stay identical on every rank without being sent, and K
 ranks give the one-process run on the same seed up to floating-point reduction order.
 
-Collectives per iteration (each one all-reduce; the scalars of one step are batched into one):
+Every collective is one all-reduce through :func:`reduce_sum_` (the other helpers build on it;
+the scalars of one step are batched into one).  Per iteration:
 1 for the finished episodes' statistics, 1 for the advantages' mean and spread, 1 for g,
 ``cg_iters`` for the Fisher-vector products, 1 for the value-target scale, one per critic minibatch
 (``vf_epochs · ⌈n_envs·n_steps / vf_minibatch_size⌉``), one per line-search trial, 1 for the
 logged entropy and value loss, 1 for the explained variance, 1 for the observation normaliser, and
-1 more when a ``callback`` is given (any rank's stop stops all).  With the defaults (2048 samples):
+1 more when a ``callback`` is given (any rank's stop stops all); and once per run, 1 to check
+that all ranks resumed from the same step, and a barrier at the end.  With the defaults (2048 samples):
 7 + 10 + 40 + 1 to 10 trials, 58 to 67.
 
 Rank 0 alone writes logs, plot, progress bar and checkpoints.  In one process (no torchrun, or
@@ -32,9 +34,9 @@ from typing import Iterator, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["World", "DistributedError", "MODES", "world", "launched_by_torchrun", "running",
-           "shard", "reduce_mean_", "reduce_sum_", "reduce_scalars", "moments", "gather_episodes",
-           "any_rank", "critic_minibatches", "restart_checkpoint"]
+__all__ = ["World", "Shard", "DistributedError", "MODES", "world", "started",
+           "launched_by_torchrun", "running", "shard", "reduce_mean_", "reduce_sum_", "reduce_scalars", "moments", "gather_episodes",
+           "any_rank", "check_same", "critic_minibatches", "restart_checkpoint"]
 
 MODES = ("auto", "on", "off")
 # What torchrun (and any launcher of the env:// kind) sets in each worker's environment.
@@ -223,6 +225,15 @@ def moments(x: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:
     m = both[:, 0].mean(0)
     v = (both[:, 1] + (both[:, 0] - m).square()).mean(0)
     return x.shape[0] * _world.size, m.to(x.dtype), v.to(x.dtype)
+
+
+def check_same(value: float, what: str) -> None:
+    """Raises :class:`DistributedError` on every rank unless ``value`` is the same on all."""
+    if _world.size == 1:
+        return
+    values = _gather(torch.tensor(float(value))).tolist()
+    if len(set(values)) > 1:
+        raise DistributedError(f"the ranks disagree on {what}: {values} (rank 0, 1, ...)")
 
 
 def any_rank(flag: bool) -> bool:

@@ -494,6 +494,9 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, worl
             episodes = _checks.require_int(ckpt.get("episodes", 0), "episodes", 0)
         # Environments cannot be restored mid-episode: start fresh episodes, seeded by position.
         env_seed = seed + 7919 * iteration
+    # Data-parallel: a restart on several machines needs the checkpoint on each.
+    distributed.check_same(steps_done, "the step to resume from (is log_dir on a file system "
+                                       "that every machine shares?)")
 
     collector = RolloutCollector(envs, policy, cfg.n_steps, env_seed, device, shard)
     if ckpt is not None:
