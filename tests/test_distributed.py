@@ -165,7 +165,7 @@ def test_distributed_setting_is_checked(monkeypatch):
 
 # Three iterations of each kind of policy.  CartPole's episodes pass the 100 that the logged mean
 # covers in the second iteration; Pendulum's (200 steps) end in the third.
-EQUIVALENCE = [("CartPole-v1", dict(n_envs=8, n_steps=128)),
+EQUIVALENCE = [("CartPole-v1", dict(n_envs=8, n_steps=256)),
                ("Pendulum-v1", dict(n_envs=8, n_steps=100))]
 
 
@@ -187,6 +187,8 @@ def test_two_ranks_equal_one_process_and_each_other(tmp_path):
         assert r0["steps_stepped"] == r1["steps_stepped"] == share
         assert r0["steps_stepped"] + r1["steps_stepped"] == r0["history"][-1]["time/total_steps"]
         assert one["steps_stepped"] == 2 * share
+        if spec["env"] == "CartPole-v1":  # the merge of the ranks' last 100 episodes is used
+            assert r0["history"][-1]["rollout/episodes"] > 100
         # Against one process on the union of the batches: the same seeds and action noise per
         # environment, so the same episodes; the float32 sums differ only in their order, by a
         # few ulp.  Ten CG iterations amplify those by the Fisher matrix's conditioning: the
