@@ -436,21 +436,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     env = DEFAULT_ENV if env is None else env
     seed = DEFAULT_SEED if not isinstance(seed, int) else seed
     steps = DEFAULT_STEPS if not isinstance(steps, int) else steps
+    rank = _torchrun_rank()
+    if log_dir is None and rank is not None and settings.get("distributed") != "off":
+        # Every rank, and a restarted run, must name the directory that rank 0 writes.
+        raise CLIError("under torchrun, pass --log-dir DIR (the same on every rank)")
     if log_dir is None:
         log_dir = default_log_dir(env, seed)
 
     what = "resuming" if resume else "training"
-    print(f"{PROG}: {what} {env} for {steps:,} steps (seed {seed}); logs in {log_dir}",
-          file=sys.stderr, flush=True)
+    if not rank:  # data-parallel: rank 0 alone reports
+        print(f"{PROG}: {what} {env} for {steps:,} steps (seed {seed}); logs in {log_dir}",
+              file=sys.stderr, flush=True)
     try:
         result = trpo_ext.train(env, total_steps=steps, seed=seed, log_dir=log_dir,
                                 progress=args.progress, resume=resume, **settings)
     except KeyboardInterrupt:
         last = os.path.join(log_dir, "checkpoints", "last.pt")
         hint = (f"; continue with `{PROG} train --resume {last}`" if os.path.isfile(last) else "")
-        print(f"\n{PROG}: interrupted{hint}", file=sys.stderr)
+        if not rank:
+            print(f"\n{PROG}: interrupted{hint}", file=sys.stderr)
         return 130
 
+    if rank:
+        return 0
     run_dir = getattr(result, "log_dir", None) or log_dir
     if args.eval_episodes > 0:
         returns = trpo_ext.evaluate_returns(result.policy, env, episodes=args.eval_episodes,
@@ -466,6 +474,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"last checkpoint: {checkpoint or 'none written'}")
     print(f"logs: {run_dir} (progress.csv; TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tb')})")
     return 0
+
+
+def _torchrun_rank() -> Optional[int]:
+    """This process's rank when torchrun started it, else None."""
+    return int(os.environ["RANK"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -499,8 +512,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _user_errors() -> Tuple[type, ...]:
+    from .distributed import DistributedError
+
     errors: List[type] = [CLIError, FileNotFoundError, IsADirectoryError, PermissionError,
-                          ValueError, TypeError]
+                          ValueError, TypeError, DistributedError]
     try:  # an unknown or misconfigured environment id
         from gymnasium.error import Error as GymnasiumError
 
@@ -523,5 +538,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _user_errors() as exc:
         if os.environ.get("TRPO_EXT_DEBUG"):
             raise
+        from . import distributed
+
+        rank = _torchrun_rank()
+        if rank:
+            # Under torchrun the other ranks would repeat rank 0's error: a rank > 0 speaks only
+            # of an error of its own, raised once training started, not of a peer's loss.
+            if not distributed.started() or isinstance(exc, distributed.DistributedError):
+                return 1
+            print(f"{PROG} {args.command}: error on rank {rank}: {exc}", file=sys.stderr)
+            return 1
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -51,6 +51,8 @@ class TRPOConfig:
     log_dir: Optional[str] = _f(None, "directory for CSV/TensorBoard logs, plot and checkpoints")
     progress: bool = _f(False, "show a progress bar (only when attached to a terminal)")
     checkpoint_every: int = _f(10, "write a checkpoint every K iterations (and at the end); 0: end only")
+    distributed: str = _f("auto", "data-parallel over torchrun's ranks: auto (when started by "
+                                  "torchrun), on (required), off; n_envs and steps count all ranks")
     resume: Optional[str] = _f(None, "checkpoint to continue from (or a run directory: its "
                                      "checkpoints/last.pt)")
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from . import distributions as _dist
 from ._act import tanh_and_derivative
 
@@ -142,11 +143,9 @@ class RunningMeanStd(nn.Module):
     def update(self, x: torch.Tensor) -> None:
         """Fold a batch ``[B, dim]`` into the statistics."""
         x = x.reshape(-1, self.mean.numel()).to(torch.float64)
-        n = x.shape[0]
-        if n == 0:
+        if x.shape[0] == 0:
             return
-        batch_mean = x.mean(0)
-        batch_var = x.var(0, unbiased=False)
+        n, batch_mean, batch_var = distributed.moments(x)  # data-parallel: all ranks' batches
         total = self.count + n
         delta = batch_mean - self.mean
         self.mean += delta * (n / total)
@@ -768,8 +767,9 @@ class ValueFunction(_FlatModule):
             return targets
         sigma = self.target_scale()
         self.target_fits += 1
-        self.target_sq_mean.lerp_(targets.to(torch.float64).square().mean(),
-                                  1.0 / self.target_fits.to(torch.float64))
+        batch_sq_mean = targets.to(torch.float64).square().mean()
+        distributed.reduce_mean_(batch_sq_mean)  # data-parallel: all ranks' targets
+        self.target_sq_mean.lerp_(batch_sq_mean, 1.0 / self.target_fits.to(torch.float64))
         new_sigma = self.target_scale()
         ratio = torch.where(self.target_fits == 1, torch.ones_like(sigma), sigma / new_sigma)
         params = list(self.net.parameters())
@@ -778,18 +778,20 @@ class ValueFunction(_FlatModule):
         return targets / new_sigma
 
     @torch.no_grad()
-    def regression_gradient(self, x: Features, targets: torch.Tensor,
-                            grad: torch.Tensor) -> torch.Tensor:
+    def regression_gradient(self, x: Features, targets: torch.Tensor, grad: torch.Tensor,
+                            count: Optional[int] = None) -> torch.Tensor:
         """The loss mean((net(x) − targets)²) (0-d), ``targets [B]`` on the network's scale; its
         gradient in ``flat`` written into ``grad`` (closed form for the built-in MLP, autograd
-        otherwise)."""
+        otherwise).  ``count``: the divisor of the mean, when these rows are one rank's share of
+        a minibatch of ``count`` rows (data-parallel; default: the rows)."""
+        n = targets.numel() if count is None else count
         if isinstance(self.net, MLP):
             lin = Linearization(self.net, x, self.flat.numel())
             diff = lin.output.squeeze(-1) - targets
-            lin.vjp(diff.unsqueeze(-1) * (2.0 / diff.numel()), grad)
-            return diff.square().mean()
+            lin.vjp(diff.unsqueeze(-1) * (2.0 / n), grad)
+            return diff.square().sum() / n
         with torch.enable_grad():
-            loss = (self._net_values(x) - targets).square().mean()
+            loss = (self._net_values(x) - targets).square().sum() / n
             grads = torch.autograd.grad(loss, list(self.parameters()))
         torch.cat([g.reshape(-1) for g in grads], out=grad)
         return loss.detach()

@@ -15,6 +15,8 @@ from typing import Any, Callable, Deque, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from . import distributed
+
 __all__ = ["Rollout", "RolloutCollector", "make_vector_env", "check_env_id", "flatten_time"]
 
 EnvSpec = Union[str, Callable[[], "object"]]
@@ -102,9 +104,12 @@ class RolloutCollector:
     """Steps a vector env with a policy, ``n_steps`` at a time, keeping episodes running across
     batches, and keeps the returns and lengths of the last 100 finished episodes."""
 
-    def __init__(self, envs, policy, n_steps: int, seed: int, device: torch.device):
+    def __init__(self, envs, policy, n_steps: int, seed: int, device: torch.device,
+                 shard: Optional[distributed.Shard] = None):
         self.envs = envs
         self.n_envs = envs.num_envs
+        # Data-parallel: these are environments [start, stop) of the run's `total`.
+        self.shard = shard or distributed.Shard(0, self.n_envs, self.n_envs)
         self.n_steps = n_steps
         self.device = device
         spec = policy.spec
@@ -124,8 +129,9 @@ class RolloutCollector:
         self._obs = torch.empty(T, N, spec["obs_dim"]) if self._numpy else None
 
     def reset(self, seed: int) -> None:
-        """Start fresh episodes in every environment, seeded ``seed, seed + 1, …``."""
-        self.obs, _ = self.envs.reset(seed=[seed + i for i in range(self.n_envs)])
+        """Start fresh episodes in every environment, seeded ``seed + i``, i the environment's
+        index in the run (``shard.start + 0, 1, …``)."""
+        self.obs, _ = self.envs.reset(seed=[seed + self.shard.start + i for i in range(self.n_envs)])
         self._ep_return = np.zeros(self.n_envs)
         self._ep_length = np.zeros(self.n_envs, dtype=np.int64)
 
@@ -136,9 +142,13 @@ class RolloutCollector:
         terminated = np.empty((T, N), dtype=bool)
         truncated = np.empty((T, N), dtype=bool)
         final_obs: List[Tuple[int, int, object]] = []  # (t, i, final obs) of truncated steps
+        finished: List[Tuple[int, float, int]] = []  # (t·total + global i, return, length)
         box_obs = policy.spec["obs_kind"] == "box"
         # All of the rollout's randomness in one draw, so the loop below is only the network.
-        noise = policy.draw_noise((T, N), generator).cpu()
+        # Data-parallel: drawn for all the run's environments, this rank's columns kept, so that
+        # environment i gets the same noise on any rank (and the ranks' generators stay equal).
+        noise = policy.draw_noise((T, self.shard.total), generator)
+        noise = noise[:, self.shard.start:self.shard.stop].cpu().contiguous()
         if self._numpy:
             # The built-in MLP's per-step network runs in NumPy on the host: a NumPy op on an
             # [8, 64] array costs a few µs, a torch op several times that, and on a GPU a launch
@@ -170,11 +180,17 @@ class RolloutCollector:
                 for i in np.flatnonzero(done):
                     if trunc[i] and not term[i]:
                         final_obs.append((t, int(i), _copy_obs(infos["final_obs"][i])))
-                    self.episode_returns.append(float(self._ep_return[i]))
-                    self.episode_lengths.append(int(self._ep_length[i]))
-                    self.episodes += 1
+                    finished.append((t * self.shard.total + self.shard.start + int(i),
+                                     float(self._ep_return[i]), int(self._ep_length[i])))
                     self._ep_return[i] = 0.0
                     self._ep_length[i] = 0
+
+        # Data-parallel: the episodes that ended on every rank, in one process's order.
+        count, ended = distributed.gather_episodes(finished, self.episode_returns.maxlen)
+        for ret, length in ended:
+            self.episode_returns.append(ret)
+            self.episode_lengths.append(length)
+        self.episodes += count
 
         # A NaN or infinite reward or observation would poison the observation statistics, the
         # critic and every later update without an error: refuse it where it enters.

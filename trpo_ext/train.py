@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from . import _checks
+from . import _checks, distributed
 from .cg import conjugate_gradient
 from .config import TRPOConfig
 from .gae import gae
@@ -90,6 +90,7 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     with torch.no_grad():
         logp_old = policy.log_prob(old, actions)
         g = surrogate_gradient(policy, lin, old, actions, logp_old, advantages)
+        distributed.reduce_mean_(g)  # data-parallel: g of the whole batch
     # The surrogate at θ_old, the line search's reference (nothing here requires grad).
     surrogate_old = policy.surrogate_kl(old, old, actions, logp_old, advantages)[0]
     t1 = clock()
@@ -97,7 +98,8 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     # 4. The natural-gradient direction s ≈ (F + damping·I)⁻¹ g, F v = ∇²θ KL(π_old‖π_θ) v at
     # θ_old as Jᵀ M J v (M the distribution's Fisher metric).  sync=False: x and xAx stay on the
     # device; the CG's counters are read with the line search's first decision.
-    cg = conjugate_gradient(lambda v: fisher_product(policy, lin, old, v), g,
+    # (Data-parallel: each F v is the whole batch's, so every rank's CG is the same.)
+    cg = conjugate_gradient(lambda v: distributed.reduce_mean_(fisher_product(policy, lin, old, v)), g,
                             maxiter=cfg.cg_iters, rtol=0.0, atol=0.0, damping=cfg.cg_damping,
                             sync=False)
     del lin  # its activations are not needed past the solve
@@ -117,6 +119,9 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     # the returns' scale σ is updated first (V's outputs preserved), and the network is fitted to
     # returns/σ.
     value_loss = _fit_value_function(value_fn, vf_optimizer, obs, returns, cfg, generator)
+    # Data-parallel: the logged entropy and value loss of the whole batch.
+    entropy, value_loss = distributed.reduce_scalars([policy.entropy(old), value_loss],
+                                                     ("mean", "sum"))
     t4 = clock()
 
     # Expected improvement gᵀ(α·β·s) of the step taken, or of the last one tried if none was.
@@ -130,7 +135,7 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
         "train/line_search_success": search.accepted,
         "train/cg_residual": cg.residual_norm,
         "train/cg_iterations": cg.iterations,
-        "train/entropy": policy.entropy(old),
+        "train/entropy": entropy,
         # In return units whether or not the targets are normalised: σ² times the normalised loss.
         "train/value_loss": value_loss * value_fn.target_scale() ** 2,
         "time/gradient_s": t1 - t0,
@@ -179,6 +184,9 @@ def _line_search(policy, obs, actions, logp_old, advantages, old, surrogate_old,
         trial = policy.distribution_params(obs)
         surrogate, kl, kl_max_row = policy.surrogate_kl(old, trial, actions, logp_old, advantages)
         improvement = surrogate - surrogate_old
+        # Data-parallel: the whole batch's improvement and KL, so every rank decides alike.
+        improvement, kl, kl_max_row = distributed.reduce_scalars([improvement, kl, kl_max_row],
+                                                                 ("mean", "mean", "max"))
         accept = step_ok & (kl <= cfg.max_kl) & (improvement > 0)
         decision = torch.stack([step_ok, accept]).to(cg_scalars.dtype)
         if cg_values is None:
@@ -204,25 +212,30 @@ def _line_search(policy, obs, actions, logp_old, advantages, old, surrogate_old,
 def _fit_value_function(value_fn, optimizer, obs, returns, cfg, generator) -> torch.Tensor:
     """``vf_epochs`` passes of minibatched Adam over the batch; returns the mean loss (0-d, on the
     network's scale).  Every epoch's shuffle is drawn up front on the CPU generator; on CUDA it is
-    copied in one asynchronous transfer from pinned memory."""
+    copied in one asynchronous transfer from pinned memory.  Data-parallel: every rank draws the
+    permutation of all ranks' rows and keeps its own rows of each minibatch; their gradients are
+    summed, so the fit is the one-process fit."""
     targets = value_fn.update_target_statistics(returns)
-    batch_size = returns.shape[0]
+    local = returns.shape[0]
+    batch_size = local * distributed.world().size
     loss_sum = torch.zeros((), device=returns.device)
     n_minibatches = 0
     grad = torch.empty_like(value_fn.flat)
-    orders = torch.stack([torch.randperm(batch_size, generator=generator, device="cpu")
-                          for _ in range(cfg.vf_epochs)]) if cfg.vf_epochs else \
-        torch.empty(0, batch_size, dtype=torch.long)
+    epochs = [distributed.critic_minibatches(
+        torch.randperm(batch_size, generator=generator, device="cpu"), cfg.vf_minibatch_size,
+        local // cfg.n_steps) for _ in range(cfg.vf_epochs)]
+    orders = torch.stack([order for order, _ in epochs]) if epochs else \
+        torch.empty(0, local, dtype=torch.long)
     if returns.device.type != "cpu":
         orders = orders.pin_memory().to(returns.device, non_blocking=True)
-    for order in orders:
+    for order, (_, minibatches) in zip(orders, epochs):
         # One gather per epoch; the minibatches are then slices (the same rows as obs[idx]).
         obs_epoch = _tree_map(lambda x: x[order], obs)
         targets_epoch = targets[order]
-        for start in range(0, batch_size, cfg.vf_minibatch_size):
-            end = start + cfg.vf_minibatch_size
+        for start, end, size in minibatches:
             loss_sum += value_fn.regression_gradient(_tree_map(lambda x: x[start:end], obs_epoch),
-                                                     targets_epoch[start:end], grad)
+                                                     targets_epoch[start:end], grad, size)
+            distributed.reduce_sum_(grad)  # data-parallel: the whole minibatch's gradient
             optimizer.step(grad)
             n_minibatches += 1
     return loss_sum / max(n_minibatches, 1)
@@ -279,6 +292,8 @@ def _validate(cfg: TRPOConfig) -> None:
     _checks.require_int(cfg.num_threads, "num_threads", 0, _MAX_NUM_THREADS)
     _checks.require_int(cfg.checkpoint_every, "checkpoint_every", 0)
     _checks.require_int(cfg.env_workers, "env_workers", -1)
+    if cfg.distributed not in distributed.MODES:
+        raise ValueError(f"distributed must be one of {distributed.MODES}, got {cfg.distributed!r}")
     for name in ("async_envs", "normalize_obs", "normalize_advantages", "normalize_value_targets",
                  "progress"):
         value = getattr(cfg, name)
@@ -390,6 +405,9 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: Optional
     restored).  On CUDA the ``time/*`` split is host time: the update does not synchronise to
     measure it.
     """
+    if settings.get("resume") is None:  # torchrun --max-restarts: a restart continues the run
+        restart = distributed.restart_checkpoint(settings.get("log_dir"))
+        settings = {**settings, "resume": restart} if restart else settings
     cfg = _make_config(settings)
     for name, net in (("policy_net", policy_net), ("value_net", value_net)):
         if net is not None and not isinstance(net, torch.nn.Module):
@@ -434,10 +452,13 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: Optional
     if ckpt is not None and env_id is not None and ckpt["env_id"] not in (None, env_id):
         raise ValueError(f"resume: env {env_id!r} differs from the checkpoint's {ckpt['env_id']!r}")
 
-    _check_log_dir(cfg.log_dir, cfg.resume)
-
-    with _checks.torch_threads(cfg.num_threads):
-        return _train(cfg, env, env_id, total_steps, seed, callback, ckpt, policy_net, value_net)
+    # Data-parallel under torchrun: rank 0 alone writes in log_dir.
+    with _checks.torch_threads(cfg.num_threads), distributed.running(
+            cfg.distributed, torch.device(cfg.device), cfg.n_envs) as (world, device):
+        if world.rank == 0:
+            _check_log_dir(cfg.log_dir, cfg.resume)
+        return _train(cfg, env, env_id, total_steps, seed, callback, ckpt, world, device,
+                      policy_net, value_net)
 
 
 @contextlib.contextmanager
@@ -492,31 +513,37 @@ class _Run:
     iteration: int = 0
 
 
-def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, policy_net=None,
-           value_net=None) -> TrainResult:
-    device = torch.device(cfg.device)
-    workers = 0 if cfg.async_envs else choose_workers(env, env_factory(env), cfg.n_envs,
-                                                      cfg.env_workers)
-    envs = make_vector_env(env, cfg.n_envs, cfg.async_envs, workers)
+def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, world, device,
+           policy_net=None, value_net=None) -> TrainResult:
+    shard = distributed.shard(cfg.n_envs)  # data-parallel: this rank's environments
+    n_local = shard.stop - shard.start
+    # Data-parallel: "auto" (-1) env workers would oversubscribe the cores the ranks already use.
+    requested = 0 if cfg.env_workers < 0 and world.size > 1 else cfg.env_workers
+    workers = 0 if cfg.async_envs else choose_workers(env, env_factory(env), n_local, requested)
+    envs = make_vector_env(env, n_local, cfg.async_envs, workers)
     with _closing_on_error(envs):
         spec = space_spec(envs.single_observation_space, envs.single_action_space)
         policy, value_fn = _build_networks(cfg, spec, envs, env_id, seed, ckpt, policy_net,
-                                           value_net)
+                                           value_net, device)
         generator = torch.Generator(device=device).manual_seed(seed + 1)
         run = _Run(policy, value_fn,
                    Adam(value_fn.flat, lr=cfg.vf_lr), generator,
                    generator if device.type == "cpu" else torch.Generator().manual_seed(seed + 2))
         episodes = _restore(run, ckpt, cfg.resume) if ckpt is not None else None
+    # Data-parallel: a restart on several machines needs the checkpoint on each.
+    distributed.check_same(run.steps_done, "the step to resume from (is log_dir on a file system "
+                                           "that every machine shares?)")
     # Environments cannot be restored mid-episode: a resumed run starts fresh episodes, seeded by
     # position.
-    collector = RolloutCollector(envs, policy, cfg.n_steps, seed + 7919 * run.iteration, device)
+    collector = RolloutCollector(envs, policy, cfg.n_steps, seed + 7919 * run.iteration, device,
+                                 shard)
     if episodes is not None:
         collector.episode_returns.extend(episodes[0])
         collector.episode_lengths.extend(episodes[1])
         collector.episodes = episodes[2]
 
     logger = None
-    if cfg.log_dir is not None or cfg.progress:
+    if world.rank == 0 and (cfg.log_dir is not None or cfg.progress):
         from .logger import RunLogger  # imported only when asked for: it pulls logging libraries
 
         # env_id and seed let `trpo-ext plot` group the runs of one task across seeds.
@@ -526,6 +553,7 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, poli
                            history=run.history if ckpt is not None else None)
     checkpoint_path = None
     samples = cfg.n_envs * cfg.n_steps
+    local_samples = n_local * cfg.n_steps  # data-parallel: this rank's share
     start_time = time.perf_counter()
     elapsed_before = float(run.history[-1]["time/elapsed_s"]) if run.history else 0.0
     try:
@@ -539,9 +567,10 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, poli
             advantages, returns = _advantages(batch, cfg)
             t2 = time.perf_counter()
             # 3–7. The policy step and the value fit.
-            metrics = trpo_update(policy, value_fn, run.optimizer, flatten_time(batch.obs, samples),
-                                  flatten_time(batch.actions, samples), advantages, returns, cfg,
-                                  run.cpu_generator)
+            metrics = trpo_update(policy, value_fn, run.optimizer,
+                                  flatten_time(batch.obs, local_samples),
+                                  flatten_time(batch.actions, local_samples), advantages, returns,
+                                  cfg, run.cpu_generator)
             # Then the normaliser takes in this batch; the next rollout sees the new statistics.
             policy.encoder.update(batch.raw_features)
             run.steps_done += samples
@@ -554,12 +583,16 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, poli
             if logger is not None:
                 logger.log(entry)
             stop = callback is not None and callback(entry) is False
+            if callback is not None:
+                stop = distributed.any_rank(stop)  # data-parallel: one rank's stop stops all
             last = stop or run.steps_done >= total_steps
             if cfg.log_dir is not None and (last or (cfg.checkpoint_every and
                                                      run.iteration % cfg.checkpoint_every == 0)):
+                # Data-parallel: rank 0 writes, every rank returns the path.
                 checkpoint_path = _write_checkpoint(
                     cfg.log_dir, run.steps_done,
-                    _checkpoint_state(run, collector, cfg, env_id, seed, spec, total_steps))
+                    _checkpoint_state(run, collector, cfg, env_id, seed, spec, total_steps)
+                    if world.rank == 0 else None)
             if stop:
                 break
     finally:
@@ -572,7 +605,7 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, poli
                        log_dir=os.fspath(cfg.log_dir) if cfg.log_dir is not None else None)
 
 
-def _build_networks(cfg, spec, envs, env_id, seed, ckpt, policy_net, value_net):
+def _build_networks(cfg, spec, envs, env_id, seed, ckpt, policy_net, value_net, device):
     """The policy and the critic (the caller's networks or the built-in ones) on the run's device,
     checked against the environment and, when resuming, against the checkpoint."""
     if ckpt is not None:
@@ -591,7 +624,6 @@ def _build_networks(cfg, spec, envs, env_id, seed, ckpt, policy_net, value_net):
                              "value_net; pass them again" if ckpt.get("custom_networks") else
                              "resume: the checkpoint was trained with the built-in networks; "
                              "do not pass policy_net / value_net")
-    device = torch.device(cfg.device)
     init_gen = torch.Generator().manual_seed(seed)
     policy = Policy(spec, cfg.hidden_sizes, cfg.init_log_std, cfg.normalize_obs, init_gen,
                     env_id=env_id, net=policy_net).to(device)
@@ -646,12 +678,14 @@ def _checkpoint_state(run: _Run, collector, cfg, env_id, seed, spec, total_steps
     }
 
 
-def _write_checkpoint(log_dir, steps_done: int, state: Dict[str, Any]) -> str:
+def _write_checkpoint(log_dir, steps_done: int, state: Optional[Dict[str, Any]]) -> str:
+    """Writes ``state`` (None: nothing, the path only) as the step's and the last checkpoint."""
     from .checkpoint import save_checkpoint
 
     directory = os.path.join(os.fspath(log_dir), "checkpoints")
     path = os.path.join(directory, f"step_{steps_done:09d}.pt")
-    save_checkpoint(state, [path, os.path.join(directory, "last.pt")])
+    if state is not None:
+        save_checkpoint(state, [path, os.path.join(directory, "last.pt")])
     return path
 
 
@@ -662,7 +696,10 @@ def _advantages(batch, cfg: TRPOConfig) -> Tuple[torch.Tensor, torch.Tensor]:
                               batch.done, cfg.gamma, cfg.gae_lambda)
     advantages = advantages.reshape(-1)
     if cfg.normalize_advantages:
-        advantages = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
+        # Data-parallel: the whole batch's mean and spread.
+        _, mean, var = distributed.moments(advantages)
+        std = advantages.std(unbiased=False) if distributed.world().size == 1 else var.sqrt()
+        advantages = (advantages - mean) / (std + 1e-8)
     return advantages, returns.reshape(-1)
 
 
@@ -670,10 +707,11 @@ def _history_entry(run: _Run, metrics: Dict[str, Any], returns: torch.Tensor,
                    values: torch.Tensor, collector) -> Dict[str, Any]:
     """One iteration's history entry (plain Python numbers): the update's metrics read from the
     device in one transfer, the episode statistics, the time split."""
-    var_returns = returns.var(unbiased=False)
-    explained_variance = torch.where(
-        var_returns > 0, 1 - (returns - values).var(unbiased=False) / var_returns,
-        torch.full_like(var_returns, float("nan")))
+    # Data-parallel: the variances of the whole batch.
+    _, _, (var_returns, var_residual) = distributed.moments(torch.stack([returns, returns - values],
+                                                                        1))
+    explained_variance = torch.where(var_returns > 0, 1 - var_residual / var_returns,
+                                     torch.full_like(var_returns, float("nan")))
     names = ("train/kl", "train/kl_max_row", "train/surrogate_improvement",
              "train/expected_improvement", "train/entropy", "train/value_loss")
     scalars = [metrics[k] for k in names] + [explained_variance]
