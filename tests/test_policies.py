@@ -159,7 +159,7 @@ def test_theta_is_the_networks_parameters_in_order_then_the_log_std():
     # The network's parameters are views of θ: writing θ moves the network.
     with torch.no_grad():
         policy.flat.zero_()
-    assert all(float(p.abs().sum()) == 0 for p in net.parameters())
+    assert all(float(p.detach().abs().sum()) == 0 for p in net.parameters())
     assert policy.flat.data_ptr() == net[0].weight.data_ptr()
 
 
