@@ -8,7 +8,7 @@ import torch
 
 from . import _checks
 from .policies import Policy
-from .rollout import check_env_id
+from .envs import check_env_id, env_factory
 from .train import _torch_threads
 
 __all__ = ["evaluate", "evaluate_returns"]
@@ -47,8 +47,6 @@ def evaluate_returns(policy, env: Union[str, Callable[[], Any], None] = None, ep
 
 
 def _run(policy, env, episodes, seed, deterministic, generator, was_training) -> List[float]:
-    from .rollout import env_factory
-
     returns: List[float] = []
     try:
         for start in range(0, episodes, _MAX_PARALLEL):

@@ -36,7 +36,8 @@ from .cg import conjugate_gradient
 from .config import TRPOConfig
 from .gae import gae
 from .policies import Adam, Policy, ValueFunction, space_spec
-from .rollout import RolloutCollector, check_env_id, env_factory, make_vector_env
+from .envs import check_env_id, env_factory, make_vector_env
+from .rollout import RolloutCollector
 from .vecenv import choose_workers
 
 __all__ = ["train", "TrainResult", "trpo_update", "HISTORY_KEYS"]
@@ -422,9 +423,14 @@ def _check_log_dir(log_dir, resume) -> None:
 
 def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> TrainResult:
     device = torch.device(cfg.device)
-    workers = 0 if cfg.async_envs else choose_workers(env, env_factory(env), cfg.n_envs,
-                                                      cfg.env_workers)
-    envs = make_vector_env(env, cfg.n_envs, cfg.async_envs, workers)
+    engine = "async" if cfg.async_envs and cfg.vector_env == "sync" else cfg.vector_env
+    if cfg.async_envs and engine != "async":
+        raise ValueError(f"async_envs=True (an alias of vector_env='async') contradicts "
+                         f"vector_env={cfg.vector_env!r}: set only vector_env")
+    _checks.require_int(cfg.env_threads, "env_threads", 0)
+    workers = 0 if engine != "sync" else choose_workers(env, env_factory(env), cfg.n_envs,
+                                                        cfg.env_workers)
+    envs = make_vector_env(env, cfg.n_envs, engine, cfg.env_threads or None, workers)
     with _closing_on_error(envs):
         spec = space_spec(envs.single_observation_space, envs.single_action_space)
         if ckpt is not None:
