@@ -129,10 +129,12 @@ class EnvPoolVectorEnv:
     terminates on its limit's last step as truncated only, where gymnasium (and the bootstrap)
     needs ``terminated`` as well.
 
-    Each group is its own EnvPool in sync mode (batch size = its environments): a group's results
-    come back all together and in order, so that a seed gives the same history whatever the
-    threads' timing.  Environment i is seeded ``seed + i`` (``reset(seed=...)`` remakes the pools
-    with the seeds given: EnvPool fixes them at construction).
+    Each group is its own EnvPool in async mode with a batch size of the group's environments, so
+    that ``send`` returns at once (in sync mode EnvPool's send waits for the step) and a group's
+    results come back all together: a seed gives the same history whatever the threads' timing.
+    The pool holds as many spare environments again, which only pad the resets of a few
+    environments to a whole batch.  Environment i is seeded ``seed + i`` (``reset(seed=...)``
+    remakes the pools with the seeds given: EnvPool fixes them at construction).
     """
 
     def __init__(self, env: str, n_envs: int, threads: Optional[int] = None, *,
@@ -153,6 +155,7 @@ class EnvPoolVectorEnv:
             raise ValueError(f"groups must be in [1, n_envs] = [1, {self.num_envs}], got {groups}")
         bounds = np.linspace(0, self.num_envs, n_groups + 1).round().astype(int)
         self.env_groups: List[slice] = [slice(int(a), int(b)) for a, b in zip(bounds, bounds[1:])]
+        self._ids = [np.arange(sl.stop - sl.start, dtype=np.int32) for sl in self.env_groups]
         limit = envpool_kwargs.pop("max_episode_steps", None)
         if limit is None:
             limit = envpool.make_spec(self.task_id).config.max_episode_steps
@@ -162,7 +165,7 @@ class EnvPoolVectorEnv:
         self._kwargs = dict(envpool_kwargs, max_episode_steps=self.max_episode_steps + 1)
         self._make = envpool.make
         self._pools: List[Any] = []
-        self._seeds: List[int] = []
+        self._seeds: Optional[List[int]] = None
         self._build([seed + i for i in range(self.num_envs)])
         first = self._pools[0]
         self.single_observation_space = first.observation_space
@@ -175,15 +178,16 @@ class EnvPoolVectorEnv:
 
     def _build(self, seeds: List[int]) -> None:
         self._close_pools()
-        # One thread per group at least; the threads split between the groups, which step at the
-        # same time.
+        # The threads split between the groups, which step at the same time; one each at least.
         per_group = max(1, self.threads // len(self.env_groups))
-        for sl in self.env_groups:
-            n = sl.stop - sl.start
-            self._pools.append(self._make(self.task_id, env_type="gymnasium", num_envs=n,
+        for sl, ids in zip(self.env_groups, self._ids):
+            n = len(ids)
+            spare_seeds = [s + self.num_envs for s in seeds[sl]]  # never read: they only pad
+            self._pools.append(self._make(self.task_id, env_type="gymnasium", num_envs=2 * n,
                                           batch_size=n, num_threads=min(per_group, n),
-                                          env_seed=seeds[sl], **self._kwargs))
+                                          env_seed=seeds[sl] + spare_seeds, **self._kwargs))
         self._seeds = list(seeds)
+        self._fresh = True
 
     def reset(self, *, seed: Union[None, int, Sequence[int]] = None, options=None):
         if options is not None:
@@ -194,24 +198,39 @@ class EnvPoolVectorEnv:
             if len(seeds) != self.num_envs:
                 raise ValueError(f"seed must give one seed per environment ({self.num_envs}), "
                                  f"got {len(seeds)}")
-            self._build(seeds)
-        parts = [np.asarray(pool.reset()[0]) for pool in self._pools]
+            if not (self._fresh and seeds == self._seeds):
+                self._build(seeds)
+        self._fresh = False
+        parts = [self._reset(g, ids) for g, ids in enumerate(self._ids)]
         return np.concatenate(parts), {}
+
+    def _reset(self, group: int, ids: np.ndarray) -> np.ndarray:
+        """First observations of the group's environments ``ids`` (in that order), resetting the
+        spare ones too to fill a batch."""
+        n = len(self._ids[group])
+        request = np.concatenate([ids, np.arange(n, 2 * n - len(ids), dtype=np.int32)])
+        obs, info = self._pools[group].reset(request)
+        got = np.asarray(info["env_id"])
+        out = np.empty((len(ids),) + obs.shape[1:], obs.dtype)
+        position = {int(e): k for k, e in enumerate(got)}
+        for k, e in enumerate(ids):
+            out[k] = obs[position[int(e)]]
+        return out
 
     def send(self, actions, group: int) -> None:
         """Starts group ``group``'s step with its rows of the actions (``[n_g, *A]``)."""
-        self._pools[group].send(np.asarray(actions))
+        self._pools[group].send(np.asarray(actions), self._ids[group])
 
     def recv(self, group: int):
         """Group ``group``'s step: ``obs, rewards, terminated, truncated, infos`` for its
         environments (rows in order), same-step autoreset as in the class docstring."""
-        pool = self._pools[group]
-        obs, rew, term, pool_trunc, info = pool.recv()
+        obs, rew, term, pool_trunc, info = self._pools[group].recv()
         env_id = info["env_id"]
         trunc = info["elapsed_step"] >= self.max_episode_steps
-        if not (env_id[:-1] < env_id[1:]).all():  # sync mode returns them in order; be sure
+        if not (env_id[:-1] < env_id[1:]).all():  # async mode returns them as they finish
             order = np.argsort(env_id)
             obs, rew, term, trunc = obs[order], rew[order], term[order], trunc[order]
+            pool_trunc = pool_trunc[order]
         if pool_trunc.any():  # its limit is one step past ours: never reached
             raise RuntimeError("EnvPool truncated an episode past trpo_ext's time limit")
         ended = np.flatnonzero(np.logical_or(term, trunc))
@@ -223,11 +242,7 @@ class EnvPoolVectorEnv:
             for i in ended:
                 final_obs[i] = obs[i].copy()
             infos = {"final_obs": final_obs, "_final_obs": np.logical_or(term, trunc)}
-            reset_obs, reset_info = pool.reset(ended.astype(np.int32))
-            ids = reset_info["env_id"]
-            if not np.array_equal(np.sort(ids), ended):
-                raise RuntimeError(f"EnvPool returned environments {ids} for the reset of {ended}")
-            obs[ids] = reset_obs
+            obs[ended] = self._reset(group, ended.astype(np.int32))
         return obs, rew, term, trunc, infos
 
     def step(self, actions):
