@@ -75,9 +75,10 @@ def _check_against_replicas(env_id, batch, K, discrete):
     return ends
 
 
-def test_envpool_truncation_bootstraps_from_the_true_final_observation():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_envpool_truncation_bootstraps_from_the_true_final_observation(groups):
     K, T = 5, 13
-    envs = EnvPoolVectorEnv("Pendulum-v1", 4, 2, max_episode_steps=K)
+    envs = EnvPoolVectorEnv("Pendulum-v1", 4, 2, groups=groups, max_episode_steps=K)
     try:
         batch, collector = _collect(envs, T)
     finally:
@@ -94,9 +95,10 @@ def test_envpool_truncation_bootstraps_from_the_true_final_observation():
     assert ends == {"terminated": 0, "truncated": 8}
 
 
-def test_envpool_termination_and_truncation_against_gymnasium_replicas():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_envpool_termination_and_truncation_against_gymnasium_replicas(groups):
     K, T = 16, 50
-    envs = EnvPoolVectorEnv("CartPole-v1", 6, 2, max_episode_steps=K)
+    envs = EnvPoolVectorEnv("CartPole-v1", 6, 2, groups=groups, max_episode_steps=K)
     try:
         batch, collector = _collect(envs, T, seed=3)
     finally:
@@ -111,8 +113,8 @@ def test_envpool_termination_on_the_time_limit_step_is_a_termination():
     """Hopper (EnvPool seed 3, these actions) falls at its 26th step.  With a 26-step limit
     gymnasium reports terminated and truncated; EnvPool alone reports truncated only, which would
     bootstrap from a terminal state."""
-    def run(limit):
-        envs = EnvPoolVectorEnv("Hopper-v5", 1, 1, seed=3, max_episode_steps=limit)
+    def run(limit, groups=1):
+        envs = EnvPoolVectorEnv("Hopper-v5", 1, 1, groups=groups, seed=3, max_episode_steps=limit)
         rng = np.random.default_rng(0)
         try:
             envs.reset()
@@ -164,11 +166,11 @@ def test_envpool_mujoco_v5_follows_gymnasium(env_id, nq):
 
 
 def test_envpool_groups_step_like_one_pool():
-    """The two-group stepping (send/recv per half) gives one pool's batches, with its reset step
+    """The two-group stepping (async pools with spares) (send/recv per half) gives one pool's batches, with its reset step
     taken at once: the true final observation in the infos, the next episode's first observation
     returned."""
     K = 7
-    a = EnvPoolVectorEnv("Hopper-v5", 5, 2, max_episode_steps=K)
+    a = EnvPoolVectorEnv("Hopper-v5", 5, 2, groups=2, max_episode_steps=K)
     b = envpool.make("Hopper-v5", env_type="gymnasium", num_envs=5, seed=0, max_episode_steps=K)
     try:
         assert [(s.start, s.stop) for s in a.env_groups] == [(0, 2), (2, 5)]
@@ -216,7 +218,7 @@ def _history(result):
              ("time/iteration", "time/total_steps")} for h in result.history]
 
 
-def test_envpool_training_is_reproducible_and_learns_like_sync():
+def test_envpool_training_is_reproducible():
     kw = dict(n_envs=4, n_steps=128, vector_env="envpool", env_threads=2)
     a = trpo_ext.train("CartPole-v1", 4 * 128 * 6, seed=5, **kw)
     b = trpo_ext.train("CartPole-v1", 4 * 128 * 6, seed=5, **kw)
