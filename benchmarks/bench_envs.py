@@ -7,7 +7,8 @@ each; medians reported.  The sampling time is the history's ``time/sampling_s``.
 raw rate, random actions drawn beforehand, ``n_envs`` environments and ``--threads`` threads: "sync"
 is one pool's ``step`` in a loop, "async" its send/recv mode with batches of ``n_envs / 2`` (each
 batch's actions sent as soon as it comes back); the fractions are of the better of the two.  "ours,
-no policy" is :class:`EnvPoolVectorEnv`'s two groups with the same random actions.
+no policy" is :class:`EnvPoolVectorEnv` (what ``vector_env="envpool"`` builds) with the same random
+actions.
 
     python benchmarks/bench_envs.py [--envs HalfCheetah-v5 Hopper-v5] [--steps 20480]
         [--repeats 3] [--threads 2]
