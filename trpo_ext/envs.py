@@ -117,9 +117,9 @@ class EnvPoolVectorEnv:
     is column i of every batch): ``send(actions, g)`` starts group g's step, ``recv(g)`` waits for
     it, and the collector computes one group's actions while the others step.
 
-    One group is the default, measured: on the 2-core development VM one pool in EnvPool's sync
-    mode sampled 1.1x (HalfCheetah-v5) to 2x (Hopper-v5) as fast as two overlapped groups, whose
-    waits put the main thread to sleep and wake it (EnvPool's sync mode waits by spinning).
+    One group (one pool in EnvPool's sync mode) is the default: it sampled faster than two
+    overlapped groups on 2 cores (benchmarks/RESULTS.md), whose waits put the main thread to sleep
+    and wake it, where EnvPool's sync mode waits by spinning.
 
     EnvPool resets an environment on the step *after* it ends (that step's action ignored, its
     reward 0): here, when environment i ends at a step, ``recv`` returns the ending step's
