@@ -163,6 +163,10 @@ setup(
     extras_require={
         "mujoco": ["gymnasium[mujoco]>=1.0"],
         "log": ["tensorboard", "matplotlib", "tqdm"],
+        # vector_env="envpool": 1.2.5 is the newest EnvPool for Python <= 3.11 (tested with
+        # trpo_ext); later releases need Python >= 3.12.
+        "envpool": ["envpool==1.2.5; python_version < '3.12'",
+                    "envpool>=1.2.5; python_version >= '3.12'"],
         "test": ["pytest", "hypothesis", "scipy", "pytest-benchmark", "gymnasium[mujoco]>=1.0"],
     },
     ext_modules=[_extension()],

@@ -1,10 +1,14 @@
 """trpo_ext.train against sb3-contrib's TRPO for the same work, and raw environment stepping rates.
 
-Same work: same environment, total steps, samples per update (2048 = 8 envs × 256 steps), network
-sizes (64, 64) tanh, CG iterations (10), line-search steps (10, ratio 0.8), max KL (0.01), GAE
-(0.99, 0.95), and one torch thread in both.  Ours runs on its default settings; sb3-contrib keeps
-its own critic defaults (10 epochs of 128-sample minibatches; ours: 5 epochs of 256) and runs the
-same 8 environments in a DummyVecEnv (``--sb3-n-envs 1`` gives sb3's own default of 1 env × 2048).
+Same work: ours runs on its default settings, and sb3-contrib is given ours, read from
+:class:`trpo_ext.config.TRPOConfig` (so that the comparison follows them when they change): the
+samples per update (n_envs × n_steps, in sb3's DummyVecEnv of the same number of environments;
+``--sb3-n-envs 1`` gives sb3's own default of 1 env), network sizes (tanh), CG iterations and
+damping, line-search steps and ratio, max KL, GAE γ and λ, the initial log σ, and the critic's
+work: ``n_critic_updates`` = our ``vf_epochs`` passes over the batch in minibatches of
+``batch_size`` = our ``vf_minibatch_size``, Adam at our ``vf_lr``; one torch thread in both.  Both
+sides' settings are printed, with what still differs (ours normalises observations and value
+targets; sb3 does neither).
 The two alternate within one process, ``--repeats`` times each, after one untimed warm-up of each
 (imports, first-call costs).  End-to-end time counts everything from the call of ``train`` (for
 sb3: constructing the model and its environments, then ``learn``) to its return.  The update time
@@ -16,14 +20,25 @@ floor is the largest end-to-end speedup possible without stepping environments i
 ``--env-workers K`` passes ``env_workers=K`` to ours (``-1``: auto, one worker per spare core), to
 measure stepping in parallel on machines with more cores; without it ours keeps its default.
 
+``--time-to-score R`` measures instead, at each library's own defaults (sb3-contrib's: one
+environment × 2048 steps, its critic of 10 epochs of 128, 15 CG iterations), the training wall
+time until the policy's deterministic evaluation (``--eval-episodes`` episodes, fixed seeds) first
+reaches the return R, within ``--budget`` steps.  Policies are evaluated every ``--eval-every``
+steps from snapshots taken during training; the evaluations are not counted in the time.
+
     python benchmarks/compare_sb3.py [--envs HalfCheetah-v5 Hopper-v5] [--steps 20480]
-        [--repeats 2] [--sb3-n-envs 8] [--env-workers K]
+        [--repeats 2] [--sb3-n-envs 8] [--env-workers K] [--vector-env envpool]
+    python benchmarks/compare_sb3.py --envs Hopper-v5 --time-to-score 1000 --budget 300000
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import os
 import statistics
 import sys
+import tempfile
 import time
 
 import gymnasium as gym
@@ -34,8 +49,38 @@ sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
     __import__("os").path.abspath(__file__))))
 import trpo_ext  # noqa: E402
 from benchmarks._common import describe_machine, print_table  # noqa: E402
+from trpo_ext.config import TRPOConfig  # noqa: E402
 
-N_ENVS, N_STEPS = 8, 256
+OURS = TRPOConfig()
+N_ENVS, N_STEPS = OURS.n_envs, OURS.n_steps
+
+
+def sb3_settings(n_envs: int) -> dict:
+    """sb3-contrib TRPO's keyword arguments for the work our defaults do."""
+    return dict(n_steps=N_ENVS * N_STEPS // n_envs, batch_size=OURS.vf_minibatch_size,
+                n_critic_updates=OURS.vf_epochs, learning_rate=OURS.vf_lr, gamma=OURS.gamma,
+                gae_lambda=OURS.gae_lambda, cg_max_steps=OURS.cg_iters,
+                cg_damping=OURS.cg_damping, line_search_max_iter=OURS.line_search_steps,
+                line_search_shrinking_factor=OURS.backtrack_ratio, target_kl=OURS.max_kl,
+                normalize_advantage=OURS.normalize_advantages,
+                policy_kwargs=dict(net_arch=dict(pi=list(OURS.hidden_sizes),
+                                                 vf=list(OURS.hidden_sizes)),
+                                   activation_fn=torch.nn.Tanh, log_std_init=OURS.init_log_std))
+
+
+def print_settings(n_envs: int, ours_settings: dict) -> None:
+    theirs = sb3_settings(n_envs)
+    print("ours (TRPOConfig defaults" + (f" + {ours_settings}" if ours_settings else "") + "): "
+          + ", ".join(f"{f.name}={getattr(OURS, f.name)!r}" for f in dataclasses.fields(OURS)
+                      if f.name in ("n_envs", "n_steps", "max_kl", "cg_iters", "cg_damping",
+                                    "line_search_steps", "backtrack_ratio", "gamma",
+                                    "gae_lambda", "hidden_sizes", "init_log_std", "vf_lr",
+                                    "vf_epochs", "vf_minibatch_size", "normalize_advantages",
+                                    "normalize_obs", "normalize_value_targets")))
+    print(f"sb3-contrib TRPO ({n_envs} env(s) in a DummyVecEnv): "
+          + ", ".join(f"{k}={v!r}" for k, v in theirs.items() if k != "policy_kwargs")
+          + f", net_arch={theirs['policy_kwargs']['net_arch']}, activation Tanh, log_std_init="
+          f"{OURS.init_log_std}; no observation or value-target normalisation")
 
 
 def run_ours(env_id: str, steps: int, seed: int, settings=None):
@@ -47,7 +92,7 @@ def run_ours(env_id: str, steps: int, seed: int, settings=None):
     assert h[-1]["time/total_steps"] >= steps
     for e in h:
         if e["train/line_search_success"]:
-            assert e["train/kl"] <= 0.01 and e["train/surrogate_improvement"] > 0, e
+            assert e["train/kl"] <= OURS.max_kl and e["train/surrogate_improvement"] > 0, e
     split = {k: sum(e[f"time/{k}_s"] for e in h)
              for k in ("sampling", "gae", "gradient", "cg", "line_search", "critic")}
     update = sum(v for k, v in split.items() if k != "sampling")
@@ -60,11 +105,7 @@ def run_sb3(env_id: str, steps: int, seed: int, n_envs: int):
 
     t0 = time.perf_counter()
     venv = make_vec_env(env_id, n_envs=n_envs, seed=seed)
-    model = TRPO("MlpPolicy", venv, n_steps=N_ENVS * N_STEPS // n_envs, gamma=0.99,
-                 gae_lambda=0.95, cg_max_steps=10, cg_damping=0.1, line_search_max_iter=10,
-                 line_search_shrinking_factor=0.8, target_kl=0.01, seed=seed, device="cpu",
-                 policy_kwargs=dict(net_arch=dict(pi=[64, 64], vf=[64, 64]),
-                                    activation_fn=torch.nn.Tanh))
+    model = TRPO("MlpPolicy", venv, seed=seed, device="cpu", **sb3_settings(n_envs))
     update_time = [0.0]
     inner_train = model.train
 
@@ -79,6 +120,109 @@ def run_sb3(env_id: str, steps: int, seed: int, n_envs: int):
     assert model.num_timesteps >= steps
     venv.close()
     return total, update_time[0], model.num_timesteps
+
+
+def _first_reaching(points, evaluate, threshold):
+    """(steps, seconds, return) of the first snapshot whose evaluation reaches ``threshold``, and
+    every evaluation made (in order; the search stops at the first success)."""
+    evals = []
+    for steps, seconds, snapshot in points:
+        ret = evaluate(snapshot)
+        evals.append((steps, round(seconds, 1), round(ret, 1)))
+        if ret >= threshold:
+            return (steps, seconds, ret), evals
+    return None, evals
+
+
+def time_to_score_ours(env_id, threshold, budget, every, episodes, seed, settings):
+    with tempfile.TemporaryDirectory() as log_dir:
+        per_update = N_ENVS * N_STEPS
+        k = max(1, every // per_update)
+        result = trpo_ext.train(env_id, budget, seed=seed, log_dir=log_dir, checkpoint_every=k,
+                                **settings)
+        elapsed = {h["time/total_steps"]: h["time/elapsed_s"] for h in result.history}
+        directory = os.path.join(log_dir, "checkpoints")
+        points = sorted((int(f[5:14]), elapsed[int(f[5:14])], os.path.join(directory, f))
+                        for f in os.listdir(directory) if f.startswith("step_"))
+
+        def evaluate(path):
+            return trpo_ext.evaluate(trpo_ext.load(path), env_id, episodes=episodes,
+                                     seed=100_000)
+
+        return _first_reaching(points, evaluate, threshold)
+
+
+def time_to_score_sb3(env_id, threshold, budget, every, episodes, seed):
+    from sb3_contrib import TRPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+
+    points = []
+
+    class Snapshots(BaseCallback):
+        """Policy snapshots every ``every`` steps, with the training time so far."""
+
+        def __init__(self):
+            super().__init__()
+            self.next = every
+
+        def _on_step(self) -> bool:
+            return True
+
+        def _on_rollout_end(self) -> None:
+            pass
+
+        def _on_rollout_start(self) -> None:  # after the update of the previous rollout
+            if self.num_timesteps >= self.next:
+                self.next += every
+                points.append((self.num_timesteps, time.perf_counter() - t0,
+                               copy.deepcopy(self.model.policy.state_dict())))
+
+    t0 = time.perf_counter()
+    model = TRPO("MlpPolicy", make_vec_env(env_id, n_envs=1, seed=seed), seed=seed, device="cpu")
+    model.learn(total_timesteps=budget, callback=Snapshots())
+    points.append((model.num_timesteps, time.perf_counter() - t0,
+                   copy.deepcopy(model.policy.state_dict())))
+
+    def evaluate(state):
+        model.policy.load_state_dict(state)
+        returns = []
+        for i in range(episodes):
+            env = gym.make(env_id)
+            obs, _ = env.reset(seed=100_000 + i)
+            total, done = 0.0, False
+            while not done:
+                action, _ = model.predict(obs, deterministic=True)
+                obs, r, term, trunc, _ = env.step(action)
+                total += float(r)
+                done = term or trunc
+            returns.append(total)
+            env.close()
+        return float(np.mean(returns))
+
+    return _first_reaching(points, evaluate, threshold)
+
+
+def run_time_to_score(args, ours_settings) -> None:
+    print(f"time to score: deterministic evaluation ({args.eval_episodes} episodes, reset seeds "
+          f"100000 + i) >= {args.time_to_score} within {args.budget} steps, snapshots every "
+          f"{args.eval_every} steps; each library on its own defaults"
+          + (f" (ours + {ours_settings})" if ours_settings else ""))
+    rows = []
+    for env_id in args.envs:
+        for seed in range(args.repeats):
+            for lib in ("ours", "sb3"):
+                if lib == "ours":
+                    hit, evals = time_to_score_ours(env_id, args.time_to_score, args.budget,
+                                                    args.eval_every, args.eval_episodes, seed,
+                                                    ours_settings)
+                else:
+                    hit, evals = time_to_score_sb3(env_id, args.time_to_score, args.budget,
+                                                   args.eval_every, args.eval_episodes, seed)
+                print(f"{env_id} {lib} seed {seed}: evaluations (steps, train s, return) {evals}",
+                      flush=True)
+                rows.append([env_id, lib, seed] + (list(hit) if hit else ["not reached", "", ""]))
+    print_table(["env", "library", "seed", "steps", "train seconds", "return"], rows)
 
 
 def raw_rate(env_id: str, n: int = 5000) -> float:
@@ -103,12 +247,24 @@ def main(argv=None) -> None:
     ap.add_argument("--sb3-n-envs", type=int, default=N_ENVS)
     ap.add_argument("--env-workers", type=int, default=None,
                     help="env_workers for ours (default: ours' default setting)")
+    ap.add_argument("--vector-env", default=None, help="vector_env for ours (default: its default)")
+    ap.add_argument("--time-to-score", type=float, default=None, metavar="RETURN")
+    ap.add_argument("--budget", type=int, default=300_000)
+    ap.add_argument("--eval-every", type=int, default=20_480)
+    ap.add_argument("--eval-episodes", type=int, default=10)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     ours_settings = {} if args.env_workers is None else {"env_workers": args.env_workers}
+    if args.vector_env is not None:
+        ours_settings["vector_env"] = args.vector_env
+    if args.time_to_score is not None:
+        print(f"machine: {describe_machine()}")
+        run_time_to_score(args, ours_settings)
+        return
     print(f"machine: {describe_machine()}; steps {args.steps}, {N_ENVS}×{N_STEPS} samples per "
           f"update; sb3 with {args.sb3_n_envs} env(s); ours on its defaults"
-          + (f" but env_workers={args.env_workers}" if ours_settings else ""))
+          + (f" but {ours_settings}" if ours_settings else ""))
+    print_settings(args.sb3_n_envs, ours_settings)
     rows, splits, rates, ceilings = [], [], [], []
     for env_id in args.envs:
         run_ours(env_id, N_ENVS * N_STEPS, 0, ours_settings)  # warm-up, untimed

@@ -20,7 +20,11 @@ class TRPOConfig:
     # sampling
     n_envs: int = _f(8, "parallel environments in the vector env")
     n_steps: int = _f(256, "steps per environment per update (n_envs * n_steps samples per update)")
-    async_envs: bool = _f(False, "step each environment in its own subprocess (gymnasium AsyncVectorEnv)")
+    vector_env: str = _f("sync", "what steps the environments: sync (in this process, gymnasium "
+                                 "semantics), async (gymnasium AsyncVectorEnv, a process per env) "
+                                 "or envpool (EnvPool's C++ envs on a thread pool; its tasks only)")
+    env_threads: int = _f(0, "EnvPool pool threads (vector_env='envpool'); 0: one per usable core")
+    async_envs: bool = _f(False, "alias of vector_env='async' (kept for old scripts)")
     env_workers: int = _f(0, "worker processes stepping shares of the environments alongside this one; "
                              "0: all in this process; -1: auto (one per spare CPU core when an env "
                              "step takes > 7 µs)")

@@ -8,7 +8,7 @@ import torch
 
 from . import _checks
 from .policies import Policy
-from .rollout import check_env_id
+from .envs import check_env_id, env_factory
 
 __all__ = ["evaluate", "evaluate_returns"]
 
@@ -46,7 +46,7 @@ def evaluate_returns(policy, env: Union[str, Callable[[], Any], None] = None, ep
 
 
 def _run(policy, env, episodes, seed, deterministic, generator, was_training) -> List[float]:
-    from .rollout import _stack_obs, env_factory
+    from .rollout import _stack_obs
 
     returns: List[float] = []
     try:

@@ -1,16 +1,20 @@
-"""Vector environments and rollout collection, time-major ``[T, N]``.
+"""Rollout collection, time-major ``[T, N]``.
 
-The vector env runs in gymnasium's *same-step* autoreset mode: when environment i ends an episode
-at step t, ``envs.step`` already returns the first observation of the next episode and puts the
-episode's final observation in ``infos["final_obs"][i]``.  Every step is then a real transition of
-the policy (the default next-step mode would insert a step whose action is ignored), and a
-truncated step bootstraps from the value of that final observation (``next_values``).
+The vector env (built by :mod:`trpo_ext.envs`) runs in gymnasium's *same-step* autoreset mode:
+when environment i ends an episode at step t, the step already returns the first observation of
+the next episode and puts the episode's final observation in ``infos["final_obs"][i]``.  Every step
+is then a real transition of the policy (the default next-step mode would insert a step whose
+action is ignored), and a truncated step bootstraps from the value of that final observation
+(``next_values``).
+
+A vector env with ``env_groups`` (EnvPool) is stepped a group at a time with ``send``/``recv``: the
+policy acts for one group while the others step.
 """
 from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, List, Optional, Tuple, Union
+from typing import Any, Deque, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,66 +23,8 @@ from . import distributed
 
 __all__ = ["Rollout", "RolloutCollector", "make_vector_env", "check_env_id", "flatten_time"]
 
-EnvSpec = Union[str, Callable[[], "object"]]
-
-
-def check_env_id(env: EnvSpec) -> Optional[str]:
-    """The gymnasium id of ``env`` (None for a callable); an unknown id is a ValueError."""
-    import gymnasium as gym
-
-    if callable(env) and not isinstance(env, str):
-        return None
-    if not isinstance(env, str):
-        raise TypeError(f"env must be a gymnasium id (str) or a callable returning a gymnasium Env, "
-                        f"got {type(env).__name__}")
-    try:
-        gym.spec(env)
-    except gym.error.Error as e:
-        raise ValueError(f"unknown gymnasium environment id {env!r}: {e}") from None
-    return env
-
-
-def env_factory(env: EnvSpec) -> Callable[[], "object"]:
-    import gymnasium as gym
-
-    if isinstance(env, str):
-        # The passive env checker wraps every step in Python checks; the env is a registered one.
-        return lambda: gym.make(env, disable_env_checker=True)
-    return _CheckedFactory(env)
-
-
-class _CheckedFactory:
-    """A user's env callable whose result is checked to be a gymnasium Env (a class, not a
-    closure, so that it pickles to worker processes whenever the callable does)."""
-
-    def __init__(self, fn: Callable[[], "object"]):
-        self.fn = fn
-
-    def __call__(self):
-        import gymnasium as gym
-
-        env = self.fn()
-        if not isinstance(env, gym.Env):
-            raise TypeError(f"env: the callable {self.fn!r} returned {type(env).__name__}, not a "
-                            f"gymnasium.Env")
-        return env
-
-
-def make_vector_env(env: EnvSpec, n_envs: int, async_envs: bool = False, workers: int = 0):
-    """A vector env of ``n_envs`` copies in same-step autoreset mode: gymnasium's
-    ``AsyncVectorEnv`` (``async_envs``), a :class:`trpo_ext.vecenv.ShardedVectorEnv` with
-    ``workers`` worker processes, or a :class:`trpo_ext.vecenv.SameStepVectorEnv` (the batches of
-    gymnasium's ``SyncVectorEnv``, without its per-step info merging)."""
-    from .vecenv import SameStepVectorEnv, ShardedVectorEnv
-
-    if workers > 0 and not async_envs:
-        return ShardedVectorEnv(env, n_envs, workers)
-    fns = [env_factory(env) for _ in range(n_envs)]
-    if async_envs:
-        from gymnasium.vector import AsyncVectorEnv, AutoresetMode
-
-        return AsyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
-    return SameStepVectorEnv(fns)
+# Environment construction lives in trpo_ext.envs; these names stay importable from here.
+from .envs import EnvSpec, check_env_id, env_factory, make_vector_env  # noqa: E402,F401
 
 
 @dataclass
@@ -163,27 +109,54 @@ class RolloutCollector:
             step_fn = _torch_policy_step(policy, noise, self._raw, self._actions)
         raw = self._raw
         raw_np = raw.numpy() if isinstance(raw, torch.Tensor) else None
-        for t in range(T):
+
+        def act(t: int, sl: slice, obs):
+            """The env actions of the environments ``sl`` at step t, from their observations."""
             if box_obs:
-                raw_np[t] = np.asarray(self.obs).reshape(N, -1)
+                raw_np[t, sl] = np.asarray(obs).reshape(sl.stop - sl.start, -1)
             else:
-                _tree_set(raw, t, policy.encode_obs(self.obs, device="cpu"))
-            env_actions = step_fn(t, raw_np if self._numpy else raw)
-            self.obs, r, term, trunc, infos = self.envs.step(env_actions)
-            rewards[t] = r
-            terminated[t] = term
-            truncated[t] = trunc
-            self._ep_return += r
-            self._ep_length += 1
+                _tree_set(raw, t, policy.encode_obs(obs, device="cpu"), sl)
+            return step_fn(t, raw_np if self._numpy else raw, sl)
+
+        def record(t: int, start: int, r, term, trunc, infos) -> None:
+            """Step t's results of the environments from ``start`` on."""
+            n = len(r)
+            rewards[t, start:start + n] = r
+            terminated[t, start:start + n] = term
+            truncated[t, start:start + n] = trunc
+            ep_return = self._ep_return[start:start + n]
+            ep_length = self._ep_length[start:start + n]
+            ep_return += r
+            ep_length += 1
             done = term | trunc
             if done.any():
                 for i in np.flatnonzero(done):
                     if trunc[i] and not term[i]:
-                        final_obs.append((t, int(i), _copy_obs(infos["final_obs"][i])))
-                    finished.append((t * self.shard.total + self.shard.start + int(i),
-                                     float(self._ep_return[i]), int(self._ep_length[i])))
-                    self._ep_return[i] = 0.0
-                    self._ep_length[i] = 0
+                        final_obs.append((t, start + int(i), _copy_obs(infos["final_obs"][i])))
+                    finished.append((t * self.shard.total + self.shard.start + start + int(i),
+                                     float(ep_return[i]), int(ep_length[i])))
+                    ep_return[i] = 0.0
+                    ep_length[i] = 0
+
+        groups = getattr(self.envs, "env_groups", None)
+        if groups is None or len(groups) == 1:
+            every = slice(0, N)
+            for t in range(T):
+                self.obs, r, term, trunc, infos = self.envs.step(act(t, every, self.obs))
+                record(t, 0, r, term, trunc, infos)
+        else:
+            # Group g's step t is sent once its actions are known and received just before its
+            # actions of step t + 1 are computed: meanwhile the other groups act and step.
+            obs = np.array(self.obs)
+            for t in range(T + 1):
+                for g, sl in enumerate(groups):
+                    if t > 0:
+                        o, r, term, trunc, infos = self.envs.recv(g)
+                        obs[sl] = o
+                        record(t - 1, sl.start, r, term, trunc, infos)
+                    if t < T:
+                        self.envs.send(act(t, sl, obs[sl]), g)
+            self.obs = obs
 
         # Data-parallel: the episodes that ended on every rank, in one process's order.
         count, ended = distributed.gather_episodes(finished, self.episode_returns.maxlen)
@@ -264,9 +237,10 @@ def host_policy_arrays(policy):
 
 
 def _numpy_policy_step(policy, noise, obs_out, actions_out, low, high):
-    """``step(t, raw) → env actions``, in NumPy on the host, for the built-in MLP: normalise
-    features ``raw[t]`` into ``obs_out[t]``, sample into ``actions_out[t]`` (Gaussian unclipped),
-    return what the env gets."""
+    """``step(t, raw, envs=slice(None)) → env actions``, in NumPy on the host, for the built-in
+    MLP: normalise the features ``raw[t, envs]`` of the environments ``envs`` into
+    ``obs_out[t, envs]``, sample into ``actions_out[t, envs]`` (Gaussian unclipped), return what
+    those environments get."""
     views, stats = host_policy_arrays(policy)
     n_layers = len(policy.net.layers)
     rms = policy.obs_rms
@@ -277,45 +251,46 @@ def _numpy_policy_step(policy, noise, obs_out, actions_out, low, high):
     std = np.exp(views[-1]) if policy.gaussian else None
     start = policy.spec.get("action_start", 0)
 
-    def step(t, raw_np):
-        x = obs_out[t]
+    def step(t, raw_np, envs=slice(None)):
+        x = obs_out[t, envs]
         if shift is not None:
-            np.subtract(raw_np[t], shift, out=x)
+            np.subtract(raw_np[t, envs], shift, out=x)
             np.multiply(x, scale, out=x)
             np.clip(x, -clip, clip, out=x)
         else:
-            x[...] = raw_np[t]
+            x[...] = raw_np[t, envs]
         for i in range(n_layers):
             x = x @ weights_t[i]
             x += biases[i]
             if i < n_layers - 1:
                 np.tanh(x, out=x)
         if std is not None:
-            a = actions_out[t]
-            np.multiply(noise[t], std, out=a)
+            a = actions_out[t, envs]
+            np.multiply(noise[t, envs], std, out=a)
             a += x
             return np.minimum(np.maximum(a, low), high)
         # Inverse-CDF categorical draw from softmax(x).
         x -= x.max(-1, keepdims=True)
         np.exp(x, out=x)
         np.cumsum(x, -1, out=x)
-        below = x < noise[t] * x[:, -1:]
+        below = x < noise[t, envs] * x[:, -1:]
         index = np.minimum(below.sum(-1), x.shape[-1] - 1)
-        actions_out[t] = index
+        actions_out[t, envs] = index
         return index + start if start else index
 
     return step
 
 
 def _torch_policy_step(policy, noise, raw, actions_out):
-    """``step(t, raw) → env actions`` for any policy: its torch forward without a graph on the
-    features of step ``t``, the distribution's draw from ``noise[t]``."""
+    """``step(t, raw, envs=slice(None)) → env actions`` for any policy: its torch forward without
+    a graph on the features of step ``t`` of the environments ``envs``, the distribution's draw
+    from ``noise[t, envs]``."""
     device = policy.flat.device
 
-    def step(t, raw):
-        x = policy.normalize(_tree_map(lambda b: b[t].to(device), raw))
-        actions = policy.dist.sample(policy.distribution_params(x), noise[t].to(device))
-        actions_out[t] = actions.cpu()
+    def step(t, raw, envs=slice(None)):
+        x = policy.normalize(_tree_map(lambda b: b[t, envs].to(device), raw))
+        actions = policy.dist.sample(policy.distribution_params(x), noise[t, envs].to(device))
+        actions_out[t, envs] = actions.cpu()
         return policy.env_actions(actions)
 
     return step
@@ -331,12 +306,12 @@ def _tree_map2(fn, a, b):
     return {k: fn(a[k], b[k]) for k in a} if isinstance(a, dict) else fn(a, b)
 
 
-def _tree_set(tree, t: int, value) -> None:
+def _tree_set(tree, t: int, value, envs=slice(None)) -> None:
     if isinstance(tree, dict):
         for k in tree:
-            tree[k][t].copy_(value[k])
+            tree[k][t, envs].copy_(value[k])
     else:
-        tree[t].copy_(value)
+        tree[t, envs].copy_(value)
 
 
 def _feature_buffers(spec: dict, batch_shape: Tuple[int, ...]):

@@ -35,10 +35,10 @@ from . import _checks, distributed
 from .cg import conjugate_gradient
 from .config import TRPOConfig
 from .gae import gae
+from .envs import check_env_id, env_factory, make_vector_env
 from .policies import (Adam, Policy, ValueFunction, fisher_product, linearize, space_spec,
                        surrogate_gradient)
-from .rollout import (RolloutCollector, _tree_map, check_env_id, env_factory, flatten_time,
-                      make_vector_env)
+from .rollout import RolloutCollector, _tree_map, flatten_time
 from .vecenv import choose_workers
 
 __all__ = ["train", "TrainResult", "trpo_update", "HISTORY_KEYS"]
@@ -519,8 +519,13 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, worl
     n_local = shard.stop - shard.start
     # Data-parallel: "auto" (-1) env workers would oversubscribe the cores the ranks already use.
     requested = 0 if cfg.env_workers < 0 and world.size > 1 else cfg.env_workers
-    workers = 0 if cfg.async_envs else choose_workers(env, env_factory(env), n_local, requested)
-    envs = make_vector_env(env, n_local, cfg.async_envs, workers)
+    engine = "async" if cfg.async_envs and cfg.vector_env == "sync" else cfg.vector_env
+    if cfg.async_envs and engine != "async":
+        raise ValueError(f"async_envs=True (an alias of vector_env='async') contradicts "
+                         f"vector_env={cfg.vector_env!r}: set only vector_env")
+    _checks.require_int(cfg.env_threads, "env_threads", 0)
+    workers = 0 if engine != "sync" else choose_workers(env, env_factory(env), n_local, requested)
+    envs = make_vector_env(env, n_local, engine, cfg.env_threads or None, workers)
     with _closing_on_error(envs):
         spec = space_spec(envs.single_observation_space, envs.single_action_space)
         policy, value_fn = _build_networks(cfg, spec, envs, env_id, seed, ckpt, policy_net,

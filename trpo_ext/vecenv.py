@@ -39,13 +39,14 @@ import os
 import pickle
 import time
 import traceback
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["SameStepVectorEnv", "ShardedVectorEnv", "choose_workers", "usable_cpus"]
+if TYPE_CHECKING:
+    from .envs import EnvSpec
 
-EnvSpec = Union[str, Callable[[], Any]]
+__all__ = ["EnvFactory", "SameStepVectorEnv", "ShardedVectorEnv", "choose_workers", "usable_cpus"]
 
 # A worker pays off when the steps it takes over cost clearly more than its round trip (a few µs
 # of semaphore handshake and copies, a process wake-up after each learner update; a pickled pipe
@@ -56,6 +57,27 @@ EnvSpec = Union[str, Callable[[], Any]]
 # 31 µs, 0.97–0.98 against 1.16–1.17 s; Hopper 81 µs, 1.44 against 2.11 s.  (On the earlier AMD
 # VM, before the shared-memory steps, the line was drawn at 60 µs.)
 _MIN_STEP_SECONDS = 7e-6
+
+
+class EnvFactory:
+    """Makes one copy of an environment: ``gymnasium.make(env)`` for an id, else ``env()``
+    checked to be a gymnasium Env.  A class, not a closure, so that it pickles to worker processes
+    whenever ``env`` does."""
+
+    def __init__(self, env: "EnvSpec"):
+        self.env = env.env if isinstance(env, EnvFactory) else env
+
+    def __call__(self):
+        import gymnasium as gym
+
+        if isinstance(self.env, str):
+            # The passive env checker wraps every step in Python checks; the env is a registered one.
+            return gym.make(self.env, disable_env_checker=True)
+        env = self.env()
+        if not isinstance(env, gym.Env):
+            raise TypeError(f"env: the callable {self.env!r} returned {type(env).__name__}, not a "
+                            f"gymnasium.Env")
+        return env
 
 
 def usable_cpus() -> int:
@@ -85,7 +107,7 @@ def _probe_step_seconds(make_env: Callable[[], Any], steps: int = 64) -> float:
         env.close()
 
 
-def choose_workers(env: EnvSpec, make_env: Callable[[], Any], n_envs: int, requested: int) -> int:
+def choose_workers(env: "EnvSpec", make_env: Callable[[], Any], n_envs: int, requested: int) -> int:
     """Worker processes for ``n_envs`` environments: ``requested`` when >= 0, else (auto) one per
     spare CPU core when one step of the environment takes over 7 µs and ``env`` can be sent to a
     process (a gymnasium id or a picklable callable); 0 otherwise."""
@@ -367,12 +389,10 @@ def _shared_step(conn, envs, shared: _StepBuffers) -> None:
         conn.send(("ok", finals))
 
 
-def _worker(conn, env: EnvSpec, n: int, shared: Optional[_StepBuffers]) -> None:
-    from .rollout import make_vector_env
-
+def _worker(conn, env: "EnvSpec", n: int, shared: Optional[_StepBuffers]) -> None:
     envs = None
     try:
-        envs = make_vector_env(env, n)
+        envs = SameStepVectorEnv([EnvFactory(env) for _ in range(n)])
         conn.send(("ok", None))
         if shared is None:
             while _serve_message(conn, envs):
@@ -417,10 +437,8 @@ class ShardedVectorEnv:
     then unusable (its shards may stand at different steps) and only ``close`` is left to call.
     """
 
-    def __init__(self, env: EnvSpec, n_envs: int, workers: int):
+    def __init__(self, env: "EnvSpec", n_envs: int, workers: int):
         from gymnasium.vector.utils import batch_space
-
-        from .rollout import make_vector_env
 
         if workers < 1 or workers >= n_envs:
             raise ValueError(f"workers must be in [1, n_envs - 1] = [1, {n_envs - 1}], got {workers}")
@@ -439,7 +457,7 @@ class ShardedVectorEnv:
         self._closed = self._failed = False
         try:
             # The local shard first: its spaces size the workers' shared buffers.
-            self._local = make_vector_env(env, sizes[0])
+            self._local = SameStepVectorEnv([EnvFactory(env) for _ in range(sizes[0])])
             self.single_observation_space = self._local.single_observation_space
             self.single_action_space = self._local.single_action_space
             shared = _shared_memory_spaces(self.single_observation_space, self.single_action_space)
