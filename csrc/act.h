@@ -1,6 +1,6 @@
 // tanh_and_derivative: (tanh(x), 1 − tanh(x)²) in one pass, for the linearised networks of
 // policies.py (every hidden layer's forward and the derivative its Jacobian-vector products need).
-// The per-element math both backends run.
+// The per-element math of the op.
 #pragma once
 
 #include <cmath>
@@ -13,10 +13,10 @@ namespace act {
 TRPO_HD float k_tanh(float x) { return ::tanhf(x); }
 TRPO_HD double k_tanh(double x) { return ::tanh(x); }
 
+// d tanh(x)/dx from y = tanh(x).
 template <typename scalar_t>
-TRPO_HD void tanh_and_derivative(scalar_t x, scalar_t& y, scalar_t& d) {
-  y = k_tanh(x);
-  d = scalar_t(1) - y * y;
+TRPO_HD scalar_t tanh_derivative(scalar_t y) {
+  return scalar_t(1) - y * y;
 }
 
 }  // namespace act

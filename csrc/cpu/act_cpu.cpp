@@ -1,5 +1,7 @@
-// tanh_and_derivative on the CPU: one pass over x with act.h's math.  Elements are independent, so
-// the result does not depend on the thread count.
+// tanh_and_derivative on the CPU: y from ATen's vectorised tanh (the math library's tanhf, which a
+// plain loop calls element by element, measured ~20× slower), then one pass for d = 1 − y² with
+// act.h's math.  Elements are independent, so the result does not depend on the thread count.
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,17 +13,15 @@
 namespace trpo_ext {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> tanh_and_derivative_cpu(const at::Tensor& x_in) {
-  check_float_tensor(x_in, "x");
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty_like(x);
-  at::Tensor d = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tanh_and_derivative_cpu", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();  // [n]
-    scalar_t* yp = y.data_ptr<scalar_t>();         // [n]
+std::tuple<at::Tensor, at::Tensor> tanh_and_derivative_cpu(const at::Tensor& x) {
+  check_float_tensor(x, "x");
+  at::Tensor y = at::tanh(x.contiguous());
+  at::Tensor d = at::empty_like(y);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tanh_and_derivative_cpu", [&] {
+    const scalar_t* yp = y.data_ptr<scalar_t>();  // [n]
     scalar_t* dp = d.data_ptr<scalar_t>();         // [n]
-    at::parallel_for(0, x.numel(), 32768, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) act::tanh_and_derivative(xp[i], yp[i], dp[i]);
+    at::parallel_for(0, y.numel(), 32768, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) dp[i] = act::tanh_derivative(yp[i]);
     });
   });
   return {y, d};

@@ -107,10 +107,12 @@ struct GaussTiles {
     }
     if (!shared) return;
     kl_scale.resize(n), grad_scale.resize(n), inv_std.resize(n), log_std.resize(n);
-    for (int64_t i = 0; i < n; ++i) {
-      const kl::GaussCol<acc_t> c = kl::gauss_col(lo_rep[i], ln_rep[i]);
-      kl_scale[i] = c.kl_scale, grad_scale[i] = c.grad_scale;
-      inv_std[i] = c.inv_std, log_std[i] = c.log_std;
+    for (int64_t a = 0; a < A; ++a) {  // computed once per dimension, then repeated
+      const kl::GaussCol<acc_t> c = kl::gauss_col(lo_rep[a], ln_rep[a]);
+      for (int64_t i = a; i < n; i += A) {
+        kl_scale[i] = c.kl_scale, grad_scale[i] = c.grad_scale;
+        inv_std[i] = c.inv_std, log_std[i] = c.log_std;
+      }
     }
   }
 

@@ -22,7 +22,9 @@ __global__ void tanh_deriv_kernel(const scalar_t* __restrict__ x,  // [n]
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
-    act::tanh_and_derivative(x[i], y[i], d[i]);
+    const scalar_t t = act::k_tanh(x[i]);
+    y[i] = t;
+    d[i] = act::tanh_derivative(t);
   }
 }
 
