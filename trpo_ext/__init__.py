@@ -8,6 +8,12 @@ from .train import TrainResult, train
 from .policies import Policy, ValueFunction, fisher_vector_product
 from . import distributions
 from .kl import (
+    kl_categorical,
+    kl_diag_gaussian,
+    kl_metric_categorical,
+    kl_metric_diag_gaussian,
+    kl_surrogate_categorical,
+    kl_surrogate_diag_gaussian,
     fisher_metric_categorical,
     fisher_metric_diag_gaussian,
     mean_kl_categorical,
@@ -25,6 +31,12 @@ __all__ = [
     "CGResult",
     "CGGraph",
     "cmake_prefix_path",
+    "kl_diag_gaussian",
+    "kl_categorical",
+    "kl_surrogate_diag_gaussian",
+    "kl_surrogate_categorical",
+    "kl_metric_diag_gaussian",
+    "kl_metric_categorical",
     "mean_kl_diag_gaussian",
     "mean_kl_categorical",
     "surrogate_kl_diag_gaussian",

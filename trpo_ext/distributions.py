@@ -98,14 +98,14 @@ class DiagGaussian(Distribution):
         return (params[1] + 0.5 + _HALF_LOG_2PI).sum()
 
     def mean_kl(self, old, new):
-        return _kl.mean_kl_diag_gaussian(old[0], old[1], new[0], new[1])
+        return _kl.kl_diag_gaussian(old[0], old[1], new[0], new[1])
 
     def surrogate_kl(self, old, new, actions, logp_old, advantages):
-        return _kl.surrogate_kl_diag_gaussian(old[0], old[1], new[0], new[1], actions, logp_old,
+        return _kl.kl_surrogate_diag_gaussian(old[0], old[1], new[0], new[1], actions, logp_old,
                                               advantages)
 
     def fisher_metric(self, old, u):
-        return _kl.fisher_metric_diag_gaussian(old[1], u[0], u[1])
+        return _kl.kl_metric_diag_gaussian(old[1], u[0], u[1])
 
     def action_tensor(self, batch_shape):
         return torch.empty(*batch_shape, self.action_dim)
@@ -136,13 +136,13 @@ class Categorical(Distribution):
         return -(logp.exp() * logp).sum(-1).mean()
 
     def mean_kl(self, old, new):
-        return _kl.mean_kl_categorical(old[0], new[0])
+        return _kl.kl_categorical(old[0], new[0])
 
     def surrogate_kl(self, old, new, actions, logp_old, advantages):
-        return _kl.surrogate_kl_categorical(old[0], new[0], actions, logp_old, advantages)
+        return _kl.kl_surrogate_categorical(old[0], new[0], actions, logp_old, advantages)
 
     def fisher_metric(self, old, u):
-        return (_kl.fisher_metric_categorical(old[0], u[0]),)
+        return (_kl.kl_metric_categorical(old[0], u[0]),)
 
     def action_tensor(self, batch_shape):
         return torch.empty(*batch_shape, dtype=torch.long)
@@ -188,7 +188,7 @@ class MultiCategorical(Distribution):
         return total
 
     def mean_kl(self, old, new):
-        return sum(_kl.mean_kl_categorical(o, n)
+        return sum(_kl.kl_categorical(o, n)
                    for o, n in zip(self._split(old[0]), self._split(new[0])))
 
     def surrogate_kl(self, old, new, actions, logp_old, advantages):
@@ -202,7 +202,7 @@ class MultiCategorical(Distribution):
         return surrogate, self.mean_kl(old, new), row_kl.max()
 
     def fisher_metric(self, old, u):
-        return (torch.cat([_kl.fisher_metric_categorical(o, x)
+        return (torch.cat([_kl.kl_metric_categorical(o, x)
                            for o, x in zip(self._split(old[0]), self._split(u[0]))], -1),)
 
     def action_tensor(self, batch_shape):
@@ -242,7 +242,7 @@ class Bernoulli(Distribution):
 
     def mean_kl(self, old, new):
         # The op averages over B·n rows; the KL sums over the n dimensions.
-        return _kl.mean_kl_categorical(self._two_class(old[0]), self._two_class(new[0])) * self.n
+        return _kl.kl_categorical(self._two_class(old[0]), self._two_class(new[0])) * self.n
 
     def surrogate_kl(self, old, new, actions, logp_old, advantages):
         logp_new = self.log_prob(new, actions)

@@ -31,7 +31,10 @@ import torch
 from . import _build  # noqa: F401  (loads the op registrations)
 from ._checks import fake_same_device, refuse_grad
 
-__all__ = ["mean_kl_diag_gaussian", "mean_kl_categorical", "surrogate_kl_diag_gaussian",
+__all__ = ["kl_diag_gaussian", "kl_categorical", "kl_surrogate_diag_gaussian",
+           "kl_surrogate_categorical", "kl_metric_diag_gaussian", "kl_metric_categorical",
+           # earlier names, aliases for one more release
+           "mean_kl_diag_gaussian", "mean_kl_categorical", "surrogate_kl_diag_gaussian",
            "surrogate_kl_categorical", "fisher_metric_diag_gaussian", "fisher_metric_categorical"]
 
 _ops = torch.ops.trpo_ext
@@ -43,7 +46,7 @@ def _require_tensors(**tensors) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def mean_kl_diag_gaussian(mean_old: torch.Tensor, log_std_old: torch.Tensor,
+def kl_diag_gaussian(mean_old: torch.Tensor, log_std_old: torch.Tensor,
                           mean_new: torch.Tensor, log_std_new: torch.Tensor) -> torch.Tensor:
     """Batch mean of KL(N(μ_old, σ_old²) ‖ N(μ_new, σ_new²)), summed over action dimensions.
 
@@ -62,7 +65,7 @@ def mean_kl_diag_gaussian(mean_old: torch.Tensor, log_std_old: torch.Tensor,
     return _ops.kl_diag_gaussian(mean_old, log_std_old, mean_new, log_std_new)
 
 
-def mean_kl_categorical(logits_old: torch.Tensor, logits_new: torch.Tensor) -> torch.Tensor:
+def kl_categorical(logits_old: torch.Tensor, logits_new: torch.Tensor) -> torch.Tensor:
     """Batch mean of KL(Cat(softmax(logits_old)) ‖ Cat(softmax(logits_new))).
 
     Logits ``[B, K]`` (unnormalised; a log-softmax is taken inside, stable for large logits).
@@ -72,7 +75,7 @@ def mean_kl_categorical(logits_old: torch.Tensor, logits_new: torch.Tensor) -> t
     return _ops.kl_categorical(logits_old, logits_new)
 
 
-def surrogate_kl_diag_gaussian(mean_old: torch.Tensor, log_std_old: torch.Tensor,
+def kl_surrogate_diag_gaussian(mean_old: torch.Tensor, log_std_old: torch.Tensor,
                                mean_new: torch.Tensor, log_std_new: torch.Tensor,
                                actions: torch.Tensor, logp_old: torch.Tensor,
                                advantages: torch.Tensor
@@ -81,7 +84,7 @@ def surrogate_kl_diag_gaussian(mean_old: torch.Tensor, log_std_old: torch.Tensor
 
     ``surrogate = mean_b exp(log π_new(a_b) − logp_old_b) · advantages_b`` with
     ``log π_new(a) = Σ_a [−½((a − μ_new)/σ_new)² − log σ_new − ½ log 2π]``; ``mean_kl`` as
-    :func:`mean_kl_diag_gaussian`; ``max_kl`` the largest per-row KL.
+    :func:`kl_diag_gaussian`; ``max_kl`` the largest per-row KL.
 
     Args:
         mean_old, mean_new, actions: ``[B, A]``; log_std_old, log_std_new: ``[A]`` or ``[B, A]``;
@@ -98,7 +101,7 @@ def surrogate_kl_diag_gaussian(mean_old: torch.Tensor, log_std_old: torch.Tensor
                                            logp_old, advantages)
 
 
-def surrogate_kl_categorical(logits_old: torch.Tensor, logits_new: torch.Tensor,
+def kl_surrogate_categorical(logits_old: torch.Tensor, logits_new: torch.Tensor,
                              actions: torch.Tensor, logp_old: torch.Tensor,
                              advantages: torch.Tensor
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,11 +123,20 @@ def surrogate_kl_categorical(logits_old: torch.Tensor, logits_new: torch.Tensor,
     return _ops.kl_surrogate_categorical(logits_old, logits_new, actions, logp_old, advantages)
 
 
+# The names of earlier releases, kept as aliases for one more.
+mean_kl_diag_gaussian = kl_diag_gaussian
+mean_kl_categorical = kl_categorical
+surrogate_kl_diag_gaussian = kl_surrogate_diag_gaussian
+surrogate_kl_categorical = kl_surrogate_categorical
+fisher_metric_diag_gaussian = kl_metric_diag_gaussian
+fisher_metric_categorical = kl_metric_categorical
+
+
 # --- autograd -----------------------------------------------------------------------------------
 
 # --- the Fisher metric of each distribution -------------------------------------------------------
 
-def fisher_metric_diag_gaussian(log_std: torch.Tensor, u_mean: torch.Tensor,
+def kl_metric_diag_gaussian(log_std: torch.Tensor, u_mean: torch.Tensor,
                                 u_log_std: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The Hessian of the batch-mean Gaussian KL at new = old, applied to a direction.
 
@@ -135,11 +147,11 @@ def fisher_metric_diag_gaussian(log_std: torch.Tensor, u_mean: torch.Tensor,
     Jacobian of the distribution parameters in the network's.  One fused pass, not differentiable.
     """
     _require_tensors(log_std=log_std, u_mean=u_mean, u_log_std=u_log_std)
-    refuse_grad("fisher_metric_diag_gaussian", log_std=log_std, u_mean=u_mean, u_log_std=u_log_std)
+    refuse_grad("kl_metric_diag_gaussian", log_std=log_std, u_mean=u_mean, u_log_std=u_log_std)
     return _ops.kl_metric_diag_gaussian(log_std, u_mean, u_log_std)
 
 
-def fisher_metric_categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def kl_metric_categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The Hessian of the batch-mean categorical KL at new = old, applied to a direction.
 
     With the old ``logits [B, K]`` (p = softmax) and a direction ``u [B, K]`` in the new logits,
@@ -147,7 +159,7 @@ def fisher_metric_categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Te
     not differentiable.
     """
     _require_tensors(logits=logits, u=u)
-    refuse_grad("fisher_metric_categorical", logits=logits, u=u)
+    refuse_grad("kl_metric_categorical", logits=logits, u=u)
     return _ops.kl_metric_categorical(logits, u)
 
 
