@@ -427,11 +427,11 @@ def test_metric_ops_bad_input(device):
 def test_metric_ops_refuse_inputs_that_require_grad(device):
     mo, lo, *_ = gaussian_inputs(9, 3, F64, device)
     u = torch.randn_like(mo).requires_grad_()
-    with pytest.raises(ValueError, match="fisher_metric_diag_gaussian is not differentiable, but "
+    with pytest.raises(ValueError, match="kl_metric_diag_gaussian is not differentiable, but "
                                          "u_mean requires grad"):
         trpo_ext.fisher_metric_diag_gaussian(lo, u, torch.randn_like(lo))
     lg, *_ = categorical_inputs(9, 5, F64, device)
-    with pytest.raises(ValueError, match="fisher_metric_categorical is not differentiable, but "
+    with pytest.raises(ValueError, match="kl_metric_categorical is not differentiable, but "
                                          "logits requires grad"):
         trpo_ext.fisher_metric_categorical(lg.clone().requires_grad_(), torch.randn_like(lg))
     with torch.no_grad():

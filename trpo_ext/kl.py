@@ -123,15 +123,6 @@ def kl_surrogate_categorical(logits_old: torch.Tensor, logits_new: torch.Tensor,
     return _ops.kl_surrogate_categorical(logits_old, logits_new, actions, logp_old, advantages)
 
 
-# The names of earlier releases, kept as aliases for one more.
-mean_kl_diag_gaussian = kl_diag_gaussian
-mean_kl_categorical = kl_categorical
-surrogate_kl_diag_gaussian = kl_surrogate_diag_gaussian
-surrogate_kl_categorical = kl_surrogate_categorical
-fisher_metric_diag_gaussian = kl_metric_diag_gaussian
-fisher_metric_categorical = kl_metric_categorical
-
-
 # --- autograd -----------------------------------------------------------------------------------
 
 # --- the Fisher metric of each distribution -------------------------------------------------------
@@ -398,3 +389,12 @@ def _metric_cat_fake(logits, u):
     torch._check(u.shape == logits.shape, lambda: "u must have the shape of logits")
     torch._check(u.dtype == logits.dtype, lambda: "u must have the dtype of logits")
     return torch.empty_like(u, memory_format=torch.contiguous_format)
+
+
+# The names of earlier releases, kept as aliases for one more.
+mean_kl_diag_gaussian = kl_diag_gaussian
+mean_kl_categorical = kl_categorical
+surrogate_kl_diag_gaussian = kl_surrogate_diag_gaussian
+surrogate_kl_categorical = kl_surrogate_categorical
+fisher_metric_diag_gaussian = kl_metric_diag_gaussian
+fisher_metric_categorical = kl_metric_categorical
