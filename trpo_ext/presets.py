@@ -1,0 +1,27 @@
+"""Tuned settings per task, like the RL Zoo's hyperparameter files.
+
+``PRESETS[env_id]`` is a dict: ``settings`` (keyword arguments of :func:`trpo_ext.train`), ``note``
+(why they differ from the defaults) and ``measured`` (what they reached: the deterministic
+evaluation return of the final policy, mean of 20 episodes, per training seed, at ``steps``, with
+``benchmarks/mujoco.py``).  A task is listed only where its settings beat the defaults on measured
+seeds.  Use::
+
+    trpo_ext.train("Ant-v5", 1_000_000, **trpo_ext.presets.get("Ant-v5"))
+
+or ``trpo-ext train --preset Ant-v5`` (explicit flags override the preset's settings).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict
+
+__all__ = ["PRESETS", "get"]
+
+PRESETS: Dict[str, Dict[str, Any]] = {}
+
+
+def get(name: str) -> Dict[str, Any]:
+    """The preset's ``settings`` (a copy), to pass to :func:`trpo_ext.train` as ``**settings``."""
+    if name not in PRESETS:
+        raise KeyError(f"no preset {name!r}; presets: {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name]["settings"])
