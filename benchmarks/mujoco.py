@@ -35,8 +35,11 @@ import time
 import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# Run as a script, this file's own directory heads sys.path, and its name would shadow the mujoco
+# package (gymnasium's MuJoCo tasks import it); spawned workers inherit the cleaned path.
+sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in (HERE, ROOT)]
 
 TASKS = ["Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5", "Swimmer-v5"]
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "mujoco_1m.jsonl")
