@@ -35,11 +35,11 @@ from . import _checks
 from .cg import conjugate_gradient
 from .config import TRPOConfig
 from .gae import gae
-from .policies import Adam, Policy, ValueFunction, space_spec
+from .policies import Adam, Policy, RunningMeanStd, ValueFunction, space_spec
 from .rollout import RolloutCollector, check_env_id, env_factory, make_vector_env
 from .vecenv import choose_workers
 
-__all__ = ["train", "TrainResult", "trpo_update", "HISTORY_KEYS"]
+__all__ = ["train", "TrainResult", "trpo_update", "HISTORY_KEYS", "RewardNormalizer"]
 
 HISTORY_KEYS = (
     "time/iteration", "time/total_steps", "rollout/ep_return_mean", "rollout/ep_length_mean",
@@ -61,6 +61,41 @@ class TrainResult:
     history: List[Dict[str, Any]] = field(default_factory=list)
     checkpoint_path: Optional[str] = None
     log_dir: Optional[str] = None
+
+
+class RewardNormalizer(torch.nn.Module):
+    """Rewards divided by the running standard deviation of the discounted return (the rule of
+    SB3's VecNormalize): per environment R ← γR + r, reset to 0 after an episode's last step; the
+    running variance of R over every step seen (float64); reward / sqrt(var + ε), clipped to ±clip.
+
+    One batch at a time: :meth:`update` folds a rollout's returns into the statistics (the only
+    state a data-parallel run must all-reduce is ``return_rms``), then :meth:`normalize` scales that
+    rollout's rewards by them.
+    """
+
+    def __init__(self, n_envs: int, gamma: float, epsilon: float = 1e-8, clip: float = 10.0):
+        super().__init__()
+        self.gamma, self.epsilon, self.clip = gamma, epsilon, clip
+        self.return_rms = RunningMeanStd(1, epsilon, clip)
+        self.register_buffer("returns", torch.zeros(n_envs, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, rewards: torch.Tensor, dones: torch.Tensor) -> None:
+        """Fold ``rewards [T, N]`` (``dones [T, N]``: the episode ended at that step) in."""
+        returns = self.returns
+        discounted = torch.empty(rewards.shape, dtype=torch.float64, device=rewards.device)
+        rewards64, keep = rewards.to(torch.float64), (~dones).to(torch.float64)
+        for t in range(rewards.shape[0]):
+            returns = returns * self.gamma + rewards64[t]
+            discounted[t] = returns
+            returns = returns * keep[t]
+        self.returns.copy_(returns)
+        self.return_rms.update(discounted.reshape(-1, 1))
+
+    @torch.no_grad()
+    def normalize(self, rewards: torch.Tensor) -> torch.Tensor:
+        scale = torch.sqrt(self.return_rms.var + self.epsilon)
+        return (rewards.to(torch.float64) / scale).clamp_(-self.clip, self.clip).to(rewards.dtype)
 
 
 # --- the update: steps 3 to 7 --------------------------------------------------------------------
@@ -245,8 +280,8 @@ def _validate(cfg: TRPOConfig) -> None:
     _checks.require_int(cfg.num_threads, "num_threads", 0, _MAX_NUM_THREADS)
     _checks.require_int(cfg.checkpoint_every, "checkpoint_every", 0)
     _checks.require_int(cfg.env_workers, "env_workers", -1)
-    for name in ("async_envs", "normalize_obs", "normalize_advantages", "normalize_value_targets",
-                 "progress"):
+    for name in ("async_envs", "normalize_obs", "normalize_advantages", "normalize_rewards",
+                 "normalize_value_targets", "progress"):
         value = getattr(cfg, name)
         if isinstance(value, np.bool_):  # a NumPy bool is a bool here
             value = bool(value)
@@ -444,6 +479,8 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
     value_fn = ValueFunction(spec["obs_dim"], cfg.hidden_sizes, init_gen,
                              normalize_targets=cfg.normalize_value_targets).to(device)
     vf_optimizer = Adam(value_fn.flat, lr=cfg.vf_lr)
+    reward_normalizer = RewardNormalizer(cfg.n_envs, cfg.gamma).to(device) \
+        if cfg.normalize_rewards else None
     generator = torch.Generator(device=device).manual_seed(seed + 1)
     cpu_generator = generator if device.type == "cpu" else torch.Generator().manual_seed(seed + 2)
     history: List[Dict[str, Any]] = []
@@ -462,6 +499,9 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
             history = list(ckpt["history"])
             for entry in history:
                 float(entry["time/elapsed_s"])  # what the resumed run reads of its history
+            if reward_normalizer is not None and "reward_normalizer" in ckpt:
+                reward_normalizer.load_state_dict(ckpt["reward_normalizer"])
+                reward_normalizer.returns.zero_()  # the environments start fresh episodes
             steps_done = _checks.require_int(ckpt["total_steps_done"], "total_steps_done", 0)
             iteration = _checks.require_int(ckpt["iteration"], "iteration", 0)
             episode_returns = [float(x) for x in ckpt.get("episode_returns", [])]
@@ -505,6 +545,9 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
             "episode_returns": list(collector.episode_returns),
             "episode_lengths": list(collector.episode_lengths), "rng": rng,
         }
+        if reward_normalizer is not None:
+            state["reward_normalizer"] = {k: v.detach().cpu()
+                                          for k, v in reward_normalizer.state_dict().items()}
         directory = os.path.join(os.fspath(cfg.log_dir), "checkpoints")
         path = os.path.join(directory, f"step_{steps_done:09d}.pt")
         save_checkpoint(state, [path, os.path.join(directory, "last.pt")])
@@ -519,7 +562,12 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt) -> T
             t1 = time.perf_counter()
 
             # 2. Advantages by GAE, standardised (a zero spread leaves them centred, not NaN).
-            advantages, returns = gae(batch.rewards, batch.values, batch.next_values,
+            # Rewards scaled first when asked; the episodes' logged returns stay raw.
+            rewards = batch.rewards
+            if reward_normalizer is not None:
+                reward_normalizer.update(rewards, batch.done)
+                rewards = reward_normalizer.normalize(rewards)
+            advantages, returns = gae(rewards, batch.values, batch.next_values,
                                       batch.terminated, batch.done, cfg.gamma, cfg.gae_lambda)
             advantages = advantages.reshape(-1)
             if cfg.normalize_advantages:
