@@ -108,7 +108,7 @@ def run_one(task: str, seed: int, steps: int, episodes: int, ev_seed: int,
                                         deterministic=True)
     eval_s = time.perf_counter() - t1
     return {"returns": [float(r) for r in returns], "return": statistics.fmean(returns),
-            "train_s": train_s, "eval_s": eval_s,
+            "train_s": train_s, "eval_s": eval_s, "wall_s": time.perf_counter() - t0,
             "trained_steps": int(h[-1]["time/total_steps"]), "iterations": len(h),
             "curve": {"steps": [int(e["time/total_steps"]) for e in h],
                       "ep_return_mean": [_finite_or_none(e["rollout/ep_return_mean"]) for e in h]}}
@@ -158,9 +158,9 @@ def run_all(args) -> None:
         for task, seed, ev in todo:
             print(f"run  {task} seed {seed} ({args.steps} steps)", flush=True)
             futures[pool.submit(run_one, task, seed, args.steps, args.episodes, ev,
-                                args.settings)] = (task, seed, ev, time.perf_counter())
+                                args.settings)] = (task, seed, ev)
         for fut in cf.as_completed(futures):
-            task, seed, ev, t0 = futures[fut]
+            task, seed, ev = futures[fut]
             rec = {"task": task, "seed": seed, "eval_seed": ev, **common}
             try:
                 rec.update(fut.result())
@@ -168,7 +168,6 @@ def run_all(args) -> None:
             except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
                 rec.update(status="error", error=f"{type(e).__name__}: {e}",
                            traceback=traceback.format_exc())
-            rec["wall_s"] = time.perf_counter() - t0  # includes any wait for a free worker
             rec["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
