@@ -251,7 +251,7 @@ def figure(grouped, path: str, steps: int) -> None:
             if not rs:
                 continue
             curves = []
-            for r in rs:
+            for r in (r for r in rs if r.get("curve")):
                 x = np.asarray(r["curve"]["steps"], dtype=float)
                 y = np.asarray([np.nan if v is None else v for v in r["curve"]["ep_return_mean"]])
                 ok = np.isfinite(y)
