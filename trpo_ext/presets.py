@@ -17,7 +17,16 @@ from typing import Any, Dict
 
 __all__ = ["PRESETS", "get"]
 
-PRESETS: Dict[str, Dict[str, Any]] = {}
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "Ant-v5": {
+        "settings": {"init_log_std": -1.0},
+        "note": "std e^-1: with std 1 the clipped actions' control cost (0.5 a^2 summed over 8 "
+                "joints) outweighs Ant-v5's healthy reward of 1, and ending the episode pays; "
+                "the defaults reached 484 and 853 (seeds 0, 1). Still rising at 10^6 steps.",
+        "measured": {"steps": 1_000_000, "seeds": [0, 1], "returns": [2442.8, 2251.9],
+                     "return": 2347.4, "commit": "1b1efed3f2"},
+    },
+}
 
 
 def get(name: str) -> Dict[str, Any]:
