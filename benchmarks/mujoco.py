@@ -61,14 +61,16 @@ def eval_seed(base: int, seed: int) -> int:
     return base + 1000 * seed
 
 
-def git_commit() -> Dict[str, Any]:
+def git_commit(out: str) -> Dict[str, Any]:
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=30).stdout.strip()
     try:
-        # Only tracked files count as dirty: results files written by the sweep itself do not.
+        # Changed tracked files make the tree dirty, except the records file this sweep appends to.
+        changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
+        mine = os.path.relpath(os.path.abspath(out), ROOT)
         return {"commit": git("rev-parse", "HEAD"),
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+                "dirty": any(line[3:] != mine for line in changed)}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
@@ -148,7 +150,7 @@ def run_all(args) -> None:
             else:
                 todo.append((task, seed, ev))
     common = {"steps": args.steps, "episodes": args.episodes, "settings": args.settings,
-              "preset": args.preset, "overrides": args.overrides, **git_commit(),
+              "preset": args.preset, "overrides": args.overrides, **git_commit(args.out),
               "machine": machine()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     # Fresh interpreters (spawn): no torch or MuJoCo state is shared through a fork.
