@@ -64,7 +64,7 @@ def eval_seed(base: int, seed: int) -> int:
 def git_commit(out: str) -> Dict[str, Any]:
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=30).stdout.strip()
+                              timeout=30).stdout.rstrip("\n")
     try:
         # Changed tracked files make the tree dirty, except the records file this sweep appends to.
         changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
