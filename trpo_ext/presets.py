@@ -6,7 +6,8 @@ evaluation return of the final policy, mean of 20 episodes, per training seed, a
 ``benchmarks/mujoco.py``).  A task is listed only where its settings beat the defaults on measured
 seeds.  Use::
 
-    trpo_ext.train("Ant-v5", 1_000_000, **trpo_ext.presets.get("Ant-v5"))
+    from trpo_ext import presets
+    trpo_ext.train("Ant-v5", 1_000_000, **presets.get("Ant-v5"))
 
 or ``trpo-ext train --preset Ant-v5`` (explicit flags override the preset's settings).
 """
