@@ -250,6 +250,7 @@ examples:
   {PROG} train                                   # CartPole-v1, 100k steps, default settings
   {PROG} train --env InvertedPendulum-v5 --seed 1
   {PROG} train --env Hopper-v5 --steps 1000000 --max-kl 0.02 --hidden-sizes 64,64
+  {PROG} train --preset Ant-v5 --steps 1000000   # the tuned settings of trpo_ext.presets
   {PROG} train --resume runs/CartPole-v1-0-20250101-120000/checkpoints/last.pt
 
 Files in the log directory: progress.csv (one row per iteration), tb/ (TensorBoard:
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="directory for logs, the learning curve and checkpoints (default: "
                           "runs/<env>-<seed>-<YYYYmmdd-HHMMSS>; with --resume: the run directory "
                           "the checkpoint is in)")
+    run.add_argument("--preset", default=None, metavar="NAME",
+                     help="start from the tuned settings of trpo_ext.presets.PRESETS[NAME] (a task "
+                          "id; also the default --env); flags given explicitly override them")
     run.add_argument("--resume", default=None, metavar="CHECKPOINT",
                      help="continue the run saved in this checkpoint (a .pt file, or a run "
                           "directory for its checkpoints/last.pt)")
@@ -406,6 +410,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     known = {name for name, *_ in config_fields()}
     settings = train_settings(args)
     env, seed, steps, log_dir = args.env, args.seed, args.steps, args.log_dir
+    if args.preset is not None:
+        from . import presets
+
+        if args.preset not in presets.PRESETS:
+            raise CLIError(f"--preset: no preset {args.preset!r}; presets: "
+                           f"{', '.join(sorted(presets.PRESETS)) or 'none'}")
+        settings = {**presets.get(args.preset), **settings}  # explicit flags win
+        env = args.preset if env is None and args.resume is None else env
     resume = None
     if args.resume is not None:
         from .checkpoint import load_checkpoint, run_total_steps

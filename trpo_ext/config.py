@@ -36,6 +36,9 @@ class TRPOConfig:
     line_search_steps: int = _f(10, "backtracking line-search trials")
     backtrack_ratio: float = _f(0.8, "step shrink factor per line-search trial")
     normalize_advantages: bool = _f(True, "standardise advantages per batch")
+    normalize_rewards: bool = _f(False, "divide rewards by the running std of the discounted "
+                                        "return, clipped to ±10 (VecNormalize's rule); logged "
+                                        "returns stay raw")
     # returns
     gamma: float = _f(0.99, "discount factor γ")
     gae_lambda: float = _f(0.95, "GAE λ")

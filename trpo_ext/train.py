@@ -36,12 +36,12 @@ from .cg import conjugate_gradient
 from .config import TRPOConfig
 from .gae import gae
 from .envs import check_env_id, env_factory, make_vector_env
-from .policies import (Adam, Policy, ValueFunction, fisher_product, linearize, space_spec,
+from .policies import (Adam, Policy, RunningMeanStd, ValueFunction, fisher_product, linearize, space_spec,
                        surrogate_gradient)
 from .rollout import RolloutCollector, _tree_map, flatten_time
 from .vecenv import choose_workers
 
-__all__ = ["train", "TrainResult", "trpo_update", "HISTORY_KEYS"]
+__all__ = ["train", "TrainResult", "trpo_update", "HISTORY_KEYS", "RewardNormalizer"]
 
 HISTORY_KEYS = (
     "time/iteration", "time/total_steps", "rollout/ep_return_mean", "rollout/ep_length_mean",
@@ -64,6 +64,41 @@ class TrainResult:
     history: List[Dict[str, Any]] = field(default_factory=list)
     checkpoint_path: Optional[str] = None
     log_dir: Optional[str] = None
+
+
+class RewardNormalizer(torch.nn.Module):
+    """Rewards divided by the running standard deviation of the discounted return (the rule of
+    SB3's VecNormalize): per environment R ← γR + r, reset to 0 after an episode's last step; the
+    running variance of R over every step seen (float64); reward / sqrt(var + ε), clipped to ±clip.
+
+    One batch at a time: :meth:`update` folds a rollout's returns into the statistics (the only
+    state a data-parallel run must all-reduce is ``return_rms``), then :meth:`normalize` scales that
+    rollout's rewards by them.
+    """
+
+    def __init__(self, n_envs: int, gamma: float, epsilon: float = 1e-8, clip: float = 10.0):
+        super().__init__()
+        self.gamma, self.epsilon, self.clip = gamma, epsilon, clip
+        self.return_rms = RunningMeanStd(1, epsilon, clip)
+        self.register_buffer("returns", torch.zeros(n_envs, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, rewards: torch.Tensor, dones: torch.Tensor) -> None:
+        """Fold ``rewards [T, N]`` (``dones [T, N]``: the episode ended at that step) in."""
+        returns = self.returns
+        discounted = torch.empty(rewards.shape, dtype=torch.float64, device=rewards.device)
+        rewards64, keep = rewards.to(torch.float64), (~dones).to(torch.float64)
+        for t in range(rewards.shape[0]):
+            returns = returns * self.gamma + rewards64[t]
+            discounted[t] = returns
+            returns = returns * keep[t]
+        self.returns.copy_(returns)
+        self.return_rms.update(discounted.reshape(-1, 1))
+
+    @torch.no_grad()
+    def normalize(self, rewards: torch.Tensor) -> torch.Tensor:
+        scale = torch.sqrt(self.return_rms.var + self.epsilon)
+        return (rewards.to(torch.float64) / scale).clamp_(-self.clip, self.clip).to(rewards.dtype)
 
 
 # --- the update: steps 3 to 7 --------------------------------------------------------------------
@@ -294,8 +329,8 @@ def _validate(cfg: TRPOConfig) -> None:
     _checks.require_int(cfg.env_workers, "env_workers", -1)
     if cfg.distributed not in distributed.MODES:
         raise ValueError(f"distributed must be one of {distributed.MODES}, got {cfg.distributed!r}")
-    for name in ("async_envs", "normalize_obs", "normalize_advantages", "normalize_value_targets",
-                 "progress"):
+    for name in ("async_envs", "normalize_obs", "normalize_advantages", "normalize_rewards",
+                 "normalize_value_targets", "progress"):
         value = getattr(cfg, name)
         if isinstance(value, np.bool_):  # a NumPy bool is a bool here
             value = bool(value)
@@ -508,6 +543,7 @@ class _Run:
     optimizer: Adam
     generator: torch.Generator       # sampling, on the update's device
     cpu_generator: torch.Generator   # the critic's shuffles (the same as generator on the CPU)
+    reward_normalizer: Optional[RewardNormalizer] = None  # with normalize_rewards
     history: List[Dict[str, Any]] = field(default_factory=list)
     steps_done: int = 0
     iteration: int = 0
@@ -533,7 +569,9 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, worl
         generator = torch.Generator(device=device).manual_seed(seed + 1)
         run = _Run(policy, value_fn,
                    Adam(value_fn.flat, lr=cfg.vf_lr), generator,
-                   generator if device.type == "cpu" else torch.Generator().manual_seed(seed + 2))
+                   generator if device.type == "cpu" else torch.Generator().manual_seed(seed + 2),
+                   RewardNormalizer(n_local, cfg.gamma).to(device) if cfg.normalize_rewards
+                   else None)
         episodes = _restore(run, ckpt, cfg.resume) if ckpt is not None else None
     # Data-parallel: a restart on several machines needs the checkpoint on each.
     distributed.check_same(run.steps_done, "the step to resume from (is log_dir on a file system "
@@ -569,7 +607,7 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, worl
             batch = collector.collect(policy, value_fn, run.generator)
             t1 = time.perf_counter()
             # 2. Advantages by GAE.
-            advantages, returns = _advantages(batch, cfg)
+            advantages, returns = _advantages(batch, cfg, run.reward_normalizer)
             t2 = time.perf_counter()
             # 3–7. The policy step and the value fit.
             metrics = trpo_update(policy, value_fn, run.optimizer,
@@ -654,6 +692,9 @@ def _restore(run: _Run, ckpt: Dict[str, Any], path) -> Tuple[List[float], List[i
         _restore_rng(ckpt["rng"], run.cpu_generator)
         if run.generator is not run.cpu_generator and "device_generator" in ckpt["rng"]:
             run.generator.set_state(ckpt["rng"]["device_generator"])
+        if run.reward_normalizer is not None and "reward_normalizer" in ckpt:
+            run.reward_normalizer.load_state_dict(ckpt["reward_normalizer"])
+            run.reward_normalizer.returns.zero_()  # the environments start fresh episodes
         run.history = list(ckpt["history"])
         for entry in run.history:
             float(entry["time/elapsed_s"])  # what the resumed run reads of its history
@@ -670,7 +711,7 @@ def _checkpoint_state(run: _Run, collector, cfg, env_id, seed, spec, total_steps
     rng = _rng_state(run.cpu_generator)
     if run.generator is not run.cpu_generator:
         rng["device_generator"] = run.generator.get_state()
-    return {
+    state = {
         "env_id": env_id, "config": _config_dict(cfg), "seed": seed, "policy_spec": spec,
         "custom_networks": run.policy.custom_net, "total_steps": total_steps,
         "policy_state": {k: v.detach().cpu() for k, v in run.policy.state_dict().items()},
@@ -681,6 +722,10 @@ def _checkpoint_state(run: _Run, collector, cfg, env_id, seed, spec, total_steps
         "episode_returns": list(collector.episode_returns),
         "episode_lengths": list(collector.episode_lengths), "rng": rng,
     }
+    if run.reward_normalizer is not None:
+        state["reward_normalizer"] = {k: v.detach().cpu()
+                                      for k, v in run.reward_normalizer.state_dict().items()}
+    return state
 
 
 def _write_checkpoint(log_dir, steps_done: int, state: Optional[Dict[str, Any]]) -> str:
@@ -694,10 +739,16 @@ def _write_checkpoint(log_dir, steps_done: int, state: Optional[Dict[str, Any]])
     return path
 
 
-def _advantages(batch, cfg: TRPOConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+def _advantages(batch, cfg: TRPOConfig, reward_normalizer=None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """GAE advantages (standardised with ``normalize_advantages``; a zero spread leaves them
-    centred, not NaN) and returns, flattened to ``[T·N]``."""
-    advantages, returns = gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
+    centred, not NaN) and returns, flattened to ``[T·N]``.  With a reward normaliser the rewards
+    are scaled first; the episodes' logged returns stay raw."""
+    rewards = batch.rewards
+    if reward_normalizer is not None:
+        reward_normalizer.update(rewards, batch.done)
+        rewards = reward_normalizer.normalize(rewards)
+    advantages, returns = gae(rewards, batch.values, batch.next_values, batch.terminated,
                               batch.done, cfg.gamma, cfg.gae_lambda)
     advantages = advantages.reshape(-1)
     if cfg.normalize_advantages:
