@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 # extension is compiled against the torch that will import it.
 "$PY" -m pip install --quiet "torch==2.14.1" ninja numpy "setuptools>=64" wheel \
   "gymnasium[mujoco]>=1.0" scipy pytest hypothesis pytest-benchmark matplotlib tensorboard tqdm \
-  sb3-contrib
+  sb3-contrib "envpool==1.2.5; python_version < '3.12'"
 
 export MAX_JOBS=${MAX_JOBS:-2}
 if [ -e build ]; then
