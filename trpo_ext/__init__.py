@@ -6,7 +6,7 @@ from .checkpoint import load
 from .evaluate import evaluate, evaluate_returns
 from .train import TrainResult, train
 from .policies import Policy, ValueFunction, fisher_vector_product
-from . import distributions
+from . import distributions, presets
 from .kl import (
     kl_categorical,
     kl_diag_gaussian,
@@ -48,6 +48,7 @@ __all__ = [
     "ValueFunction",
     "fisher_vector_product",
     "distributions",
+    "presets",
     "TrainResult",
     "evaluate",
     "evaluate_returns",
