@@ -276,14 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a policy (default: CartPole-v1 for 100k steps)",
         description=_wrap("Train a policy with TRPO, log every iteration, checkpoint, and finally "
                           "evaluate it. With no arguments: CartPole-v1 for 100,000 steps with the "
-                          "default settings (a few minutes on 2 CPU cores)."))
+                          "default settings (under a minute on 2 CPU cores)."))
     run = p.add_argument_group("run")
     run.add_argument("--env", default=None, metavar="ID",
                      help=f"gymnasium environment id (default: {DEFAULT_ENV}; with --resume: the "
                           "checkpoint's)")
     run.add_argument("--steps", type=_positive_int("--steps"), default=None, metavar="N",
-                     help=f"total environment steps of the whole run, resumed part included "
-                          f"(default: {DEFAULT_STEPS}; with --resume: the checkpoint's run's)")
+                     help=f"total environment steps of the whole run, resumed part included, "
+                          f"rounded up to whole updates of n_envs x n_steps (default: "
+                          f"{DEFAULT_STEPS}; with --resume: the checkpoint's run's)")
     run.add_argument("--seed", type=_nonnegative_int("--seed"), default=None, metavar="S",
                      help=f"random seed (default: {DEFAULT_SEED}; with --resume: the checkpoint's)")
     run.add_argument("--log-dir", default=None, metavar="DIR",
