@@ -7,7 +7,6 @@ own total steps with the run's own settings; ``progress.csv`` holds every iterat
 equal to the checkpoint's history; and a second resume of the same checkpoint gives a bit-identical
 run (CPU).  The killed runs are subprocesses with timeouts; the resumes run in this process.
 """
-import csv
 import math
 import os
 import random
@@ -23,9 +22,10 @@ import pytest
 import torch
 
 import trpo_ext
-from trpo_ext import cli
 from trpo_ext.checkpoint import CheckpointError, load_checkpoint
 from trpo_ext.logger import RunLogger
+
+from test_cli import read_rows, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses SIGKILL and /proc")
@@ -157,18 +157,6 @@ def _killed_run(tmp_path, name, how, steps=STEPS, argv=RUN):
     return run_dir, _wait(proc, out)
 
 
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def run_main(argv, capsys):
-    try:
-        rc = cli.main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _same(a, b):

@@ -157,13 +157,7 @@ def test_step_size_and_backtracking_schedule(env_id, monkeypatch):
     m = trpo_update(policy, value_fn, Adam(value_fn.flat, 1e-3), obs, actions, adv, ret, cfg,
                     torch.Generator().manual_seed(0))
     s = solved["res"].x
-    old = tuple(p.detach() for p in _reference_dist(policy, theta_old, obs))
-
-    def mean_kl(theta):
-        new = _reference_dist(policy, theta, obs)
-        if policy.gaussian:
-            return mean_kl_diag_gaussian_reference(old[0], old[1], new[0], new[1])
-        return mean_kl_categorical_reference(old[0], new[0])
+    mean_kl = _mean_kl_from(policy, theta_old, obs)
 
     _, fs = torch.autograd.functional.hvp(mean_kl, theta_old, s)
     beta = math.sqrt(2 * cfg.max_kl / float(s.double() @ (fs + cfg.cg_damping * s).double()))
@@ -218,6 +212,19 @@ def _reference_dist(policy, theta, obs):
     return reference_distribution(policy, theta, obs)
 
 
+def _mean_kl_from(policy, theta_old, obs):
+    """θ ↦ the textbook batch-mean KL(π_θold ‖ π_θ) on ``obs`` (an autograd reference)."""
+    old = tuple(p.detach() for p in _reference_dist(policy, theta_old, obs))
+
+    def mean_kl(theta):
+        new = _reference_dist(policy, theta, obs)
+        if policy.gaussian:
+            return mean_kl_diag_gaussian_reference(old[0], old[1], new[0], new[1])
+        return mean_kl_categorical_reference(old[0], new[0])
+
+    return mean_kl
+
+
 def _update_seen_by_cg(env_id, monkeypatch, cfg):
     """One trpo_update on a small batch with the CG spied on: what it was handed (kw, b) and the
     matvec's products with three fixed random vectors.  Also returns θ_old and the batch."""
@@ -246,13 +253,7 @@ def test_fisher_vector_product_is_the_hessian_of_the_mean_kl(env_id, monkeypatch
     assert seen["kw"] == dict(maxiter=cfg.cg_iters, rtol=0.0, atol=0.0, damping=cfg.cg_damping,
                               sync=False)
 
-    old = tuple(p.detach() for p in _reference_dist(policy, theta_old, obs))
-
-    def mean_kl(theta):
-        new = _reference_dist(policy, theta, obs)
-        if policy.gaussian:
-            return mean_kl_diag_gaussian_reference(old[0], old[1], new[0], new[1])
-        return mean_kl_categorical_reference(old[0], new[0])
+    mean_kl = _mean_kl_from(policy, theta_old, obs)
 
     for v, fv in seen["pairs"]:
         _, hv = torch.autograd.functional.hvp(mean_kl, theta_old, v)
