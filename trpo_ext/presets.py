@@ -19,6 +19,15 @@ from typing import Any, Dict
 __all__ = ["PRESETS", "get"]
 
 PRESETS: Dict[str, Dict[str, Any]] = {
+    "HalfCheetah-v5": {
+        "settings": {"init_log_std": -0.5},
+        "note": "std e^-0.5: on the defaults some seeds settle in a ~1700 gait (3314 +- 1439 over "
+                "seeds 0-7 in earlier records); chosen on seeds 0-7 of those records and confirmed "
+                "here on seeds 0, 1, 5, 6. Hurts Hopper and Walker2d.",
+        "measured": {"steps": 1_000_000, "seeds": [0, 1, 5, 6],
+                     "returns": [5428.2, 4667.9, 5534.0, 4301.2], "return": 4982.8,
+                     "commit": "e25fe78aa4 (seeds 0, 1), 904e4c64a3 (seeds 5, 6)"},
+    },
     "Ant-v5": {
         "settings": {"init_log_std": -1.0},
         "note": "std e^-1: with std 1 the clipped actions' control cost (0.5 a^2 summed over 8 "
