@@ -64,4 +64,8 @@ if python3 -c "import sb3_contrib" 2>/dev/null && [ -z "${SKIP_SB3:-}" ]; then
     timeout 150 python3 benchmarks/compare_sb3.py --repeats 2 --env-workers -1 2>&1 \
         | grep -v "settotalmass\|^$" | tee "$OUT/compare_sb3_workers.log" | tail -24
 fi
+# Data-parallel scaling over torchrun ranks on this machine's cores (issue 18's 8-rank target).
+stage "scaling (torchrun ranks)"
+timeout 300 python3 benchmarks/scaling.py --ranks 1 2 4 8 16 --repeats 1 \
+    --out "$OUT/scaling.jsonl" 2>&1 | grep -v "settotalmass\|^$" | tee "$OUT/scaling.log" | tail -14
 stage "done"
