@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import trpo_ext
 from trpo_ext._reference import (

@@ -116,7 +116,6 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     """
     clock = time.perf_counter
     t0 = clock()
-    flat = policy.flat
 
     # 3. The policy gradient g of the surrogate at θ_old.  The network is linearised there once
     # (closed form for the built-in MLP, autograd otherwise); g and every Fisher-vector product
@@ -133,11 +132,12 @@ def trpo_update(policy: Policy, value_fn: ValueFunction, vf_optimizer: Adam,
     # 4. The natural-gradient direction s ≈ (F + damping·I)⁻¹ g, F v = ∇²θ KL(π_old‖π_θ) v at
     # θ_old as Jᵀ M J v (M the distribution's Fisher metric).  sync=False: x and xAx stay on the
     # device; the CG's counters are read with the line search's first decision.
-    # (Data-parallel: each F v is the whole batch's, so every rank's CG is the same.)
-    cg = conjugate_gradient(lambda v: distributed.reduce_mean_(fisher_product(policy, lin, old, v)), g,
-                            maxiter=cfg.cg_iters, rtol=0.0, atol=0.0, damping=cfg.cg_damping,
-                            sync=False)
-    del lin  # its activations are not needed past the solve
+    def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
+        # Data-parallel: each F v is the whole batch's, so every rank's CG is the same.
+        return distributed.reduce_mean_(fisher_product(policy, lin, old, v))
+
+    cg = conjugate_gradient(fisher_vector_product, g, maxiter=cfg.cg_iters, rtol=0.0, atol=0.0,
+                            damping=cfg.cg_damping, sync=False)
     t2 = clock()
 
     # 5. Step size from the CG's sᵀ(F + damping·I)s: the full step β·s has ½ βsᵀ(F+damping·I)βs = δ.
