@@ -1,4 +1,4 @@
-"""benchmarks/mujoco.py in its smallest form: the records it appends, resuming, and the report."""
+"""benchmarks/mujoco_suite.py in its smallest form: the records it appends, resuming, and the report."""
 import json
 import os
 import statistics
@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def harness(*args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "mujoco.py"), *args],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "mujoco_suite.py"), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout

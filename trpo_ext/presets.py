@@ -3,7 +3,7 @@
 ``PRESETS[env_id]`` is a dict: ``settings`` (keyword arguments of :func:`trpo_ext.train`), ``note``
 (why they differ from the defaults) and ``measured`` (what they reached: the deterministic
 evaluation return of the final policy, mean of 20 episodes, per training seed, at ``steps``, with
-``benchmarks/mujoco.py``).  A task is listed only where its settings beat the defaults on measured
+``benchmarks/mujoco_suite.py``).  A task is listed only where its settings beat the defaults on measured
 seeds.  Use::
 
     from trpo_ext import presets

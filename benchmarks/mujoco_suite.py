@@ -16,9 +16,9 @@ seeds, n, the per-seed returns, the published reference numbers) to TABLE.md and
 curves (mean over seeds, shaded from the lowest to the highest seed, the published numbers as
 horizontal lines) to ``--figure`` (default: TABLE.png).
 
-    python benchmarks/mujoco.py [--tasks Hopper-v5 ...] [--seeds 0 1] [--steps 1000000]
+    python benchmarks/mujoco_suite.py [--tasks Hopper-v5 ...] [--seeds 0 1] [--steps 1000000]
         [--jobs N] [--settings JSON] [--preset NAME] [--out benchmarks/results/mujoco_1m.jsonl]
-    python benchmarks/mujoco.py --report docs/mujoco.md [--figure docs/mujoco.png] [--out ...]
+    python benchmarks/mujoco_suite.py --report docs/mujoco.md [--figure docs/mujoco.png] [--out ...]
 """
 from __future__ import annotations
 
@@ -37,9 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# Run as a script, this file's own directory heads sys.path, and its name would shadow the mujoco
-# package (gymnasium's MuJoCo tasks import it); spawned workers inherit the cleaned path.
-sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in (HERE, ROOT)]
+sys.path.insert(0, ROOT)
 
 TASKS = ["Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5", "Swimmer-v5"]
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "mujoco_1m.jsonl")
