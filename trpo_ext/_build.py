@@ -1,7 +1,7 @@
 """Loads the compiled extension and says what it was built with."""
 from __future__ import annotations
 
-import importlib.util
+import importlib.machinery
 import os
 
 import torch
@@ -11,15 +11,16 @@ _torch_mm = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]
 _BUILD_HOW = ("run `bash scripts/setup.sh` (or `pip install --no-build-isolation -e .`) in the "
               "trpo_ext source tree")
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# Look beside this file only: an editable install elsewhere on the machine must not lend this
+# source tree its compiled module.
+if not any(os.path.isfile(os.path.join(_HERE, "_C" + suffix))
+           for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+    raise ImportError(f"trpo_ext: the extension is not built here ({_HERE} has no compiled "
+                      f"trpo_ext._C); {_BUILD_HOW}.")
 try:
     from . import _C  # noqa: F401  (importing runs the op registrations)
 except ImportError as exc:
-    if importlib.util.find_spec(f"{__package__}._C") is None:  # no compiled file: never built
-        raise ImportError(
-            "trpo_ext: the extension is not built here "
-            f"({os.path.dirname(os.path.abspath(__file__))} has no compiled trpo_ext._C); "
-            f"{_BUILD_HOW}."
-        ) from exc
     # The file is there but does not load: an undefined symbol means a build for another torch.
     raise ImportError(
         f"trpo_ext's compiled extension could not be loaded with torch {torch.__version__}: {exc}. "
