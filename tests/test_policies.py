@@ -176,3 +176,12 @@ def test_fisher_vector_product_refuses_bad_input():
         trpo_ext.fisher_vector_product(policy, obs[:, :3], v)
     with pytest.raises(TypeError, match="policy must be a trpo_ext Policy"):
         trpo_ext.fisher_vector_product(object(), obs, v)
+
+
+def test_both_autograd_jacobian_routes_are_the_ones_tested_above():
+    """J v is reverse-over-reverse for networks without convolutions and forward mode with them:
+    the cases above cover each route against hvp."""
+    for case, forward_mode in (("relu-gaussian", False), ("mlp-categorical", False),
+                               ("cnn-image", True), ("dict-multidiscrete", True)):
+        policy, _, x = _policy(case)
+        assert linearize(policy, x, closed_form=False)[1].forward_mode is forward_mode

@@ -423,10 +423,12 @@ class Linearization:
 
 class AutogradLinearization:
     """Any network linearised at its current parameters by autograd, with the interface of
-    :class:`Linearization`: ``vjp`` (Jᵀ w) is a backward pass of one recorded forward pass, ``jvp``
-    (J v) a forward-mode pass (torch.func.jvp).  Forward mode was measured faster than the
-    alternative (a backward pass of the recorded Jᵀw graph) for convolutions and on par for MLPs.
-    The network's parameters are θ's first ``n_params`` entries."""
+    :class:`Linearization`: ``vjp`` (Jᵀ w) is a backward pass of one recorded forward pass; ``jvp``
+    (J v) reverse-over-reverse on that recording (Jᵀu is linear in u, so J v = ∂(Jᵀu·v)/∂u), which
+    reuses the recorded activations, or forward mode (torch.func.jvp), which recomputes them, for
+    networks with convolutions, whose double backward torch runs on a slow CPU path
+    (benchmarks/bench_update.py measures both).  The network's parameters are θ's first
+    ``n_params`` entries."""
 
     def __init__(self, net: nn.Module, x: Features, n_params: int):
         self.n_params = n_params
@@ -441,12 +443,19 @@ class AutogradLinearization:
         # A copy: the line search later writes into the parameters' storage.
         self._theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
         theta = self._theta.detach().requires_grad_()
+        self.forward_mode = any(isinstance(m, nn.modules.conv._ConvNd) for m in net.modules())
         with torch.enable_grad():
             out = f(theta)
+            if not self.forward_mode:
+                self._u = torch.zeros_like(out, requires_grad=True)
+                self._jt_u = torch.autograd.grad(out, theta, self._u, create_graph=True)[0]
         self._f, self._theta_req, self._out = f, theta, out
         self.output = out.detach()
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        if not self.forward_mode:
+            return torch.autograd.grad(self._jt_u, self._u, v[:self.n_params], retain_graph=True,
+                                       allow_unused=True, materialize_grads=True)[0]
         with warnings.catch_warnings():
             # torch's forward-mode AD loads its decompositions through torch.jit.script on first
             # use, which warns of its own deprecation: not the user's concern.
