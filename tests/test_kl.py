@@ -282,8 +282,9 @@ def test_categorical_gradcheck(B, K, device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_state", LOG_STD_KINDS)
-def test_gaussian_gradients_match_reference(per_state, dtype, device):
-    mo, lo, mn, ln, act, lp, adv = gaussian_inputs(257, 6, dtype, device, per_state)
+@pytest.mark.parametrize("B,A", [(257, 6), (1000, 1), (700, 17)])  # several CPU tiles each
+def test_gaussian_gradients_match_reference(B, A, per_state, dtype, device):
+    mo, lo, mn, ln, act, lp, adv = gaussian_inputs(B, A, dtype, device, per_state)
     w_kl, w_s = 0.7, -1.3  # arbitrary upstream weights exercise both gradient paths at once
 
     def grads(fn):
@@ -303,8 +304,9 @@ def test_gaussian_gradients_match_reference(per_state, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_categorical_gradients_match_reference(dtype, device):
-    lo, ln, act, lp, adv = categorical_inputs(257, 18, dtype, device)
+@pytest.mark.parametrize("B,K", [(257, 18), (600, 2)])  # several CPU tiles each
+def test_categorical_gradients_match_reference(B, K, dtype, device):
+    lo, ln, act, lp, adv = categorical_inputs(B, K, dtype, device)
     x = ln.detach().clone().requires_grad_()
     s, k, _ = trpo_ext.surrogate_kl_categorical(lo, x, act, lp, adv)
     (got,) = torch.autograd.grad(0.7 * k - 1.3 * s, (x,))

@@ -5,6 +5,8 @@
 // Inside a tile the SIMD lanes run along the rows: a Gaussian tile is one flat loop over its
 // elements (a state-independent log_std's per-dimension terms repeated over the tile's rows), a
 // categorical tile is copied transposed (class-major) so that every lane holds one row.
+// The tile functions are compiled for AVX2 + FMA and for the baseline x86-64 (GCC's
+// target_clones; the loader picks one per machine): the extension's only ISA selection.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -16,12 +18,19 @@
 
 #include "kl.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TRPO_ISA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define TRPO_ISA_CLONES
+#endif
+
 namespace trpo_ext {
 namespace {
 
 using kl::Sums;
 
-constexpr int64_t kTileElems = 4096;
+// A categorical tile's two transposed copies stay within L1.
+constexpr int64_t kTileElems = 2048;
 constexpr int64_t kMaxTileRows = 256;
 // The least work worth a thread, in elements.
 constexpr int64_t kMinParallelElems = 32768;
@@ -53,7 +62,7 @@ Sums reduce_tiles(int64_t B, int64_t width, const F& tile) {
 
 // The sums of a tile's n rows from their KLs and, with kSurrogate, their log π_new(a).
 template <bool kSurrogate, typename scalar_t, typename acc_t>
-Sums tile_sums(const acc_t* kl_rows, const acc_t* logp_rows, const scalar_t* logp_old,
+TRPO_ISA_CLONES Sums tile_sums(const acc_t* kl_rows, const acc_t* logp_rows, const scalar_t* logp_old,
                const scalar_t* advantages, int64_t n) {
   double kl_sum = 0.0, surrogate_sum = 0.0, max_kl = kl::neg_inf<double>();
 #pragma omp simd reduction(+ : kl_sum, surrogate_sum) reduction(max : max_kl)
@@ -129,6 +138,10 @@ struct GaussTiles {
 // Row sums of a tile's per-element terms e [n, A] into out [n].
 template <typename acc_t>
 void row_sums(const acc_t* e, int64_t n, int64_t A, acc_t* out) {
+  if (A == 1) {  // a one-iteration inner loop per row stops the vectoriser
+    std::copy(e, e + n, out);
+    return;
+  }
   for (int64_t j = 0; j < n; ++j) {
     acc_t s = 0;
     for (int64_t a = 0; a < A; ++a) s += e[j * A + a];
@@ -137,7 +150,7 @@ void row_sums(const acc_t* e, int64_t n, int64_t A, acc_t* out) {
 }
 
 template <bool kSurrogate, bool kShared, typename scalar_t, typename acc_t>
-Sums gaussian_tile(const GaussTiles<scalar_t, acc_t>& g, int64_t r0, int64_t r1) {
+TRPO_ISA_CLONES Sums gaussian_tile(const GaussTiles<scalar_t, acc_t>& g, int64_t r0, int64_t r1) {
   const kl::GaussianInputs& in = g.in;
   const int64_t A = in.A;
   const int64_t n = r1 - r0;
@@ -172,6 +185,58 @@ Sums gaussian_tile(const GaussTiles<scalar_t, acc_t>& g, int64_t r0, int64_t r1)
   const scalar_t* lp_old = kSurrogate ? in.logp_old.template data_ptr<scalar_t>() + r0 : nullptr;
   const scalar_t* adv = kSurrogate ? in.advantages.template data_ptr<scalar_t>() + r0 : nullptr;
   return tile_sums<kSurrogate>(kl_r, lp_r, lp_old, adv, n);
+}
+
+// The gradient of gk · KL + gs · surrogate w.r.t. a tile's means and per-row log_stds: the rows'
+// coefficients ∂(gs · surrogate)/∂ log π_new(a) first, then one flat loop over the elements.
+template <bool kShared, typename scalar_t, typename acc_t>
+TRPO_ISA_CLONES void gaussian_backward_tile(const GaussTiles<scalar_t, acc_t>& g, int64_t r0,
+                                            int64_t r1, acc_t gk, acc_t gs, bool surrogate,
+                                            scalar_t* grad_mean, scalar_t* grad_log_std) {
+  const kl::GaussianInputs& in = g.in;
+  const int64_t A = in.A;
+  const int64_t n = r1 - r0;
+  const int64_t base = r0 * A;
+  const scalar_t* __restrict__ mo = in.mean_old.template data_ptr<scalar_t>() + base;
+  const scalar_t* __restrict__ mn = in.mean_new.template data_ptr<scalar_t>() + base;
+  const scalar_t* __restrict__ act =
+      surrogate ? in.actions.template data_ptr<scalar_t>() + base : mn;
+  thread_local std::vector<acc_t> coef_buf, e_lp_buf;
+  coef_buf.assign(n * A, acc_t(0));
+  acc_t* __restrict__ coef = coef_buf.data();
+  if (surrogate) {
+    e_lp_buf.resize(n * A);
+    acc_t* __restrict__ e_lp = e_lp_buf.data();
+    for (int64_t i = 0; i < n * A; ++i) {
+      e_lp[i] = kl::gauss_log_prob(g.template col<kShared>(r0, i), static_cast<acc_t>(act[i]),
+                                   static_cast<acc_t>(mn[i]));
+    }
+    acc_t lp_rows[kMaxTileRows];
+    row_sums(e_lp, n, A, lp_rows);
+    const scalar_t* lp_old = in.logp_old.template data_ptr<scalar_t>() + r0;
+    const scalar_t* adv = in.advantages.template data_ptr<scalar_t>() + r0;
+    const acc_t c = static_cast<acc_t>(A * kl::kHalfLog2Pi);
+    for (int64_t j = 0; j < n; ++j) {
+      lp_rows[j] = gs * kl::surrogate_term<acc_t>(lp_rows[j] - c, static_cast<acc_t>(lp_old[j]),
+                                                  static_cast<acc_t>(adv[j]));
+    }
+    if (A == 1) {
+      std::copy(lp_rows, lp_rows + n, coef);
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        for (int64_t a = 0; a < A; ++a) coef[j * A + a] = lp_rows[j];
+      }
+    }
+  }
+  scalar_t* __restrict__ gm = grad_mean + base;
+  scalar_t* __restrict__ gl = grad_log_std + base;
+  for (int64_t i = 0; i < n * A; ++i) {
+    acc_t dm, dl;
+    kl::gauss_grad(g.template col<kShared>(r0, i), static_cast<acc_t>(mo[i]),
+                   static_cast<acc_t>(mn[i]), static_cast<acc_t>(act[i]), gk, coef[i], dm, dl);
+    gm[i] = static_cast<scalar_t>(dm);
+    gl[i] = static_cast<scalar_t>(dl);
+  }
 }
 
 template <bool kSurrogate>
@@ -227,38 +292,13 @@ std::tuple<at::Tensor, at::Tensor> kl_diag_gaussian_backward_cpu(
     const acc_t gk = static_cast<acc_t>(read_scalar<scalar_t>(grad_mean_kl) / in.B);
     const acc_t gs = surrogate ? static_cast<acc_t>(read_scalar<scalar_t>(*grad_surrogate) / in.B)
                                : acc_t(0);
-    const scalar_t* mo = in.mean_old.data_ptr<scalar_t>();
-    const scalar_t* mn = in.mean_new.data_ptr<scalar_t>();
-    const scalar_t* act = surrogate ? in.actions.data_ptr<scalar_t>() : mn;
-    const scalar_t* lp_old = surrogate ? in.logp_old.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* adv = surrogate ? in.advantages.data_ptr<scalar_t>() : nullptr;
     scalar_t* gm = grad_mean.data_ptr<scalar_t>();
     scalar_t* gl = grad_log_std.data_ptr<scalar_t>();
     for_tiles(in.B, A, [&](int64_t r0, int64_t r1) {
-      for (int64_t j = 0; j < r1 - r0; ++j) {
-        const int64_t row = r0 + j;
-        acc_t coef = 0;  // ∂(grad_surrogate · surrogate)/∂ log π_new(a_row)
-        if (surrogate) {
-          acc_t logp = 0;
-          for (int64_t a = 0; a < A; ++a) {
-            const int64_t i = row * A + a;
-            logp += kl::gauss_log_prob(g.shared ? g.template col<true>(r0, j * A + a)
-                                                : g.template col<false>(r0, j * A + a),
-                                       static_cast<acc_t>(act[i]), static_cast<acc_t>(mn[i]));
-          }
-          logp -= static_cast<acc_t>(A * kl::kHalfLog2Pi);
-          coef = gs * kl::surrogate_term<acc_t>(logp, lp_old[row], adv[row]);
-        }
-        for (int64_t a = 0; a < A; ++a) {
-          const int64_t i = row * A + a;
-          acc_t dm, dl;
-          kl::gauss_grad(g.shared ? g.template col<true>(r0, j * A + a)
-                                  : g.template col<false>(r0, j * A + a),
-                         static_cast<acc_t>(mo[i]), static_cast<acc_t>(mn[i]),
-                         static_cast<acc_t>(act[i]), gk, coef, dm, dl);
-          gm[i] = static_cast<scalar_t>(dm);
-          gl[i] = static_cast<scalar_t>(dl);
-        }
+      if (g.shared) {
+        gaussian_backward_tile<true>(g, r0, r1, gk, gs, surrogate, gm, gl);
+      } else {
+        gaussian_backward_tile<false>(g, r0, r1, gk, gs, surrogate, gm, gl);
       }
     });
   });
@@ -309,43 +349,14 @@ struct Actions {
 };
 
 // One tile's per-row maxima and sums (kl.h's two passes), lanes along the rows: the tile's logits
-// are copied class-major first.  Rows r0 .. r0 + n, n <= R.
-template <typename scalar_t, typename acc_t>
+// are copied class-major first (kept in ``to``/``tn`` for the backward).  Rows r0 .. r0 + n, n <= R.
+template <typename acc_t>
 struct CatTile {
   int64_t n = 0;
+  const acc_t* to = nullptr;  // [K, R] old logits, class-major
+  const acc_t* tn = nullptr;  // [K, R] new logits
   acc_t max_old[kMaxTileRows], max_new[kMaxTileRows];
   acc_t sum_old[kMaxTileRows], sum_new[kMaxTileRows], cross[kMaxTileRows];
-
-  CatTile(const scalar_t* lo, const scalar_t* ln, int64_t r0, int64_t r1, int64_t K, int64_t R,
-          std::vector<acc_t>& buf) {
-    n = r1 - r0;
-    buf.resize(2 * K * R);
-    acc_t* to = buf.data();
-    acc_t* tn = to + K * R;
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t k = 0; k < K; ++k) {
-        to[k * R + j] = static_cast<acc_t>(lo[(r0 + j) * K + k]);
-        tn[k * R + j] = static_cast<acc_t>(ln[(r0 + j) * K + k]);
-      }
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      max_old[j] = max_new[j] = kl::neg_inf<acc_t>();
-      sum_old[j] = sum_new[j] = cross[j] = acc_t(0);
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t j = 0; j < n; ++j) {
-        max_old[j] = kl::cat_max(max_old[j], to[k * R + j]);
-        max_new[j] = kl::cat_max(max_new[j], tn[k * R + j]);
-      }
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t j = 0; j < n; ++j) {
-        kl::CatSums<acc_t> s{sum_old[j], sum_new[j], cross[j]};
-        kl::cat_push(s, to[k * R + j], tn[k * R + j], max_old[j], max_new[j]);
-        sum_old[j] = s.sum_old, sum_new[j] = s.sum_new, cross[j] = s.cross;
-      }
-    }
-  }
 
   acc_t kl(int64_t j) const {
     return kl::cat_kl(kl::CatSums<acc_t>{sum_old[j], sum_new[j], cross[j]}, max_old[j],
@@ -355,6 +366,64 @@ struct CatTile {
   acc_t log_sum_old(int64_t j) const { return kl::k_log(sum_old[j]); }
   acc_t log_sum_new(int64_t j) const { return kl::k_log(sum_new[j]); }
 };
+
+template <typename scalar_t, typename acc_t>
+TRPO_ISA_CLONES void cat_tile(CatTile<acc_t>& t, const scalar_t* lo, const scalar_t* ln,
+                              int64_t r0, int64_t r1, int64_t K, int64_t R,
+                              std::vector<acc_t>& buf) {
+  const int64_t n = t.n = r1 - r0;
+  buf.resize(2 * K * R);
+  acc_t* to = buf.data();
+  acc_t* tn = to + K * R;
+  t.to = to, t.tn = tn;
+  for (int64_t k = 0; k < K; ++k) {  // contiguous stores, strided loads
+    for (int64_t j = 0; j < n; ++j) {
+      to[k * R + j] = static_cast<acc_t>(lo[(r0 + j) * K + k]);
+      tn[k * R + j] = static_cast<acc_t>(ln[(r0 + j) * K + k]);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    t.max_old[j] = t.max_new[j] = kl::neg_inf<acc_t>();
+    t.sum_old[j] = t.sum_new[j] = t.cross[j] = acc_t(0);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t j = 0; j < n; ++j) {
+      t.max_old[j] = kl::cat_max(t.max_old[j], to[k * R + j]);
+      t.max_new[j] = kl::cat_max(t.max_new[j], tn[k * R + j]);
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t j = 0; j < n; ++j) {
+      kl::CatSums<acc_t> s{t.sum_old[j], t.sum_new[j], t.cross[j]};
+      kl::cat_push(s, to[k * R + j], tn[k * R + j], t.max_old[j], t.max_new[j]);
+      t.sum_old[j] = s.sum_old, t.sum_new[j] = s.sum_new, t.cross[j] = s.cross;
+    }
+  }
+}
+
+// The gradient of gk · KL + per-row coef · log π_new(a) w.r.t. a tile's new logits, lanes along
+// the rows (class-major), then copied back row-major into g.  action[j] = −1: no surrogate.
+template <typename scalar_t, typename acc_t>
+TRPO_ISA_CLONES void cat_backward_tile(const CatTile<acc_t>& t, const acc_t* coef,
+                                       const int64_t* action, acc_t gk, int64_t K, int64_t R,
+                                       std::vector<acc_t>& buf, scalar_t* g) {
+  const int64_t n = t.n;
+  acc_t lso[kMaxTileRows], lsn[kMaxTileRows];
+  for (int64_t j = 0; j < n; ++j) lso[j] = t.log_sum_old(j), lsn[j] = t.log_sum_new(j);
+  buf.resize(K * R);
+  acc_t* gt = buf.data();
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t j = 0; j < n; ++j) {
+      gt[k * R + j] = kl::cat_grad<acc_t>(
+          kl::k_exp(kl::cat_log_prob(t.to[k * R + j], t.max_old[j], lso[j])),
+          kl::k_exp(kl::cat_log_prob(t.tn[k * R + j], t.max_new[j], lsn[j])), gk, coef[j],
+          action[j] == k);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t k = 0; k < K; ++k) g[j * K + k] = static_cast<scalar_t>(gt[k * R + j]);
+  }
+}
 
 template <bool kSurrogate>
 Sums categorical_forward(const kl::CategoricalInputs& in) {
@@ -369,7 +438,8 @@ Sums categorical_forward(const kl::CategoricalInputs& in) {
     const int64_t R = tile_rows(K);
     total = reduce_tiles(in.B, K, [&](int64_t r0, int64_t r1) {
       thread_local std::vector<acc_t> buf;
-      const CatTile<scalar_t, acc_t> t(lo, ln, r0, r1, K, R, buf);
+      CatTile<acc_t> t;
+      cat_tile(t, lo, ln, r0, r1, K, R, buf);
       acc_t kl_rows[kMaxTileRows], lp_rows[kMaxTileRows];
       for (int64_t j = 0; j < t.n; ++j) kl_rows[j] = t.kl(j);
       if (kSurrogate) {
@@ -430,27 +500,23 @@ at::Tensor kl_categorical_backward_cpu(const at::Tensor& grad_mean_kl,
     const int64_t K = in.K;
     const int64_t R = tile_rows(K);
     for_tiles(in.B, K, [&](int64_t r0, int64_t r1) {
-      thread_local std::vector<acc_t> buf;
-      const CatTile<scalar_t, acc_t> t(lo, ln, r0, r1, K, R, buf);
+      thread_local std::vector<acc_t> buf, grad_buf;
+      CatTile<acc_t> t;
+      cat_tile(t, lo, ln, r0, r1, K, R, buf);
+      acc_t coef[kMaxTileRows];  // ∂(gs · surrogate)/∂ log π_new(a) per row
+      int64_t action[kMaxTileRows];
       for (int64_t j = 0; j < t.n; ++j) {
         const int64_t row = r0 + j;
-        const acc_t mo = t.max_old[j], lso = t.log_sum_old(j);
-        const acc_t mn = t.max_new[j], lsn = t.log_sum_new(j);
-        int64_t a = -1;
-        acc_t coef = 0;
+        action[j] = -1, coef[j] = 0;
         if (surrogate) {
-          a = actions[row];
-          coef = gs * kl::surrogate_term<acc_t>(
-                          kl::cat_log_prob(static_cast<acc_t>(ln[row * K + a]), mn, lsn),
-                          lp_old[row], adv[row]);
-        }
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t i = row * K + k;
-          g[i] = static_cast<scalar_t>(kl::cat_grad<acc_t>(
-              kl::k_exp(kl::cat_log_prob(static_cast<acc_t>(lo[i]), mo, lso)),
-              kl::k_exp(kl::cat_log_prob(static_cast<acc_t>(ln[i]), mn, lsn)), gk, coef, k == a));
+          action[j] = actions[row];
+          coef[j] = gs * kl::surrogate_term<acc_t>(
+                             kl::cat_log_prob(static_cast<acc_t>(ln[row * K + action[j]]),
+                                              t.max_new[j], t.log_sum_new(j)),
+                             lp_old[row], adv[row]);
         }
       }
+      cat_backward_tile(t, coef, action, gk, K, R, grad_buf, g + r0 * K);
     });
   });
   return grad_logits;
@@ -491,7 +557,7 @@ std::tuple<at::Tensor, at::Tensor> kl_metric_diag_gaussian_cpu(const at::Tensor&
 
 // Rows [r0, r1) of M u = p ⊙ (u − pᵀu) / B; e: scratch for one row's e^{ℓ − max}.
 template <typename scalar_t, typename acc_t>
-void cat_metric_rows(const scalar_t* l, const scalar_t* u, scalar_t* out, int64_t r0, int64_t r1,
+TRPO_ISA_CLONES void cat_metric_rows(const scalar_t* l, const scalar_t* u, scalar_t* out, int64_t r0, int64_t r1,
                      int64_t K, acc_t inv_B, acc_t* e) {
   for (int64_t row = r0; row < r1; ++row) {
     const scalar_t* lr = l + row * K;
