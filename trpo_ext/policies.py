@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from . import distributions as _dist
-from ._act import tanh_and_derivative
+from ._tanh_and_derivative import tanh_and_derivative
 
 __all__ = ["RunningMeanStd", "ObservationEncoder", "MLP", "NatureCNN", "DictExtractor", "Policy",
            "ValueFunction", "Adam", "space_spec", "Linearization", "AutogradLinearization",

@@ -8,7 +8,7 @@
 #include "common.h"
 
 namespace trpo_ext {
-namespace act {
+namespace tanh_and_derivative {
 
 TRPO_HD float k_tanh(float x) { return ::tanhf(x); }
 TRPO_HD double k_tanh(double x) { return ::tanh(x); }
@@ -19,5 +19,5 @@ TRPO_HD scalar_t tanh_derivative(scalar_t y) {
   return scalar_t(1) - y * y;
 }
 
-}  // namespace act
+}  // namespace tanh_and_derivative
 }  // namespace trpo_ext
