@@ -3,8 +3,8 @@ paths, side by side in one process, for the same work:
 
 * ``fast``: the built-in MLP, whose Jacobian products are in closed form;
 * ``general``: the SAME MLP (same sizes, same initial weights) wrapped in ``nn.Sequential``, so that
-  trpo_ext treats it as a user's network: g and every F·v by autograd (torch.func jvp/vjp), the
-  critic's gradients by autograd;
+  trpo_ext treats it as a user's network: g and every F·v by autograd (Jᵀ by a backward pass of
+  one recorded forward, J v by reverse-over-reverse on it), the critic's gradients by autograd;
 * ``sb3``: sb3-contrib's TRPO (``TRPO.train``) with the same network (64, 64) tanh for actor and
   critic, the same samples per update (8 envs × 256 steps), CG iterations, damping, line-search
   steps and ratio, max KL, and the same critic budget (our ``vf_epochs`` passes of minibatches of
@@ -14,6 +14,9 @@ Each side trains ``--iterations`` updates on the task and the median update time
 (after the first, which pays one-time costs) is reported; the sides alternate ``--repeats`` times.
 
     python benchmarks/bench_update.py [--envs HalfCheetah-v5 CartPole-v1] [--iterations 6]
+
+``--jvp`` times the general path's two routes for J v instead (the choice in
+``AutogradLinearization``), and ``--adam`` the critic's optimiser.
 """
 from __future__ import annotations
 
@@ -119,6 +122,38 @@ def adam_steps(n_params: int = 5_400, steps: int = 400) -> None:
     print_table(["optimizer", "us/step"], rows)
 
 
+def jvp_routes(repeats: int = 20) -> None:
+    """ms per J v of the general path's two routes, forward mode (recomputes the forward pass) and
+    reverse-over-reverse (reuses the recorded one), on the default MLP at B = 2048 and the Nature
+    CNN at B = 512, with the closed form for the MLP as a reference."""
+    from trpo_ext.policies import AutogradLinearization, Linearization, NatureCNN
+
+    torch.set_num_threads(1)
+    from gymnasium import spaces
+
+    box = spaces.Box(-1.0, 1.0, (17,))
+    mlp = Policy(space_spec(box, spaces.Box(-1.0, 1.0, (6,))), CFG.hidden_sizes).net
+    cases = [("MLP 17-64-64-6", mlp, torch.randn(2048, 17)),
+             ("Nature CNN 3x36x36", nn.Sequential(NatureCNN((3, 36, 36)), nn.Linear(512, 4)),
+              torch.rand(512, 3, 36, 36))]
+    rows = []
+    for name, net, x in cases:
+        n = sum(p.numel() for p in net.parameters())
+        v = torch.randn(n)
+        lins = {route: AutogradLinearization(net, x, n, forward_mode=(route == "forward mode"))
+                for route in ("forward mode", "reverse-over-reverse")}
+        if isinstance(net, MLP):
+            lins["closed form"] = Linearization(net, x, n)
+        reps = repeats if x.shape[0] > 1000 else max(3, repeats // 4)
+        for route, lin in lins.items():
+            lin.jvp(v)
+            t = time.perf_counter()
+            for _ in range(reps):
+                lin.jvp(v)
+            rows.append([name, x.shape[0], route, f"{(time.perf_counter() - t) / reps * 1e3:.2f}"])
+    print_table(["network", "B", "J v route", "ms"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=["HalfCheetah-v5", "CartPole-v1"])
@@ -126,9 +161,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-sb3", action="store_true")
     parser.add_argument("--adam", action="store_true", help="time the critic's optimiser only")
+    parser.add_argument("--jvp", action="store_true", help="time the general path's J v routes only")
     args = parser.parse_args()
     if args.adam:
         return adam_steps()
+    if args.jvp:
+        return jvp_routes()
     print(describe_machine())
     print(f"same work on every side: {SAMPLES} samples per update ({CFG.n_envs} envs x "
           f"{CFG.n_steps} steps), networks {CFG.hidden_sizes} tanh, {CFG.cg_iters} CG iterations, "

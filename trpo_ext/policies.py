@@ -427,10 +427,11 @@ class AutogradLinearization:
     (J v) reverse-over-reverse on that recording (Jᵀu is linear in u, so J v = ∂(Jᵀu·v)/∂u), which
     reuses the recorded activations, or forward mode (torch.func.jvp), which recomputes them, for
     networks with convolutions, whose double backward torch runs on a slow CPU path
-    (benchmarks/bench_update.py measures both).  The network's parameters are θ's first
-    ``n_params`` entries."""
+    (``benchmarks/bench_update.py --jvp`` times both; ``forward_mode`` overrides the choice).  The
+    network's parameters are θ's first ``n_params`` entries."""
 
-    def __init__(self, net: nn.Module, x: Features, n_params: int):
+    def __init__(self, net: nn.Module, x: Features, n_params: int,
+                 forward_mode: Optional[bool] = None):
         self.n_params = n_params
         names = [n for n, _ in net.named_parameters()]
         shapes = [p.shape for p in net.parameters()]
@@ -443,7 +444,9 @@ class AutogradLinearization:
         # A copy: the line search later writes into the parameters' storage.
         self._theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
         theta = self._theta.detach().requires_grad_()
-        self.forward_mode = any(isinstance(m, nn.modules.conv._ConvNd) for m in net.modules())
+        if forward_mode is None:
+            forward_mode = any(isinstance(m, nn.modules.conv._ConvNd) for m in net.modules())
+        self.forward_mode = forward_mode
         with torch.enable_grad():
             out = f(theta)
             if not self.forward_mode:
