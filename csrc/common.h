@@ -18,12 +18,10 @@
 
 namespace trpo_ext {
 
-// Error messages: numbers are formatted here (std::to_string / snprintf), never streamed into
-// c10::str.  On the lent H200 machine (torch 2.11, 2026-11-26) the extension carried its own
-// instance of basic_ostream::_M_insert<long>, and it crashed (SIGSEGV) while a message with a
-// number was being built, on the CPU and the CUDA side alike; the likely cause is a libstdc++ at
-// run time other than the one the extension was compiled against.  Strings, dtypes and devices
-// still go through c10::str: messages with only those were raised cleanly there.
+// Error messages: numbers are formatted here (snprintf), never streamed into c10::str: where the
+// libstdc++ at run time differs from the one the extension was compiled against, the extension's
+// own basic_ostream::_M_insert<long> has crashed while building a message with a number.  Strings,
+// dtypes and devices still go through c10::str.
 inline std::string format_number(double v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.6g", v);

@@ -20,16 +20,13 @@ the same environments and seeds, bit for bit.
 
 A step's round trip goes through shared memory (``_StepBuffers``: the actions in, the results out)
 with two semaphores per worker, waited on by spinning before blocking: a pickled message each way
-over a pipe costs about 450 µs per step on the 2-vCPU development VM (a blocked process is slow to
-wake there; still 180 µs with the receiver polling), the semaphore handshake about 2 µs.  With one
-worker, 8 HalfCheetah-v5 environments took 1470–1540 µs a vector step over the pipe, 585–677 µs
-this way, against 837–949 µs in one process (Hopper-v5: 1307–1383 µs against 2107–2270 µs).  The
-pipe stays for start-up, ``reset``, error tracebacks, spaces of no fixed shape and dtype (anything
-but Box and Discrete), and actions not of the action space's dtype (which reach the environments
-unconverted, as in one process).
+over a pipe costs hundreds of times the semaphore handshake on a small VM, where a blocked process
+is slow to wake.  The pipe stays for start-up, ``reset``, error tracebacks, spaces of no fixed
+shape and dtype (anything but Box and Discrete), and actions not of the action space's dtype (which
+reach the environments unconverted, as in one process).
 
-Sharded stepping: ``choose_workers`` decides how many workers pay off: none on a single core, or when one
-environment step is too cheap for a message round trip to be worth it.
+Sharded stepping: ``choose_workers`` decides how many workers pay off: none on a single core, or
+when one environment step is too cheap for a message round trip to be worth it.
 """
 from __future__ import annotations
 
@@ -49,13 +46,8 @@ if TYPE_CHECKING:
 __all__ = ["EnvFactory", "SameStepVectorEnv", "ShardedVectorEnv", "choose_workers", "usable_cpus"]
 
 # A worker pays off when the steps it takes over cost clearly more than its round trip (a few µs
-# of semaphore handshake and copies, a process wake-up after each learner update; a pickled pipe
-# message each way where the spaces keep steps off shared memory).  Measured with one worker and 8
-# environments on the 2-vCPU Intel VM (2026-12-05; probe, then train(env, 20480) twice each):
-# CartPole 5 µs a step, 0.46–0.50 s against 0.46–0.48 s in one process (even); Pendulum 8.5 µs,
-# 0.48–0.50 against 0.55–0.56 s; InvertedPendulum 17 µs, 0.73–0.75 against 0.86 s; HalfCheetah
-# 31 µs, 0.97–0.98 against 1.16–1.17 s; Hopper 81 µs, 1.44 against 2.11 s.  (On the earlier AMD
-# VM, before the shared-memory steps, the line was drawn at 60 µs.)
+# of semaphore handshake and copies, a process wake-up after each learner update).  The line sits
+# between classic control, where a worker broke even, and the cheapest MuJoCo tasks, where it won.
 _MIN_STEP_SECONDS = 7e-6
 
 
