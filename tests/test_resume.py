@@ -132,6 +132,7 @@ def _wait_for_rows(proc, run_dir, out, rows):
                     return
         except FileNotFoundError:
             pass
+        time.sleep(0.002)  # leave the CPU to the run on a small machine
         if proc.poll() is not None or time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             _wait(proc, out)
@@ -249,7 +250,8 @@ def test_sigkilled_run_resumes_to_its_own_end(tmp_path, capsys, how):
 @LINUX
 def test_sigint_points_to_resume_and_the_resume_finishes(tmp_path, capsys):
     """Ctrl-C: exit status 130, a line saying how to continue, and that command finishes the run."""
-    run_dir, rc = _killed_run(tmp_path, "run", ("sigint", (5, 0.005)))
+    # Early in the run (14 of 16 iterations left): on a loaded machine the signal may come late.
+    run_dir, rc = _killed_run(tmp_path, "run", ("sigint", (2, 0.005)))
     log = _log(run_dir)
     assert rc == 130, log
     last = os.path.join(run_dir, "checkpoints", "last.pt")
