@@ -194,9 +194,9 @@ def test_two_ranks_equal_one_process_and_each_other(tmp_path):
         # few ulp.  Ten CG iterations amplify those by the Fisher matrix's conditioning: the
         # parameters differ by up to 5e-4 of the distance they have moved from θ_0 (Pendulum;
         # 2e-5 on CartPole), the KL by up to 1e-4 relative.  The tolerances, 2e-3 and 1e-3, are
-        # far below what one missing reduction does: without the F·v, the critic-gradient or
-        # the observation-moment reduction the parameters are off by 0.17 to 0.9 of that
-        # distance by the third iteration (measured by removing each).
+        # far below what one missing reduction does: without the F·v or the observation-moment
+        # reduction the parameters are off by 0.17 to 0.9 of that distance by the third
+        # iteration (measured by removing each).
         params = [np.array(p) for p in [one["initial"]] + one["params"]]
         for it in range(3):
             a, b = r0["history"][it], one["history"][it]

@@ -11,14 +11,15 @@ ranks' batches; the parameters therefore stay identical on every rank without be
 ranks give the one-process run on the same seed up to floating-point reduction order.
 
 Every collective is one all-reduce through :func:`reduce_sum_` (the other helpers build on it;
-the scalars of one step are batched into one).  Per iteration:
-1 for the finished episodes' statistics, 1 for the advantages' mean and spread, 1 for g,
-``cg_iters`` for the Fisher-vector products, 1 for the value-target scale, one per critic minibatch
-(``vf_epochs · ⌈n_envs·n_steps / vf_minibatch_size⌉``), one per line-search trial, 1 for the
-logged entropy and value loss, 1 for the explained variance, 1 for the observation normaliser, and
-1 more when a ``callback`` is given (any rank's stop stops all); and once per run, 1 to check
-that all ranks resumed from the same step, and a barrier at the end.  With the defaults (2048 samples):
-7 + 10 + 40 + 1 to 10 trials, 58 to 67.
+the scalars of one step are batched into one), except the critic's: its inputs and targets are
+all-gathered (:func:`gather_rows`) and every rank fits the critic on the whole batch.  Per
+iteration: 1 for the finished episodes' statistics, 1 for the advantages' mean and spread, 1 for
+g, ``cg_iters`` for the Fisher-vector products, 1 for the value-target scale, 1 all-gather per
+observation tensor and 1 for the targets, one per line-search trial, 1 for the logged entropy, 1
+for the explained variance, 1 for the observation normaliser, and 1 more when a ``callback`` is
+given (any rank's stop stops all); and once per run, 1 to check that all ranks resumed from the
+same step, and a barrier at the end.  With the defaults (2048 samples, flat observations):
+7 + 10 + 2 + 1 to 10 trials, 20 to 29.
 
 Rank 0 alone writes logs, plot, progress bar and checkpoints.  In one process (no torchrun, or
 ``distributed="off"``) every helper returns its input unchanged, and nothing is imported beyond
@@ -36,7 +37,7 @@ import torch
 
 __all__ = ["World", "Shard", "DistributedError", "MODES", "world", "started",
            "launched_by_torchrun", "running", "shard", "reduce_mean_", "reduce_sum_", "reduce_scalars", "moments", "gather_episodes",
-           "any_rank", "check_same", "critic_minibatches", "restart_checkpoint"]
+           "any_rank", "check_same", "gather_rows", "restart_checkpoint"]
 
 MODES = ("auto", "on", "off")
 # What torchrun (and any launcher of the env:// kind) sets in each worker's environment.
@@ -267,29 +268,24 @@ def gather_episodes(finished: Sequence[Tuple[int, float, int]], limit: int = 100
     return count, [(r, int(n)) for _, r, n in merged[-limit:]]
 
 
-def critic_minibatches(order: torch.Tensor, minibatch_size: int, n_local: int
-                       ) -> Tuple[torch.Tensor, List[Tuple[int, int, int]]]:
-    """This rank's part of one epoch of critic minibatches.
-
-    ``order``: a permutation of the whole batch's rows (t·n_envs + global env index; the same on
-    every rank: the ranks share the generator), cut into minibatches of ``minibatch_size`` as one
-    process cuts it.  Returns this rank's rows in that order, as indices into its own batch
-    (t·n_local + local env index), and for each minibatch ``(start, end, size)``: its rows are
-    ``[start, end)`` of those and it has ``size`` rows on all ranks together, the divisor of its
-    mean loss.  Each rank's gradient is then its rows' share of the minibatch gradient, and
-    :func:`reduce_sum_` makes it the whole one.  In one process: ``order`` itself and the plain
-    minibatches.
-    """
-    total = order.numel()
-    cuts = list(range(0, total, minibatch_size)) + [total]
+def gather_rows(x: torch.Tensor, n_local: int) -> torch.Tensor:
+    """The whole batch ``[T·n_envs, ...]`` on every rank, rows in one process's order (t·n_envs +
+    global environment index), from each rank's ``x [T·n_local, ...]`` (t·n_local + its local
+    index), by one all-gather.  In one process: ``x``."""
     if _world.size == 1:
-        return order, [(a, b, b - a) for a, b in zip(cuts[:-1], cuts[1:])]
-    n_envs = n_local * _world.size
-    t, i = order // n_envs, order % n_envs - _world.rank * n_local
-    mine = (i >= 0) & (i < n_local)
-    ends = torch.cumsum(mine, 0).tolist()
-    bounds = [(ends[a - 1] if a else 0, ends[b - 1], b - a) for a, b in zip(cuts[:-1], cuts[1:])]
-    return (t * n_local + i)[mine], bounds
+        return x
+    import torch.distributed as dist
+
+    global _started
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(_world.size)]
+    with _collective("an all-gather"):
+        dist.all_gather(parts, x)
+    _started = True
+    steps = x.shape[0] // n_local
+    # Rank r steps the global environments [r·n_local, (r + 1)·n_local).
+    both = torch.stack([p.view(steps, n_local, *x.shape[1:]) for p in parts], 1)
+    return both.reshape(steps * n_local * _world.size, *x.shape[1:])
 
 
 def restart_checkpoint(log_dir) -> "str | None":

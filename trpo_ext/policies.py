@@ -790,13 +790,12 @@ class ValueFunction(_FlatModule):
         return targets / new_sigma
 
     @torch.no_grad()
-    def regression_gradient(self, x: Features, targets: torch.Tensor, grad: torch.Tensor,
-                            count: Optional[int] = None) -> torch.Tensor:
+    def regression_gradient(self, x: Features, targets: torch.Tensor, grad: torch.Tensor
+                            ) -> torch.Tensor:
         """The loss mean((net(x) − targets)²) (0-d), ``targets [B]`` on the network's scale; its
         gradient in ``flat`` written into ``grad`` (closed form for the built-in MLP, autograd
-        otherwise).  ``count``: the divisor of the mean, when these rows are one rank's share of
-        a minibatch of ``count`` rows (data-parallel; default: the rows)."""
-        n = targets.numel() if count is None else count
+        otherwise)."""
+        n = targets.numel()
         if isinstance(self.net, MLP):
             lin = Linearization(self.net, x, self.flat.numel())
             diff = lin.output.squeeze(-1) - targets
