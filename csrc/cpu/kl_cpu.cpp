@@ -125,6 +125,11 @@ struct GaussTiles {
     }
   }
 
+  // Row r0 of an input [B, A] (the start of a tile).
+  const scalar_t* rows(const at::Tensor& t, int64_t r0) const {
+    return t.template data_ptr<scalar_t>() + r0 * in.A;
+  }
+
   // Element i of the tile starting at row r0.
   template <bool kShared>
   kl::GaussCol<acc_t> col(int64_t r0, int64_t i) const {
@@ -154,11 +159,9 @@ TRPO_ISA_CLONES Sums gaussian_tile(const GaussTiles<scalar_t, acc_t>& g, int64_t
   const kl::GaussianInputs& in = g.in;
   const int64_t A = in.A;
   const int64_t n = r1 - r0;
-  const int64_t base = r0 * A;
-  const scalar_t* __restrict__ mo = in.mean_old.template data_ptr<scalar_t>() + base;
-  const scalar_t* __restrict__ mn = in.mean_new.template data_ptr<scalar_t>() + base;
-  const scalar_t* __restrict__ act = kSurrogate ? in.actions.template data_ptr<scalar_t>() + base
-                                                : nullptr;
+  const scalar_t* __restrict__ mo = g.rows(in.mean_old, r0);
+  const scalar_t* __restrict__ mn = g.rows(in.mean_new, r0);
+  const scalar_t* __restrict__ act = kSurrogate ? g.rows(in.actions, r0) : nullptr;
   thread_local std::vector<acc_t> e_kl_buf, e_lp_buf;
   e_kl_buf.resize(n * A), e_lp_buf.resize(kSurrogate ? n * A : 0);
   acc_t* __restrict__ e_kl = e_kl_buf.data();
@@ -196,11 +199,9 @@ TRPO_ISA_CLONES void gaussian_backward_tile(const GaussTiles<scalar_t, acc_t>& g
   const kl::GaussianInputs& in = g.in;
   const int64_t A = in.A;
   const int64_t n = r1 - r0;
-  const int64_t base = r0 * A;
-  const scalar_t* __restrict__ mo = in.mean_old.template data_ptr<scalar_t>() + base;
-  const scalar_t* __restrict__ mn = in.mean_new.template data_ptr<scalar_t>() + base;
-  const scalar_t* __restrict__ act =
-      surrogate ? in.actions.template data_ptr<scalar_t>() + base : mn;
+  const scalar_t* __restrict__ mo = g.rows(in.mean_old, r0);
+  const scalar_t* __restrict__ mn = g.rows(in.mean_new, r0);
+  const scalar_t* __restrict__ act = surrogate ? g.rows(in.actions, r0) : mn;
   thread_local std::vector<acc_t> coef_buf, e_lp_buf;
   coef_buf.assign(n * A, acc_t(0));
   acc_t* __restrict__ coef = coef_buf.data();
@@ -228,8 +229,8 @@ TRPO_ISA_CLONES void gaussian_backward_tile(const GaussTiles<scalar_t, acc_t>& g
       }
     }
   }
-  scalar_t* __restrict__ gm = grad_mean + base;
-  scalar_t* __restrict__ gl = grad_log_std + base;
+  scalar_t* __restrict__ gm = grad_mean + r0 * A;
+  scalar_t* __restrict__ gl = grad_log_std + r0 * A;
   for (int64_t i = 0; i < n * A; ++i) {
     acc_t dm, dl;
     kl::gauss_grad(g.template col<kShared>(r0, i), static_cast<acc_t>(mo[i]),
