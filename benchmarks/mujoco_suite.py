@@ -31,6 +31,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 import traceback
 from typing import Any, Dict, List, Optional, Tuple
@@ -266,7 +267,9 @@ def figure(grouped, path: str, steps: int) -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     mean, lo, hi = np.nanmean(c, 0), np.nanmin(c, 0), np.nanmax(c, 0)
-            ax.plot(grid, mean, color=colors[label], label=f"{label} (n={len(rs)})")
+            short = label.replace("{", "").replace("}", "").replace('"', "")
+            ax.plot(grid, mean, color=colors[label],
+                    label=textwrap.fill(f"{short} (n={len(rs)})", 44))
             ax.fill_between(grid, lo, hi, color=colors[label], alpha=0.2, linewidth=0)
         for i, (name, value) in enumerate(REFERENCES.get(task, [])):
             ax.axhline(value, color="k", linestyle=("--", ":")[i % 2], linewidth=1,
@@ -274,7 +277,7 @@ def figure(grouped, path: str, steps: int) -> None:
         ax.set_title(task)
         ax.set_xlabel("environment steps")
         ax.set_ylabel("training episode return")
-        ax.legend(fontsize=6, loc="upper left")
+        ax.legend(fontsize=6, loc="lower right")  # learning curves leave it empty
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
