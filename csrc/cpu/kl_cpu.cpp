@@ -62,8 +62,8 @@ Sums reduce_tiles(int64_t B, int64_t width, const F& tile) {
 
 // The sums of a tile's n rows from their KLs and, with kSurrogate, their log π_new(a).
 template <bool kSurrogate, typename scalar_t, typename acc_t>
-TRPO_ISA_CLONES Sums tile_sums(const acc_t* kl_rows, const acc_t* logp_rows, const scalar_t* logp_old,
-               const scalar_t* advantages, int64_t n) {
+TRPO_ISA_CLONES Sums tile_sums(const acc_t* kl_rows, const acc_t* logp_rows,
+                               const scalar_t* logp_old, const scalar_t* advantages, int64_t n) {
   double kl_sum = 0.0, surrogate_sum = 0.0, max_kl = kl::neg_inf<double>();
 #pragma omp simd reduction(+ : kl_sum, surrogate_sum) reduction(max : max_kl)
   for (int64_t j = 0; j < n; ++j) {
@@ -350,7 +350,8 @@ struct Actions {
 };
 
 // One tile's per-row maxima and sums (kl.h's two passes), lanes along the rows: the tile's logits
-// are copied class-major first (kept in ``to``/``tn`` for the backward).  Rows r0 .. r0 + n, n <= R.
+// are copied class-major first (kept in ``to``/``tn`` for the backward).  Rows r0 .. r0 + n,
+// n <= R.
 template <typename acc_t>
 struct CatTile {
   int64_t n = 0;
@@ -558,8 +559,8 @@ std::tuple<at::Tensor, at::Tensor> kl_metric_diag_gaussian_cpu(const at::Tensor&
 
 // Rows [r0, r1) of M u = p ⊙ (u − pᵀu) / B; e: scratch for one row's e^{ℓ − max}.
 template <typename scalar_t, typename acc_t>
-TRPO_ISA_CLONES void cat_metric_rows(const scalar_t* l, const scalar_t* u, scalar_t* out, int64_t r0, int64_t r1,
-                     int64_t K, acc_t inv_B, acc_t* e) {
+TRPO_ISA_CLONES void cat_metric_rows(const scalar_t* l, const scalar_t* u, scalar_t* out,
+                                     int64_t r0, int64_t r1, int64_t K, acc_t inv_B, acc_t* e) {
   for (int64_t row = r0; row < r1; ++row) {
     const scalar_t* lr = l + row * K;
     const scalar_t* ur = u + row * K;
