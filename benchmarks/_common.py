@@ -139,3 +139,24 @@ def _fmt(x) -> str:
             return f"{x:.3g}" if abs(x) < 100 else f"{x:.1f}"
         return f"{x:.3e}"
     return str(x)
+
+
+def sb3_returns(model, env_id: str, reset_seeds: Sequence[int]) -> List[float]:
+    """An sb3 model's deterministic episode returns on ``env_id``, one episode per reset seed."""
+    import gymnasium as gym
+
+    returns = []
+    env = gym.make(env_id)
+    try:
+        for seed in reset_seeds:
+            obs, _ = env.reset(seed=seed)
+            total, done = 0.0, False
+            while not done:
+                action, _ = model.predict(obs, deterministic=True)
+                obs, r, terminated, truncated, _ = env.step(action)
+                total += float(r)
+                done = terminated or truncated
+            returns.append(total)
+    finally:
+        env.close()
+    return returns

@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import trpo_ext  # noqa: E402
-from benchmarks._common import print_table  # noqa: E402
+from benchmarks._common import print_table, sb3_returns  # noqa: E402
 
 TASKS = ["Acrobot-v1", "MountainCar-v0", "MountainCarContinuous-v0", "Pendulum-v1"]
 LIBS = ["ours", "sb3"]
@@ -89,20 +89,7 @@ def run_sb3(task: str, steps: int, seed: int, episodes: int, ev_seed: int,
         raise RuntimeError(f"trained {model.num_timesteps} steps, fewer than {steps}")
     model.get_env().close()
     t1 = time.perf_counter()
-    returns = []
-    env = gym.make(task)
-    try:
-        for i in range(episodes):
-            obs, _ = env.reset(seed=ev_seed + i)
-            total, done = 0.0, False
-            while not done:
-                action, _ = model.predict(obs, deterministic=True)
-                obs, r, terminated, truncated, _ = env.step(action)
-                total += float(r)
-                done = terminated or truncated
-            returns.append(total)
-    finally:
-        env.close()
+    returns = sb3_returns(model, task, [ev_seed + i for i in range(episodes)])
     eval_s = time.perf_counter() - t1
     return {"returns": returns, "train_s": train_s, "eval_s": eval_s,
             "trained_steps": int(model.num_timesteps)}

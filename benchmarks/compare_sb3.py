@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
     __import__("os").path.abspath(__file__))))
 import trpo_ext  # noqa: E402
-from benchmarks._common import describe_machine, print_table  # noqa: E402
+from benchmarks._common import describe_machine, print_table, sb3_returns  # noqa: E402
 from trpo_ext.config import TRPOConfig  # noqa: E402
 
 OURS = TRPOConfig()
@@ -186,19 +186,7 @@ def time_to_score_sb3(env_id, threshold, budget, every, episodes, seed):
 
     def evaluate(state):
         model.policy.load_state_dict(state)
-        returns = []
-        for i in range(episodes):
-            env = gym.make(env_id)
-            obs, _ = env.reset(seed=100_000 + i)
-            total, done = 0.0, False
-            while not done:
-                action, _ = model.predict(obs, deterministic=True)
-                obs, r, term, trunc, _ = env.step(action)
-                total += float(r)
-                done = term or trunc
-            returns.append(total)
-            env.close()
-        return float(np.mean(returns))
+        return float(np.mean(sb3_returns(model, env_id, [100_000 + i for i in range(episodes)])))
 
     return _first_reaching(points, evaluate, threshold)
 
