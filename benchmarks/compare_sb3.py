@@ -17,9 +17,6 @@ is everything but sampling: for ours the sum of the history's time split, for sb
 the same number of steps (one env, random actions) plus our update time; sb3's total over that
 floor is the largest end-to-end speedup possible without stepping environments in parallel.
 
-``--env-workers K`` passes ``env_workers=K`` to ours (``-1``: auto, one worker per spare core), to
-measure stepping in parallel on machines with more cores; without it ours keeps its default.
-
 ``--time-to-score R`` measures instead, at each library's own defaults (sb3-contrib's: one
 environment × 2048 steps, its critic of 10 epochs of 128, 15 CG iterations), the training wall
 time until the policy's deterministic evaluation (``--eval-episodes`` episodes, fixed seeds) first
@@ -27,7 +24,7 @@ reaches the return R, within ``--budget`` steps.  Policies are evaluated every `
 steps from snapshots taken during training; the evaluations are not counted in the time.
 
     python benchmarks/compare_sb3.py [--envs HalfCheetah-v5 Hopper-v5] [--steps 20480]
-        [--repeats 2] [--sb3-n-envs 8] [--env-workers K] [--vector-env envpool]
+        [--repeats 2] [--sb3-n-envs 8] [--vector-env envpool]
     python benchmarks/compare_sb3.py --envs Hopper-v5 --time-to-score 1000 --budget 300000
 """
 from __future__ import annotations
@@ -233,8 +230,6 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20480)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sb3-n-envs", type=int, default=N_ENVS)
-    ap.add_argument("--env-workers", type=int, default=None,
-                    help="env_workers for ours (default: ours' default setting)")
     ap.add_argument("--vector-env", default=None, help="vector_env for ours (default: its default)")
     ap.add_argument("--time-to-score", type=float, default=None, metavar="RETURN")
     ap.add_argument("--budget", type=int, default=300_000)
@@ -242,7 +237,7 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-episodes", type=int, default=10)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    ours_settings = {} if args.env_workers is None else {"env_workers": args.env_workers}
+    ours_settings = {}
     if args.vector_env is not None:
         ours_settings["vector_env"] = args.vector_env
     if args.time_to_score is not None:

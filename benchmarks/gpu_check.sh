@@ -53,16 +53,15 @@ stage "CPU tests on this machine's torch (not slow)"
 timeout ${CPU_TEST_TIMEOUT:-150} python3 -m pytest -v -rf -p no:cacheprovider -n 16 -m "not slow" \
     -k "not cuda and not CUDA" --ignore=tests/test_cpp.py tests 2>&1 | tee "$OUT/cpu_tests.log" \
     | grep -E "FAILED|ERROR|passed|failed" | tail -12
-# The driver against sb3-contrib on this machine's many cores (the development VM has 2): our
-# defaults, then the environments stepped in worker processes (env_workers=-1, one per spare core).
+# The driver against sb3-contrib on this machine's CPU, our defaults, then EnvPool's engine.
 # Needs sb3-contrib and stable-baselines3 wheels in .whl/ (pure Python).
 if python3 -c "import sb3_contrib" 2>/dev/null && [ -z "${SKIP_SB3:-}" ]; then
     stage "compare_sb3, defaults"
     timeout 150 python3 benchmarks/compare_sb3.py --repeats 2 2>&1 | grep -v "settotalmass\|^$" \
         | tee "$OUT/compare_sb3.log" | tail -24
-    stage "compare_sb3, env_workers=-1"
-    timeout 150 python3 benchmarks/compare_sb3.py --repeats 2 --env-workers -1 2>&1 \
-        | grep -v "settotalmass\|^$" | tee "$OUT/compare_sb3_workers.log" | tail -24
+    stage "compare_sb3, vector_env=envpool"
+    timeout 150 python3 benchmarks/compare_sb3.py --repeats 2 --vector-env envpool 2>&1 \
+        | grep -v "settotalmass\|^$" | tee "$OUT/compare_sb3_envpool.log" | tail -24
 fi
 # Data-parallel scaling over torchrun ranks on this machine's cores (issue 18's 8-rank target).
 stage "scaling (torchrun ranks)"

@@ -9,10 +9,6 @@ rank 0's steps over its wall time from the end of the first iteration (start-up 
 iteration's one-off costs excluded) to the end of the last, logging and checkpoints off.  Every
 launch first checks that its ranks end with the same parameters, bit for bit.
 
-``--env-workers W`` adds a row per task: one rank stepping its environments with W worker
-processes (``env_workers=W``), the process pool that ranks may replace; its efficiency is per
-process (speed-up / (1 + W)).
-
 On a machine whose cores other work shares, wall-clock rates say little about scaling; the CPU
 seconds per 1000 steps, summed over the ranks, say how much work the ranks add (collectives,
 duplicated per-iteration work): the CPU efficiency, 1-rank CPU time / K-rank CPU time, is what
@@ -23,7 +19,7 @@ over ``--repeats`` with its range: on a machine shared with other work the rows 
 load.  Use ``--ranks`` up to the machine's cores (each rank is one process on one thread).
 
     python benchmarks/scaling.py [--tasks HalfCheetah-v5 Hopper-v5] [--ranks 1 2 4 8 16]
-        [--n-envs 16] [--n-steps 128] [--iterations 6] [--repeats 3] [--env-workers 1]
+        [--n-envs 16] [--n-steps 128] [--iterations 6] [--repeats 3]
         [--out scaling.jsonl]
 """
 from __future__ import annotations
@@ -55,7 +51,7 @@ def _worker(args) -> None:
     steps = args.iterations * args.n_envs * args.n_steps
     cpu = []  # this process's CPU seconds at the end of each iteration
     result = trpo_ext.train(args.tasks[0], steps, seed=0, n_envs=args.n_envs,
-                            n_steps=args.n_steps, env_workers=args.env_workers,
+                            n_steps=args.n_steps,
                             callback=lambda entry: cpu.append(time.process_time()))
     h = result.history
     timed_steps = h[-1]["time/total_steps"] - h[0]["time/total_steps"]
@@ -73,13 +69,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(task: str, ranks: int, env_workers: int, args, tmp: str):
-    out = os.path.join(tmp, f"{task}-{ranks}-{env_workers}-{time.monotonic_ns()}")
+def _launch(task: str, ranks: int, args, tmp: str):
+    out = os.path.join(tmp, f"{task}-{ranks}-{time.monotonic_ns()}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
            "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), os.path.abspath(__file__), "--worker-out", out,
            "--tasks", task, "--n-envs", str(args.n_envs), "--n-steps", str(args.n_steps),
-           "--iterations", str(args.iterations), "--env-workers", str(env_workers)]
+           "--iterations", str(args.iterations)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TRPO_EXT_NO_PROGRESS="1",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
@@ -93,7 +89,7 @@ def _launch(task: str, ranks: int, env_workers: int, args, tmp: str):
     if len(digests) != 1:
         raise AssertionError(f"{task} on {ranks} ranks: the ranks' parameters differ")
     # Rank 0's rate is the run's (it waits for the others at every collective); the CPU time is
-    # all ranks' (the env workers' own, in their processes, is not counted).
+    # all ranks'.
     return records[0]["steps_per_s"], sum(rec["cpu_s_per_kstep"] for rec in records)
 
 
@@ -105,8 +101,6 @@ def main() -> None:
     p.add_argument("--n-steps", type=int, default=128)
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--env-workers", type=int, default=0,
-                   help="also time one rank with this many env worker processes (0: no such row)")
     p.add_argument("--out", default=None, help="append one JSON line per measurement")
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -119,9 +113,7 @@ def main() -> None:
     if bad:
         p.error(f"--ranks {bad}: each must divide --n-envs {args.n_envs}")
 
-    rows = [(task, k, 0) for task in args.tasks for k in args.ranks]
-    if args.env_workers:
-        rows += [(task, 1, args.env_workers) for task in args.tasks]
+    rows = [(task, k) for task in args.tasks for k in args.ranks]
     print(f"# {platform.node()} | {os.cpu_count()} CPUs | {time.strftime('%Y-%m-%d %H:%M')} | "
           f"n_envs={args.n_envs} n_steps={args.n_steps} iterations={args.iterations} "
           f"repeats={args.repeats} | load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -133,31 +125,30 @@ def main() -> None:
                 rate, cpu = _launch(*row, args, tmp)
                 rates[row].append(rate)
                 cpus[row].append(cpu)
-                print(f"  repeat {repeat}: {row[0]} ranks={row[1]} env_workers={row[2]}: "
+                print(f"  repeat {repeat}: {row[0]} ranks={row[1]}: "
                       f"{rate:,.0f} steps/s, {cpu:.3f} CPU s per 1000 steps", flush=True)
                 if args.out:
                     with open(args.out, "a") as f:
                         f.write(json.dumps({"task": row[0], "ranks": row[1],
-                                            "env_workers": row[2], "steps_per_s": rate,
+                                            "steps_per_s": rate,
                                             "cpu_s_per_kstep": cpu,
                                             "n_envs": args.n_envs, "n_steps": args.n_steps,
                                             "host": platform.node(), "time": time.time()}) + "\n")
     # Efficiency = speed-up / ranks from the wall-clock rates; on a machine whose cores other
     # work also uses, the CPU-time ratio (1-rank CPU time per step / K ranks' together) says
     # what the ranks would give on idle cores, waits at the collectives aside.
-    print("\n| task | ranks | env_workers | steps/s median (range) | speed-up | efficiency "
+    print("\n| task | ranks | steps/s median (range) | speed-up | efficiency "
           "| CPU s / 1000 steps | CPU efficiency |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     nan = float("nan")
-    for task, k, w in rows:
-        med, cpu = statistics.median(rates[(task, k, w)]), statistics.median(cpus[(task, k, w)])
-        base = statistics.median(rates[(task, 1, 0)]) if (task, 1, 0) in rates else nan
-        base_cpu = statistics.median(cpus[(task, 1, 0)]) if (task, 1, 0) in cpus else nan
+    for task, k in rows:
+        med, cpu = statistics.median(rates[(task, k)]), statistics.median(cpus[(task, k)])
+        base = statistics.median(rates[(task, 1)]) if (task, 1) in rates else nan
+        base_cpu = statistics.median(cpus[(task, 1)]) if (task, 1) in cpus else nan
         speedup = med / base
-        lo, hi = min(rates[(task, k, w)]), max(rates[(task, k, w)])
-        cpu_eff = f"{base_cpu / cpu:.0%}" if not w else "-"
-        print(f"| {task} | {k} | {w} | {med:,.0f} ({lo:,.0f}–{hi:,.0f}) | {speedup:.2f} | "
-              f"{speedup / (k + w):.0%} | {cpu:.3f} | {cpu_eff} |")
+        lo, hi = min(rates[(task, k)]), max(rates[(task, k)])
+        print(f"| {task} | {k} | {med:,.0f} ({lo:,.0f}–{hi:,.0f}) | {speedup:.2f} | "
+              f"{speedup / k:.0%} | {cpu:.3f} | {base_cpu / cpu:.0%} |")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 and (marked slow) learning with the default settings."""
 import importlib
 import math
-import os
 import subprocess
 import sys
 
@@ -499,7 +498,7 @@ def test_same_seed_same_history_and_globals_untouched():
     assert torch.equal(torch.get_rng_state(), rng)  # the run draws from its own generators
     b = trpo_ext.train("CartPole-v1", 3 * 128, seed=7, **SMALL)
     c = trpo_ext.train("CartPole-v1", 3 * 128, seed=8, **SMALL)
-    ha, hb, hc = _timeless(a.history), _timeless(b.history), _timeless(c.history)
+    ha, hb = _timeless(a.history), _timeless(b.history)
     assert all(_same(x[k], y[k]) for x, y in zip(ha, hb) for k in x)
     assert torch.equal(a.policy.flat, b.policy.flat)
     assert torch.equal(a.value_fn.flat, b.value_fn.flat)
@@ -584,166 +583,16 @@ def test_async_envs_give_the_same_batches_as_sync():
     assert torch.equal(a.policy.flat, b.policy.flat)
 
 
-@pytest.mark.parametrize("env_id,n_envs,workers", [("CartPole-v1", 2, 1), ("Pendulum-v1", 5, 2)])
-def test_env_workers_give_the_same_training_as_one_process(env_id, n_envs, workers):
-    # Pendulum truncates at 200 steps: final observations cross the worker pipes too.
-    kw = dict(n_envs=n_envs, n_steps=64, seed=3)
-    a = trpo_ext.train(env_id, 5 * n_envs * 64, env_workers=0, **kw)
-    b = trpo_ext.train(env_id, 5 * n_envs * 64, env_workers=workers, **kw)
+@pytest.mark.parametrize("workers", [1, -1])
+def test_retired_env_workers_warn_and_train_as_one_process(workers):
+    # env_workers is kept for old scripts: accepted, ignored with a warning, the same training.
+    kw = dict(n_envs=2, n_steps=64, seed=3)
+    a = trpo_ext.train("Pendulum-v1", 3 * 128, **kw)
+    with pytest.warns(FutureWarning, match="env_workers=.* retired.*torchrun.*envpool"):
+        b = trpo_ext.train("Pendulum-v1", 3 * 128, env_workers=workers, **kw)
     assert torch.equal(a.policy.flat, b.policy.flat)
-    np.testing.assert_array_equal([h["rollout/ep_return_mean"] for h in a.history],
-                                  [h["rollout/ep_return_mean"] for h in b.history])
-
-
-def test_sharded_env_matches_sync_env_and_reports_worker_errors():
-    import gymnasium as gym
-    from gymnasium.vector import AutoresetMode, SyncVectorEnv
-
-    from trpo_ext.vecenv import ShardedVectorEnv, choose_workers
-
-    sync = SyncVectorEnv([lambda: gym.make("Pendulum-v1") for _ in range(5)],
-                         autoreset_mode=AutoresetMode.SAME_STEP)
-    sharded = ShardedVectorEnv("Pendulum-v1", 5, 2)
-    try:
-        o1, _ = sync.reset(seed=list(range(5)))
-        o2, _ = sharded.reset(seed=list(range(5)))
-        np.testing.assert_array_equal(o1, o2)
-        rng = np.random.default_rng(0)
-        for t in range(201):  # through the 200-step truncation
-            # float32 actions go through the workers' shared memory, float64 ones (not the action
-            # space's dtype) through the pipe, unconverted: both as in one process.
-            a = rng.uniform(-2, 2, size=(5, 1)).astype(np.float64 if t % 7 == 0 else np.float32)
-            r1 = sync.step(a)
-            r2 = sharded.step(a)
-            for x, y in zip(r1[:4], r2[:4]):
-                assert x.dtype == y.dtype
-                np.testing.assert_array_equal(x, y)
-            if r1[3].any():
-                for i in np.flatnonzero(r1[3]):
-                    np.testing.assert_array_equal(r1[4]["final_obs"][i], r2[4]["final_obs"][i])
-    finally:
-        sync.close()
-        sharded.close()
-    with pytest.raises(ValueError, match="workers must be"):
-        ShardedVectorEnv("Pendulum-v1", 2, 2)
-    with pytest.raises(ValueError, match="picklable"):
-        ShardedVectorEnv(lambda: gym.make("Pendulum-v1"), 2, 1)
-    # Auto: never more workers than spare cores or environments minus one; none for one env.
-    assert choose_workers("CartPole-v1", lambda: gym.make("CartPole-v1"), 1, -1) == 0
-    assert choose_workers("CartPole-v1", lambda: gym.make("CartPole-v1"), 8, 3) == 3
-    assert choose_workers("CartPole-v1", lambda: gym.make("CartPole-v1"), 2, 3) == 1
-
-
-class _FailsInAWorker:
-    """An env factory that works in the process that made it and raises in any other."""
-
-    def __init__(self):
-        self.parent = os.getpid()
-
-    def __call__(self):
-        import gymnasium as gym
-
-        if os.getpid() != self.parent:
-            raise OSError("no display in this process")
-        return gym.make("CartPole-v1")
-
-
-def test_a_failing_env_worker_is_a_clear_error():
-    from trpo_ext.vecenv import ShardedVectorEnv
-
-    with pytest.raises(RuntimeError, match="worker process failed(.|\n)*no display"):
-        ShardedVectorEnv(_FailsInAWorker(), 2, 1)
-
-
-class _Float64Obs:
-    """CartPole with float64 observations in its float32 observation space: its final observations
-    do not fit a worker's shared buffer and must come back unconverted."""
-
-    def __call__(self):
-        import gymnasium as gym
-
-        env = gym.make("CartPole-v1")
-        return gym.wrappers.TransformObservation(env, lambda o: o.astype(np.float64),
-                                                 env.observation_space)
-
-
-class _StepFailsInAWorker(_FailsInAWorker):
-    """CartPole whose steps raise in any process but the one that made the factory."""
-
-    def __call__(self):
-        import gymnasium as gym
-
-        env = gym.make("CartPole-v1")
-        if os.getpid() != self.parent:
-            def fail(action):
-                raise OSError("the simulator lost its licence")
-            env.step = fail
-        return env
-
-
-def test_sharded_env_returns_final_observations_unconverted():
-    from trpo_ext.vecenv import SameStepVectorEnv, ShardedVectorEnv
-
-    one = SameStepVectorEnv([_Float64Obs() for _ in range(3)])
-    sharded = ShardedVectorEnv(_Float64Obs(), 3, 1)
-    try:
-        one.reset(seed=[0, 1, 2])
-        sharded.reset(seed=[0, 1, 2])
-        rng, ended = np.random.default_rng(0), 0
-        for _ in range(100):
-            a = rng.integers(0, 2, size=3)
-            r1, r2 = one.step(a), sharded.step(a)
-            for x, y in zip(r1[:4], r2[:4]):
-                np.testing.assert_array_equal(x, y)
-            for i in np.flatnonzero(r1[2] | r1[3]):
-                f1, f2 = r1[4]["final_obs"][i], r2[4]["final_obs"][i]
-                assert f2.dtype == f1.dtype == np.float64
-                np.testing.assert_array_equal(f1, f2)
-                ended += 1
-        assert ended > 3
-    finally:
-        one.close()
-        sharded.close()
-
-
-def test_a_dead_or_failing_env_worker_is_a_clear_error_and_close_does_not_hang():
-    import signal
-    import time
-
-    from trpo_ext.vecenv import ShardedVectorEnv
-
-    a = np.zeros((3, 1), dtype=np.float32)
-    envs = ShardedVectorEnv("Pendulum-v1", 3, 1)
-    try:
-        envs.reset(seed=[0, 1, 2])
-        envs.step(a)
-        time.sleep(0.05)  # past the worker's spin: it now blocks on its semaphore
-        envs.step(a)
-        os.kill(envs._procs[0].pid, signal.SIGKILL)
-        start = time.perf_counter()
-        with pytest.raises(RuntimeError, match="died during a step"):
-            envs.step(a)
-        assert time.perf_counter() - start < 3
-        with pytest.raises(RuntimeError, match="failed earlier"):
-            envs.step(a)
-    finally:
-        start = time.perf_counter()
-        envs.close()
-        assert time.perf_counter() - start < 3
-
-    envs = ShardedVectorEnv("Pendulum-v1", 3, 1)
-    os.kill(envs._procs[0].pid, signal.SIGKILL)
-    start = time.perf_counter()
-    envs.close()
-    assert time.perf_counter() - start < 3
-
-    envs = ShardedVectorEnv(_StepFailsInAWorker(), 3, 1)
-    try:
-        envs.reset(seed=[0, 1, 2])
-        with pytest.raises(RuntimeError, match="worker process failed(.|\n)*lost its licence"):
-            envs.step(np.zeros(3, dtype=np.int64))
-    finally:
-        envs.close()
+    with pytest.raises(ValueError, match="env_workers"):
+        trpo_ext.train("Pendulum-v1", 128, env_workers=-2, **kw)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -25,9 +25,8 @@ class TRPOConfig:
                                  "or envpool (EnvPool's C++ envs on a thread pool; its tasks only)")
     env_threads: int = _f(0, "EnvPool pool threads (vector_env='envpool'); 0: one per usable core")
     async_envs: bool = _f(False, "alias of vector_env='async' (kept for old scripts)")
-    env_workers: int = _f(0, "worker processes stepping shares of the environments alongside this one; "
-                             "0: all in this process; -1: auto (one per spare CPU core when an env "
-                             "step takes > 7 µs)")
+    env_workers: int = _f(0, "retired, ignored with a warning (kept for old scripts): for more "
+                             "cores run under torchrun or use vector_env='envpool'")
     normalize_obs: bool = _f(True, "normalise observations with running mean/std")
     # the TRPO step
     max_kl: float = _f(0.01, "trust-region radius δ on the mean KL(π_old ‖ π_new)")

@@ -8,7 +8,7 @@ then a real transition of the policy, and a truncated step bootstraps from that 
 Engines (``make_vector_env(..., engine=)``):
 
 - ``"sync"``: :class:`trpo_ext.vecenv.SameStepVectorEnv` (gymnasium's ``SyncVectorEnv`` batches,
-  bit for bit), or its sharded form over worker processes (``workers``);
+  bit for bit);
 - ``"async"``: gymnasium's ``AsyncVectorEnv`` in same-step mode, one process per environment;
 - ``"envpool"``: :class:`EnvPoolVectorEnv`, EnvPool's C++ environments on a thread pool.
 """
@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .vecenv import EnvFactory, SameStepVectorEnv, ShardedVectorEnv, usable_cpus
+from .vecenv import EnvFactory, SameStepVectorEnv, usable_cpus
 
 __all__ = ["EnvSpec", "VECTOR_ENVS", "check_env_id", "check_vector_env", "env_factory",
            "envpool_task_id", "make_vector_env", "EnvPoolVectorEnv"]
@@ -86,10 +86,9 @@ def check_vector_env(env: EnvSpec, engine: str) -> None:
 
 
 def make_vector_env(env: EnvSpec, n_envs: int, engine: Union[str, bool] = "sync",
-                    threads: Optional[int] = None, workers: int = 0, *,
-                    async_envs: Optional[bool] = None):
+                    threads: Optional[int] = None, *, async_envs: Optional[bool] = None):
     """``n_envs`` copies of ``env`` in same-step autoreset mode, stepped by ``engine``: ``"sync"``
-    (in this process, or in ``workers`` worker processes besides it), ``"async"`` (gymnasium's
+    (in this process), ``"async"`` (gymnasium's
     ``AsyncVectorEnv``) or ``"envpool"`` (``threads`` pool threads; None: one per usable core).
 
     ``async_envs=True`` (or ``True`` as the third argument, the old signature) means ``"async"``.
@@ -101,8 +100,6 @@ def make_vector_env(env: EnvSpec, n_envs: int, engine: Union[str, bool] = "sync"
     check_vector_env(env, engine)
     if engine == "envpool":
         return EnvPoolVectorEnv(env, n_envs, threads)
-    if engine == "sync" and workers > 0:
-        return ShardedVectorEnv(env, n_envs, workers)
     fns = [env_factory(env) for _ in range(n_envs)]
     if engine == "async":
         from gymnasium.vector import AsyncVectorEnv, AutoresetMode

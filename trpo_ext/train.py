@@ -25,6 +25,7 @@ import numbers
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -35,11 +36,10 @@ from . import _checks, distributed
 from .cg import conjugate_gradient
 from .config import TRPOConfig
 from .gae import gae
-from .envs import check_env_id, env_factory, make_vector_env
+from .envs import check_env_id, make_vector_env
 from .policies import (Adam, Policy, RunningMeanStd, ValueFunction, fisher_product, linearize, space_spec,
                        surrogate_gradient)
 from .rollout import RolloutCollector, _tree_map, flatten_time
-from .vecenv import choose_workers
 
 __all__ = ["train", "TrainResult", "trpo_update", "HISTORY_KEYS", "RewardNormalizer"]
 
@@ -327,6 +327,13 @@ def _validate(cfg: TRPOConfig) -> None:
     _checks.require_int(cfg.num_threads, "num_threads", 0, _MAX_NUM_THREADS)
     _checks.require_int(cfg.checkpoint_every, "checkpoint_every", 0)
     _checks.require_int(cfg.env_workers, "env_workers", -1)
+    if cfg.env_workers != 0:
+        # Retired: torchrun's ranks step any environment on more cores (and share the update),
+        # EnvPool steps its tasks faster; the workers' batches were those of one process anyway.
+        warnings.warn(f"env_workers={cfg.env_workers} is retired and ignored: the environments "
+                      f"step in this process, with the same results. For more cores run "
+                      f"data-parallel under torchrun (any environment) or use "
+                      f"vector_env='envpool' (EnvPool's tasks)", FutureWarning, stacklevel=3)
     if cfg.distributed not in distributed.MODES:
         raise ValueError(f"distributed must be one of {distributed.MODES}, got {cfg.distributed!r}")
     for name in ("async_envs", "normalize_obs", "normalize_advantages", "normalize_rewards",
@@ -498,7 +505,7 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: Optional
 
 @contextlib.contextmanager
 def _closing_on_error(envs):
-    """Closes the environments (and any worker processes) when the block raises."""
+    """Closes the environments when the block raises."""
     try:
         yield
     except BaseException:
@@ -553,15 +560,12 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, worl
            policy_net=None, value_net=None) -> TrainResult:
     shard = distributed.shard(cfg.n_envs)  # data-parallel: this rank's environments
     n_local = shard.stop - shard.start
-    # Data-parallel: "auto" (-1) env workers would oversubscribe the cores the ranks already use.
-    requested = 0 if cfg.env_workers < 0 and world.size > 1 else cfg.env_workers
     engine = "async" if cfg.async_envs and cfg.vector_env == "sync" else cfg.vector_env
     if cfg.async_envs and engine != "async":
         raise ValueError(f"async_envs=True (an alias of vector_env='async') contradicts "
                          f"vector_env={cfg.vector_env!r}: set only vector_env")
     _checks.require_int(cfg.env_threads, "env_threads", 0)
-    workers = 0 if engine != "sync" else choose_workers(env, env_factory(env), n_local, requested)
-    envs = make_vector_env(env, n_local, engine, cfg.env_threads or None, workers)
+    envs = make_vector_env(env, n_local, engine, cfg.env_threads or None)
     with _closing_on_error(envs):
         spec = space_spec(envs.single_observation_space, envs.single_action_space)
         policy, value_fn = _build_networks(cfg, spec, envs, env_id, seed, ckpt, policy_net,
