@@ -235,3 +235,7 @@ def test_old_make_vector_env_signature_and_import_paths():
     envs = rollout.make_vector_env("CartPole-v1", 2, False)
     assert isinstance(envs, vecenv.SameStepVectorEnv)
     envs.close()
+    with pytest.warns(FutureWarning, match="workers is retired"):  # the retired worker processes
+        envs = make_vector_env("CartPole-v1", 2, "sync", None, 1)
+    assert isinstance(envs, vecenv.SameStepVectorEnv)
+    envs.close()

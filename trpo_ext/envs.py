@@ -14,6 +14,7 @@ Engines (``make_vector_env(..., engine=)``):
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -86,13 +87,18 @@ def check_vector_env(env: EnvSpec, engine: str) -> None:
 
 
 def make_vector_env(env: EnvSpec, n_envs: int, engine: Union[str, bool] = "sync",
-                    threads: Optional[int] = None, *, async_envs: Optional[bool] = None):
+                    threads: Optional[int] = None, workers: int = 0, *,
+                    async_envs: Optional[bool] = None):
     """``n_envs`` copies of ``env`` in same-step autoreset mode, stepped by ``engine``: ``"sync"``
-    (in this process), ``"async"`` (gymnasium's
-    ``AsyncVectorEnv``) or ``"envpool"`` (``threads`` pool threads; None: one per usable core).
+    (in this process), ``"async"`` (gymnasium's ``AsyncVectorEnv``) or ``"envpool"`` (``threads``
+    pool threads; None: one per usable core).
 
     ``async_envs=True`` (or ``True`` as the third argument, the old signature) means ``"async"``.
+    ``workers`` (env worker processes) is retired: ignored, with a warning when not 0.
     """
+    if workers:
+        warnings.warn("make_vector_env: workers is retired and ignored; the environments step in "
+                      "this process", FutureWarning, stacklevel=2)
     if isinstance(engine, (bool, np.bool_)):
         engine = "async" if engine else "sync"
     if async_envs:
