@@ -243,14 +243,13 @@ def figure(grouped, path: str, steps: int) -> None:
     cols = min(3, max(1, len(tasks)))
     rows = (len(tasks) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
-    labels = sorted({label for _, label in grouped})
-    colors = {label: f"C{i}" for i, label in enumerate(labels)}
     grid = np.linspace(0, steps, 101)
     for ax, task in zip(axes.flat, tasks):
+        # Colours per panel (ten before they repeat), in the panel's label order.
+        labels = sorted(label for t, label in grouped if t == task)
+        colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
         for label in labels:
-            rs = grouped.get((task, label))
-            if not rs:
-                continue
+            rs = grouped[(task, label)]
             curves = []
             for r in (r for r in rs if r.get("curve")):
                 x = np.asarray(r["curve"]["steps"], dtype=float)
