@@ -165,6 +165,38 @@ def test_envpool_mujoco_v5_follows_gymnasium(env_id, nq):
         g.close()
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_envpool_direct_io_steps_like_envpool_public_api(groups):
+    """The pools' C++ send/recv, which the wrapper calls directly, give what EnvPool's public
+    send/recv give on the same seeds: observations, rewards, ends, final observations, over
+    episodes that terminate and that hit the time limit."""
+    a = EnvPoolVectorEnv("Hopper-v5", 6, 2, groups=groups, max_episode_steps=30)
+    b = EnvPoolVectorEnv("Hopper-v5", 6, 2, groups=groups, max_episode_steps=30)
+    try:
+        np.testing.assert_array_equal(a.reset(seed=4)[0], b.reset(seed=4)[0])
+        assert all(io is not None for io in a._io)  # EnvPool 1.2.5's layout
+        b._io = [None] * len(b._pools)  # the public API (set after the reset, which rebuilds)
+        rng = np.random.default_rng(0)
+        ends = {"terminated": 0, "truncated": 0}
+        for t in range(120):
+            act = rng.uniform(-1, 1, (6, 3)).astype(np.float32)
+            out_a, out_b = a.step(act), b.step(act)
+            for x, y in zip(out_a[:4], out_b[:4]):
+                np.testing.assert_array_equal(x, y)
+            assert out_a[4].keys() == out_b[4].keys()
+            if out_a[4]:
+                np.testing.assert_array_equal(out_a[4]["_final_obs"], out_b[4]["_final_obs"])
+                for i in np.flatnonzero(out_a[4]["_final_obs"]):
+                    np.testing.assert_array_equal(out_a[4]["final_obs"][i],
+                                                  out_b[4]["final_obs"][i])
+            ends["terminated"] += int(out_a[2].sum())
+            ends["truncated"] += int((out_a[3] & ~out_a[2]).sum())
+        assert ends["terminated"] > 0 and ends["truncated"] > 0, ends
+    finally:
+        a.close()
+        b.close()
+
+
 def test_envpool_groups_step_like_one_pool():
     """The two-group stepping (async pools with spares) (send/recv per half) gives one pool's batches, with its reset step
     taken at once: the true final observation in the infos, the next episode's first observation

@@ -174,6 +174,7 @@ class EnvPoolVectorEnv:
         self._kwargs = dict(envpool_kwargs, max_episode_steps=self.max_episode_steps + 1)
         self._make = envpool.make
         self._pools: List[Any] = []
+        self._io: List[Optional[_DirectIO]] = []
         self._seeds: Optional[List[int]] = None
         self._build([seed + i for i in range(self.num_envs)])
         first = self._pools[0]
@@ -192,10 +193,11 @@ class EnvPoolVectorEnv:
         for sl, ids in zip(self.env_groups, self._ids):
             n = len(ids)
             spare_seeds = [s + self.num_envs for s in seeds[sl]] if self._spares else []
-            self._pools.append(self._make(self.task_id, env_type="gymnasium",
-                                          num_envs=n + len(spare_seeds), batch_size=n,
-                                          num_threads=min(per_group, n),
-                                          env_seed=seeds[sl] + spare_seeds, **self._kwargs))
+            pool = self._make(self.task_id, env_type="gymnasium", num_envs=n + len(spare_seeds),
+                              batch_size=n, num_threads=min(per_group, n),
+                              env_seed=seeds[sl] + spare_seeds, **self._kwargs)
+            self._pools.append(pool)
+            self._io.append(_direct_io(pool))
         self._seeds = list(seeds)
         self._fresh = True
 
@@ -230,14 +232,22 @@ class EnvPoolVectorEnv:
 
     def send(self, actions, group: int) -> None:
         """Starts group ``group``'s step with its rows of the actions (``[n_g, *A]``)."""
-        self._pools[group].send(np.asarray(actions), self._ids[group])
+        io = self._io[group]
+        if io is None:
+            self._pools[group].send(np.asarray(actions), self._ids[group])
+        else:
+            io.send(actions, self._ids[group])
 
     def recv(self, group: int):
         """Group ``group``'s step: ``obs, rewards, terminated, truncated, infos`` for its
         environments (rows in order), same-step autoreset as in the class docstring."""
-        obs, rew, term, pool_trunc, info = self._pools[group].recv()
-        env_id = info["env_id"]
-        trunc = info["elapsed_step"] >= self.max_episode_steps
+        io = self._io[group]
+        if io is None:
+            obs, rew, term, pool_trunc, info = self._pools[group].recv()
+            env_id, elapsed = info["env_id"], info["elapsed_step"]
+        else:
+            obs, rew, term, pool_trunc, env_id, elapsed = io.recv()
+        trunc = elapsed >= self.max_episode_steps
         if not (env_id[:-1] < env_id[1:]).all():  # async mode returns them as they finish
             order = np.argsort(env_id)
             obs, rew, term, trunc = obs[order], rew[order], term[order], trunc[order]
@@ -277,10 +287,50 @@ class EnvPoolVectorEnv:
     def _close_pools(self) -> None:
         for pool in self._pools:
             pool.close()
-        self._pools = []
+        self._pools, self._io = [], []
 
     def close(self) -> None:
         if getattr(self, "_closed", True):
             return
         self._closed = True
         self._close_pools()
+
+
+class _DirectIO:
+    """A pool's step through EnvPool's C++ ``_send``/``_recv``, the arrays in the pool's own key
+    order: EnvPool's Python ``send``/``recv`` rebuild dicts and its config on every call, a large
+    share of a small batch's step (benchmarks/RESULTS.md)."""
+
+    def __init__(self, pool, action_keys: List[str], state_keys: List[str], action_dtype):
+        self._send, self._recv = pool._send, pool._recv
+        # The other action arrays are the environment ids (single player: players' ids too).
+        self._n_action = len(action_keys)
+        self._action_at = action_keys.index("action")
+        self._state_at = [state_keys.index(k) for k in
+                          ("obs", "reward", "done", "trunc", "info:env_id", "elapsed_step")]
+        self._dtype = action_dtype
+
+    def send(self, actions, ids: np.ndarray) -> None:
+        parts = [ids] * self._n_action
+        parts[self._action_at] = np.ascontiguousarray(actions, dtype=self._dtype)
+        self._send(parts)
+
+    def recv(self):
+        """``obs, rewards, terminated, truncated (EnvPool's), env_id, elapsed_step``."""
+        state = self._recv()
+        obs, rew, done, trunc, env_id, elapsed = (state[i] for i in self._state_at)
+        return obs, rew, done & ~trunc, trunc, env_id, elapsed
+
+
+def _direct_io(pool) -> Optional[_DirectIO]:
+    """:class:`_DirectIO` for a single-player pool with one array observation, the layout of
+    EnvPool 1.2.5's MuJoCo and classic-control tasks; None (the public API) for anything else."""
+    try:
+        action_keys, state_keys = list(pool._action_keys), list(pool._state_keys)
+        action_dtype = np.dtype(pool.spec.action_array_spec["action"].dtype)
+        if (sorted(action_keys) != ["action", "env_id", "players.env_id"]
+                or pool.config.get("max_num_players", 1) != 1):
+            return None
+        return _DirectIO(pool, action_keys, state_keys, action_dtype)
+    except (AttributeError, KeyError, ValueError):
+        return None
