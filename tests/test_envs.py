@@ -192,15 +192,17 @@ def test_envpool_direct_io_steps_like_envpool_public_api(groups):
             ends["terminated"] += int(out_a[2].sum())
             ends["truncated"] += int((out_a[3] & ~out_a[2]).sum())
         assert ends["terminated"] > 0 and ends["truncated"] > 0, ends
+        with pytest.raises(ValueError, match=r"actions must have shape \(\d, 3\), got \(\d, 2\)"):
+            a.step(np.zeros((6, 2)))
     finally:
         a.close()
         b.close()
 
 
 def test_envpool_groups_step_like_one_pool():
-    """The two-group stepping (async pools with spares) (send/recv per half) gives one pool's batches, with its reset step
-    taken at once: the true final observation in the infos, the next episode's first observation
-    returned."""
+    """Two groups (async pools with spares, send/recv per half) give one pool's batches, with its
+    reset step taken at once: the true final observation in the infos, the next episode's first
+    observation returned."""
     K = 7
     a = EnvPoolVectorEnv("Hopper-v5", 5, 2, groups=2, max_episode_steps=K)
     b = envpool.make("Hopper-v5", env_type="gymnasium", num_envs=5, seed=0, max_episode_steps=K)

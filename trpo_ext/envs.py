@@ -301,18 +301,24 @@ class _DirectIO:
     order: EnvPool's Python ``send``/``recv`` rebuild dicts and its config on every call, a large
     share of a small batch's step (benchmarks/RESULTS.md)."""
 
-    def __init__(self, pool, action_keys: List[str], state_keys: List[str], action_dtype):
+    def __init__(self, pool, action_keys: List[str], state_keys: List[str], action_spec):
         self._send, self._recv = pool._send, pool._recv
         # The other action arrays are the environment ids (single player: players' ids too).
         self._n_action = len(action_keys)
         self._action_at = action_keys.index("action")
         self._state_at = [state_keys.index(k) for k in
                           ("obs", "reward", "done", "trunc", "info:env_id", "elapsed_step")]
-        self._dtype = action_dtype
+        self._dtype = np.dtype(action_spec.dtype)
+        self._shape = tuple(action_spec.shape)[1:]  # after the batch dimension (-1)
 
     def send(self, actions, ids: np.ndarray) -> None:
+        actions = np.ascontiguousarray(actions, dtype=self._dtype)
+        # The C++ side reads the spec's shape from the buffer without checking it.
+        if actions.shape != (len(ids),) + self._shape:
+            raise ValueError(f"actions must have shape {(len(ids),) + self._shape}, got "
+                             f"{actions.shape}")
         parts = [ids] * self._n_action
-        parts[self._action_at] = np.ascontiguousarray(actions, dtype=self._dtype)
+        parts[self._action_at] = actions
         self._send(parts)
 
     def recv(self):
@@ -327,10 +333,10 @@ def _direct_io(pool) -> Optional[_DirectIO]:
     EnvPool 1.2.5's MuJoCo and classic-control tasks; None (the public API) for anything else."""
     try:
         action_keys, state_keys = list(pool._action_keys), list(pool._state_keys)
-        action_dtype = np.dtype(pool.spec.action_array_spec["action"].dtype)
+        action_spec = pool.spec.action_array_spec["action"]
         if (sorted(action_keys) != ["action", "env_id", "players.env_id"]
                 or pool.config.get("max_num_players", 1) != 1):
             return None
-        return _DirectIO(pool, action_keys, state_keys, action_dtype)
+        return _DirectIO(pool, action_keys, state_keys, action_spec)
     except (AttributeError, KeyError, ValueError):
         return None
