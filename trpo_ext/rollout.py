@@ -139,23 +139,26 @@ class RolloutCollector:
                     ep_length[i] = 0
 
         groups = getattr(self.envs, "env_groups", None)
-        if groups is None or len(groups) == 1:
+        if groups is None:
             every = slice(0, N)
             for t in range(T):
                 self.obs, r, term, trunc, infos = self.envs.step(act(t, every, self.obs))
                 record(t, 0, r, term, trunc, infos)
         else:
             # Group g's step t is sent once its actions are known and received just before its
-            # actions of step t + 1 are computed: meanwhile the other groups act and step.
+            # actions of step t + 1 are computed: meanwhile the other groups act and step.  Step
+            # t's bookkeeping waits until step t + 1 is sent: a pool whose threads idle longer
+            # than a few tens of µs puts them to sleep, and waking them costs more than the step.
             obs = np.array(self.obs)
             for t in range(T + 1):
                 for g, sl in enumerate(groups):
                     if t > 0:
                         o, r, term, trunc, infos = self.envs.recv(g)
                         obs[sl] = o
-                        record(t - 1, sl.start, r, term, trunc, infos)
                     if t < T:
                         self.envs.send(act(t, sl, obs[sl]), g)
+                    if t > 0:
+                        record(t - 1, sl.start, r, term, trunc, infos)
             self.obs = obs
 
         # Data-parallel: the episodes that ended on every rank, in one process's order.
