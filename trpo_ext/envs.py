@@ -137,8 +137,8 @@ class EnvPoolVectorEnv:
 
     With several groups each is its own EnvPool in async mode, with a batch size of the group's
     environments, so that a group's results come back all together: a seed gives the same history
-    whatever the threads' timing.  Such a pool holds as many spare environments again, which only pad the
-    resets of a few environments to a whole batch.  Environment i is seeded ``seed + i``
+    whatever the threads' timing.  Such a pool holds as many spare environments again, which only
+    pad the resets of a few environments to a whole batch.  Environment i is seeded ``seed + i``
     (``reset(seed=...)`` remakes the pools with the seeds given: EnvPool fixes them at
     construction).
     """
