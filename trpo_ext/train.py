@@ -420,8 +420,10 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: Optional
         total_steps: environment steps for the whole run (counting a resumed run's earlier steps);
             training stops at the first iteration boundary at or past it.  Default 100,000, or,
             when resuming, the checkpoint's run's own total.
-        seed: seeds the networks' initialisation, the sampling and the environments.  The same seed
-            on CPU gives the same history.  Default 0, or, when resuming, the checkpoint's.
+        seed: seeds the built-in networks' initialisation, the sampling and the environments.  The
+            same seed on CPU gives the same history.  Your own networks arrive initialised: for a
+            reproducible run, seed torch before building them.  Default 0, or, when resuming, the
+            checkpoint's.
         callback: called after each iteration with its history entry; returning ``False`` stops.
         **settings: fields of :class:`trpo_ext.config.TRPOConfig` (documented there with their
             defaults; ``trpo-ext train --help`` lists them).
