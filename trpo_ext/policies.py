@@ -47,8 +47,9 @@ def _is_image(space) -> bool:
 
 
 def _obs_part_spec(space, where: str) -> dict:
-    """One observation (or one Dict key) as plain data: "box" (flattened float features),
-    "image" (3-D uint8, fed channels-first) or "discrete" (one-hot)."""
+    """One observation (or one Dict key) as plain data: "box" (flattened float features; also
+    MultiBinary), "image" (3-D uint8, fed channels-first), "discrete" (one-hot) or
+    "multidiscrete" (the elements' one-hots side by side, in the flattened order)."""
     from gymnasium import spaces
 
     if _is_image(space):
@@ -68,18 +69,28 @@ def _obs_part_spec(space, where: str) -> dict:
     if isinstance(space, spaces.Discrete):
         return {"obs_kind": "discrete", "obs_shape": [], "obs_dim": int(space.n),
                 "obs_start": int(space.start)}
+    if isinstance(space, spaces.MultiBinary):
+        return {"obs_kind": "box", "obs_shape": [int(d) for d in space.shape],
+                "obs_dim": int(np.prod(space.shape, dtype=np.int64))}
+    if isinstance(space, spaces.MultiDiscrete):
+        nvec = [int(n) for n in space.nvec.reshape(-1)]
+        return {"obs_kind": "multidiscrete", "obs_shape": [int(d) for d in space.shape],
+                "obs_dim": sum(nvec), "obs_nvec": nvec,
+                "obs_start": [int(a) for a in space.start.reshape(-1)]}
     hint = ("flatten it with gymnasium.wrappers.FlattenObservation" if where == "" else
             f"drop or convert key {where.strip(': ')!r} with a gymnasium observation wrapper "
             "(e.g. gymnasium.wrappers.FilterObservation or TransformObservation)")
     raise ValueError(f"unsupported observation space {where}{space!r}: trpo_ext takes Box "
-                     f"(flat, or 3-D uint8 images), Discrete (one-hot) and Dict of those; {hint}")
+                     f"(flat, or 3-D uint8 images), Discrete and MultiDiscrete (one-hot), "
+                     f"MultiBinary and Dict of those; {hint}")
 
 
 def space_spec(observation_space, action_space) -> dict:
     """What the networks need to know about an environment's spaces, as plain (JSON-able) data.
 
-    Observations: Box (flattened), 3-D uint8 Box (an image), Discrete (one-hot), or a Dict of
-    those (``obs_kind == "dict"``, ``obs_keys`` maps each key to its own description).  Actions:
+    Observations: Box or MultiBinary (flattened), 3-D uint8 Box (an image), Discrete or
+    MultiDiscrete (one-hot), or a Dict of those (``obs_kind == "dict"``, ``obs_keys`` maps each
+    key to its own description).  Actions:
     Box (diagonal Gaussian), Discrete (categorical), MultiDiscrete (one categorical per
     sub-space), MultiBinary (one Bernoulli per dimension).  Anything else is refused here, before
     any work starts, with the wrapper to use.
@@ -163,15 +174,32 @@ class RunningMeanStd(nn.Module):
 Features = Union[torch.Tensor, Dict[str, torch.Tensor]]
 
 
+def _check_indices(arr, part: dict, where: str) -> None:
+    """A clear error for Discrete or MultiDiscrete observations outside the space."""
+    multi = part["obs_kind"] == "multidiscrete"
+    n = np.asarray(part["obs_nvec"] if multi else [part["obs_dim"]])
+    lo = np.asarray(part.get("obs_start", 0)).reshape(-1)
+    values = np.asarray(arr.cpu() if isinstance(arr, torch.Tensor) else arr).reshape(-1, len(n))
+    outside = ((values < lo) | (values >= lo + n)).any(-1)
+    if outside.any():
+        first, hi = values[outside][0], lo + n - 1
+        if not multi:
+            first, lo, hi = first[0], lo[0], hi[0]
+        raise ValueError(f"{where} holds {first.tolist()}, outside the policy's "
+                         f"{'MultiDiscrete' if multi else 'Discrete'} observations: from "
+                         f"{lo.tolist()} to {hi.tolist()}")
+
+
 class ObservationEncoder(nn.Module):
     """Raw environment observations → the tensors a network takes.
 
     ``encode`` turns a batch of raw observations (NumPy or torch, ``[B, *obs_shape]``, or a dict of
-    those for a Dict space) into *features*: Box → float32 ``[B, obs_dim]`` (flattened), Discrete →
-    one-hot float32 ``[B, n]``, image → uint8 ``[B, C, H, W]`` (channels moved first).  Calling the
-    encoder on features gives the *network input*: flat features normalised by their running
-    mean and variance (``normalize_obs``; each Dict key has its own statistics), clipped to ±10;
-    images scaled to [0, 1] as float32.  The statistics change only between updates
+    those for a Dict space) into *features*: Box, MultiBinary → float32 ``[B, obs_dim]``
+    (flattened), Discrete → one-hot float32 ``[B, n]``, MultiDiscrete → its elements' one-hots
+    side by side ``[B, sum(nvec)]``, image → uint8 ``[B, C, H, W]`` (channels moved first).
+    Calling the encoder on features gives the *network input*: flat features normalised by their
+    running mean and variance (``normalize_obs``; each Dict key has its own statistics), clipped
+    to ±10; images scaled to [0, 1] as float32.  The statistics change only between updates
     (:meth:`update`), so features can be stored and turned into network input later.
     """
 
@@ -192,6 +220,16 @@ class ObservationEncoder(nn.Module):
             arr = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
             idx = arr.to(device).long().reshape(-1) - part.get("obs_start", 0)
             return F.one_hot(idx, part["obs_dim"]).to(torch.float32)
+        if part["obs_kind"] == "multidiscrete":
+            # A value past its element's range would land in the next element's columns.
+            _check_indices(x, part, "the observation")
+            arr = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+            nvec = part["obs_nvec"]
+            idx = arr.to(device).long().reshape(-1, len(nvec))
+            # Element j's one-hot occupies columns offset_j .. offset_j + nvec_j − 1.
+            offset = np.concatenate([[0], np.cumsum(nvec[:-1])]) - np.asarray(part["obs_start"])
+            out = torch.zeros(idx.shape[0], part["obs_dim"], device=device)
+            return out.scatter_(1, idx + torch.as_tensor(offset, device=device), 1.0)
         t = torch.as_tensor(x, device=device)
         if part["obs_kind"] == "image":
             t = t.reshape(-1, *part["obs_shape"])
@@ -311,7 +349,7 @@ def default_network(spec: dict, hidden_sizes: Sequence[int], out_dim: int, out_g
     # building a network leaves the caller's random state as it was, and initialise from
     # ``generator`` instead.
     with torch.random.fork_rng(devices=[]):
-        if kind in ("box", "discrete"):
+        if kind in ("box", "discrete", "multidiscrete"):
             return MLP([spec["obs_dim"], *hidden_sizes, out_dim], out_gain, generator)
         extractor = NatureCNN(spec["image_chw"]) if kind == "image" \
             else DictExtractor(spec["obs_keys"])
@@ -618,20 +656,15 @@ class Policy(_FlatModule):
                 raise ValueError(f"{where} must have the policy's observation shape {want} (one "
                                  f"observation) or (B, *{want}) (a batch), got shape {shape}")
             single = one if single is None else single
-            if part["obs_kind"] == "discrete":
-                lo = part.get("obs_start", 0)
-                values = np.asarray(arr.cpu() if isinstance(arr, torch.Tensor) else arr)
-                if values.size and (values.min() < lo or values.max() >= lo + part["obs_dim"]):
-                    raise ValueError(f"obs holds {values.min()}..{values.max()}, outside the "
-                                     f"policy's Discrete observations {lo}.."
-                                     f"{lo + part['obs_dim'] - 1}")
+            if part["obs_kind"] in ("discrete", "multidiscrete"):
+                _check_indices(arr, part, f"obs[{key!r}]" if key is not None else "obs")
         return bool(single)
 
     def check_spaces(self, observation_space, action_space, where: str) -> None:
         """A clear error when an environment's spaces are not those this policy was built for."""
         theirs = space_spec(observation_space, action_space)
-        keys = ("obs_kind", "obs_shape", "obs_dim", "obs_start", "obs_keys", "action_kind",
-                "action_dim", "action_start", "action_nvec")
+        keys = ("obs_kind", "obs_shape", "obs_dim", "obs_start", "obs_nvec", "obs_keys",
+                "action_kind", "action_dim", "action_start", "action_nvec")
         mismatch = [k for k in keys if theirs.get(k) != self.spec.get(k)]
         if mismatch:
             raise ValueError(f"{where}: the environment's spaces ({observation_space}, "

@@ -71,7 +71,7 @@ class RolloutCollector:
         self._actions = policy.dist.action_tensor((T, N))
         # The built-in MLP on flat observations samples in NumPy (see collect); it writes its
         # normalised observations here.
-        self._numpy = policy.fast_path and spec["obs_kind"] in ("box", "discrete")
+        self._numpy = policy.fast_path and spec["obs_kind"] in ("box", "discrete", "multidiscrete")
         self._obs = torch.empty(T, N, spec["obs_dim"]) if self._numpy else None
 
     def reset(self, seed: int) -> None:

@@ -398,21 +398,22 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: Optional
     Args:
         env: a gymnasium id or a callable returning a gymnasium Env (default ``"CartPole-v1"``, or
             the checkpoint's environment when resuming).  Observations: Box (flat, or a 3-D uint8
-            image), Discrete, or a Dict of those; actions: Box, Discrete, MultiDiscrete or
-            MultiBinary.
+            image), Discrete, MultiDiscrete, MultiBinary, or a Dict of those; actions: Box,
+            Discrete, MultiDiscrete or MultiBinary.
         policy_net: your own network (any ``nn.Module``, trained in place) from a batch of
             observations to the action distribution's parameters: Box(A) → means ``[B, A]``
             (trpo_ext owns the state-independent log-std, initialised to ``init_log_std``);
             Discrete(n) → logits ``[B, n]``; MultiDiscrete(nvec) → the sub-spaces' logits side by
             side ``[B, sum(nvec)]``; MultiBinary(n) → logits ``[B, n]``.  Observations reach it as
-            a float32 tensor ``[B, *shape]`` — flat Box observations flattened to ``[B, D]`` and,
-            with ``normalize_obs``, standardised by running mean and variance and clipped to ±10;
-            Discrete ones one-hot ``[B, n]`` (standardised likewise); images (3-D uint8 Box) as
-            float32 in [0, 1], channels first ``[B, C, H, W]``, not standardised — or, for a Dict
-            space, a dict of such tensors keyed like the space.  None: the built-in network (a
-            tanh MLP of ``hidden_sizes``; a Nature-DQN CNN for images, one extractor per key for
-            a Dict, each followed by that MLP).  Its g and Fisher-vector products come from
-            autograd (the built-in MLP has a closed-form fast path).
+            a float32 tensor ``[B, *shape]`` — flat Box and MultiBinary observations flattened to
+            ``[B, D]`` and, with ``normalize_obs``, standardised by running mean and variance and
+            clipped to ±10; Discrete ones one-hot ``[B, n]``, MultiDiscrete ones their elements'
+            one-hots side by side ``[B, sum(nvec)]`` (both standardised likewise); images (3-D
+            uint8 Box) as float32 in [0, 1], channels first ``[B, C, H, W]``, not standardised —
+            or, for a Dict space, a dict of such tensors keyed like the space.  None: the built-in
+            network (a tanh MLP of ``hidden_sizes``; a Nature-DQN CNN for images, one extractor
+            per key for a Dict, each followed by that MLP).  Its g and Fisher-vector products come
+            from autograd (the built-in MLP has a closed-form fast path).
         value_net: likewise for the critic: the same inputs → values ``[B]`` or ``[B, 1]``.
             With ``normalize_value_targets`` it is fitted to returns / σ and V = σ·value_net(s);
             its last parameters must then be its output layer's weight and bias, which are
@@ -661,8 +662,8 @@ def _build_networks(cfg, spec, envs, env_id, seed, ckpt, policy_net, value_net, 
         saved = ckpt.get("policy_spec")
         saved = saved if isinstance(saved, dict) else {}
         differ = [f"{k} {spec.get(k)} vs {saved.get(k)}"
-                  for k in ("obs_kind", "obs_dim", "obs_keys", "action_kind", "action_dim",
-                            "action_nvec")
+                  for k in ("obs_kind", "obs_dim", "obs_nvec", "obs_keys", "action_kind",
+                            "action_dim", "action_nvec")
                   if saved.get(k) != spec.get(k)]
         if differ:
             spaces = f"{envs.single_observation_space}, {envs.single_action_space}"
