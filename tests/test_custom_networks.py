@@ -105,6 +105,21 @@ class CodeLookup(gym.Env):
         return self._obs(), reward, False, self.t >= 10, {}
 
 
+class NoiseOf(gym.Env):
+    """Any observation space, noise for observations, no reward."""
+
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, observation_space):
+        self.observation_space = observation_space
+
+    def reset(self, *, seed=None, options=None):
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
 def test_multidiscrete_and_multibinary_observations_reach_the_network_one_hot_and_as_floats():
     from trpo_ext.policies import ObservationEncoder, space_spec
 
@@ -121,7 +136,7 @@ def test_multidiscrete_and_multibinary_observations_reach_the_network_one_hot_an
     np.testing.assert_array_equal(enc.encode(bits).numpy(), [[0.0, 1.0, 1.0, 1.0]])
     # A Dict of them, and a policy that refuses values outside the space.
     dict_space = spaces.Dict({"code": md, "bits": spaces.MultiBinary(3)})
-    result = trpo_ext.train(lambda: gym.wrappers.TimeLimit(_DictOf(dict_space), 5), 128, **SMALL)
+    result = trpo_ext.train(lambda: gym.wrappers.TimeLimit(NoiseOf(dict_space), 5), 128, **SMALL)
     assert result.policy.act({"code": obs, "bits": np.zeros((3, 3), np.int8)}).shape == (3,)
     policy = trpo_ext.train(CodeLookup, 128, **SMALL).policy
     for bad in ([4, 0], [1, 2], [0, 0]):
@@ -129,19 +144,6 @@ def test_multidiscrete_and_multibinary_observations_reach_the_network_one_hot_an
                                              r"MultiDiscrete observations: from \[1, -2\] to "
                                              r"\[3, 1\]"):
             policy.act(np.array(bad))
-
-
-class _DictOf(gym.Env):
-    action_space = spaces.Discrete(2)
-
-    def __init__(self, observation_space):
-        self.observation_space = observation_space
-
-    def reset(self, *, seed=None, options=None):
-        return self.observation_space.sample(), {}
-
-    def step(self, action):
-        return self.observation_space.sample(), 0.0, False, False, {}
 
 
 # --- invariants --------------------------------------------------------------------------------
