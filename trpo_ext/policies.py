@@ -90,10 +90,9 @@ def space_spec(observation_space, action_space) -> dict:
 
     Observations: Box or MultiBinary (flattened), 3-D uint8 Box (an image), Discrete or
     MultiDiscrete (one-hot), or a Dict of those (``obs_kind == "dict"``, ``obs_keys`` maps each
-    key to its own description).  Actions:
-    Box (diagonal Gaussian), Discrete (categorical), MultiDiscrete (one categorical per
-    sub-space), MultiBinary (one Bernoulli per dimension).  Anything else is refused here, before
-    any work starts, with the wrapper to use.
+    key to its own description).  Actions: Box (diagonal Gaussian), Discrete (categorical),
+    MultiDiscrete (one categorical per sub-space), MultiBinary (one Bernoulli per dimension).
+    Anything else is refused here, before any work starts, with the wrapper to use.
     """
     from gymnasium import spaces
 
