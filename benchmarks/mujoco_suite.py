@@ -245,8 +245,10 @@ def figure(grouped, path: str, steps: int) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
     grid = np.linspace(0, steps, 101)
     for ax, task in zip(axes.flat, tasks):
+        # The defaults, the presets and what ran on 5 seeds or more; the rest is in the table.
         # Colours per panel (ten before they repeat), in the panel's label order.
-        labels = sorted(label for t, label in grouped if t == task)
+        labels = sorted(label for t, label in grouped if t == task and (
+            label == "defaults" or label.startswith("preset") or len(grouped[(t, label)]) >= 5))
         colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
         for label in labels:
             rs = grouped[(task, label)]
@@ -280,7 +282,8 @@ def figure(grouped, path: str, steps: int) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
-    fig.suptitle("trpo_ext: mean over seeds (shaded: lowest to highest seed)", fontsize=10)
+    fig.suptitle("trpo_ext: mean over seeds (shaded: lowest to highest seed); the defaults, the "
+                 "presets and the settings run on 5 or more seeds", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
