@@ -176,7 +176,7 @@ Features = Union[torch.Tensor, Dict[str, torch.Tensor]]
 def _check_indices(arr, part: dict, where: str) -> None:
     """A clear error for Discrete or MultiDiscrete observations outside the space."""
     multi = part["obs_kind"] == "multidiscrete"
-    n = np.asarray(part["obs_nvec"] if multi else [part["obs_dim"]])
+    n = np.asarray(part.get("obs_nvec", [part["obs_dim"]]))
     lo = np.asarray(part.get("obs_start", 0)).reshape(-1)
     values = np.asarray(arr.cpu() if isinstance(arr, torch.Tensor) else arr).reshape(-1, len(n))
     outside = ((values < lo) | (values >= lo + n)).any(-1)
@@ -215,18 +215,15 @@ class ObservationEncoder(nn.Module):
 
     @staticmethod
     def _encode_part(part: dict, x, device) -> torch.Tensor:
-        if part["obs_kind"] == "discrete":
-            arr = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-            idx = arr.to(device).long().reshape(-1) - part.get("obs_start", 0)
-            return F.one_hot(idx, part["obs_dim"]).to(torch.float32)
-        if part["obs_kind"] == "multidiscrete":
+        if part["obs_kind"] in ("discrete", "multidiscrete"):  # a Discrete is one element
             # A value past its element's range would land in the next element's columns.
             _check_indices(x, part, "the observation")
             arr = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-            nvec = part["obs_nvec"]
+            nvec = part.get("obs_nvec", [part["obs_dim"]])
             idx = arr.to(device).long().reshape(-1, len(nvec))
             # Element j's one-hot occupies columns offset_j .. offset_j + nvec_j − 1.
-            offset = np.concatenate([[0], np.cumsum(nvec[:-1])]) - np.asarray(part["obs_start"])
+            offset = np.concatenate([[0], np.cumsum(nvec[:-1], dtype=np.int64)]) - \
+                np.asarray(part.get("obs_start", 0))
             out = torch.zeros(idx.shape[0], part["obs_dim"], device=device)
             return out.scatter_(1, idx + torch.as_tensor(offset, device=device), 1.0)
         t = torch.as_tensor(x, device=device)
