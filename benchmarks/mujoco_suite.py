@@ -180,11 +180,17 @@ def run_all(args) -> None:
 # --- report --------------------------------------------------------------------------------------
 
 def settings_label(rec: Dict[str, Any]) -> str:
-    preset, settings = rec.get("preset"), rec.get("settings") or {}
-    if preset:  # the preset's name, and any settings given over it
-        overrides = rec.get("overrides") or {}
-        return f"preset {preset}" + (f" + {settings_key(overrides)}" if overrides else "")
-    return "defaults" if not settings else settings_key(settings)
+    """Runs are grouped by the settings they ran with: "preset TASK" where those are the task's
+    preset today (whether they came from --preset or --settings), else the settings themselves."""
+    from trpo_ext import presets
+
+    settings = rec.get("settings") or {}
+    if not settings:
+        return "defaults"
+    preset = presets.PRESETS.get(rec["task"])
+    if preset is not None and json.loads(json.dumps(preset["settings"])) == settings:
+        return f"preset {rec['task']}"
+    return settings_key(settings)
 
 
 def groups(recs: List[Dict[str, Any]], steps: int) -> Dict[Tuple[str, str], List[Dict[str, Any]]]:
