@@ -167,28 +167,6 @@ def test_step_size_and_backtracking_schedule(env_id, monkeypatch):
     torch.testing.assert_close(policy.flat.detach(), thetas[-1], rtol=0, atol=0)
 
 
-def test_linear_max_kl_schedule(monkeypatch):
-    # Update i (i = 0, 1, ...) of n runs with δ_i = max_kl·(1 − i/n), and its accepted KL stays
-    # within δ_i; the constant schedule keeps max_kl.
-    seen = []
-    real_update = train_mod.trpo_update
-
-    def spy_update(*args):
-        seen.append(args[-2].max_kl)
-        return real_update(*args)
-
-    monkeypatch.setattr(train_mod, "trpo_update", spy_update)
-    result = trpo_ext.train("Pendulum-v1", 5 * 128, seed=0, max_kl=0.02,
-                            max_kl_schedule="linear", **SMALL)
-    expected = [0.02 * (1 - i / 5) for i in range(5)]
-    assert seen == pytest.approx(expected, rel=1e-12)
-    for h, delta in zip(result.history, expected):
-        assert h["train/kl"] <= delta
-    seen.clear()
-    trpo_ext.train("Pendulum-v1", 2 * 128, seed=0, max_kl=0.02, **SMALL)
-    assert seen == [0.02, 0.02]
-
-
 def test_no_improvement_tries_every_step_then_keeps_theta_old(monkeypatch):
     policy, value_fn, obs, actions, adv, ret = _setup()
     before = policy.flat.detach().clone()
@@ -405,7 +383,6 @@ class _CountingEnv:
     (dict(total_steps=-5), ValueError, "total_steps"),
     (dict(max_kl=0.0), ValueError, "max_kl"),
     (dict(max_kl=-0.1), ValueError, "max_kl"),
-    (dict(max_kl_schedule="cosine"), ValueError, "max_kl_schedule must be one of"),
     (dict(gamma=1.5), ValueError, "gamma"),
     (dict(gae_lambda=-0.1), ValueError, "gae_lambda"),
     (dict(n_envs=0), ValueError, "n_envs"),
