@@ -30,8 +30,6 @@ class TRPOConfig:
     normalize_obs: bool = _f(True, "normalise observations with running mean/std")
     # the TRPO step
     max_kl: float = _f(0.01, "trust-region radius δ on the mean KL(π_old ‖ π_new)")
-    max_kl_schedule: str = _f("constant", "constant, or linear: δ falls linearly from max_kl "
-                                          "towards 0 over total_steps, as PPO anneals its step")
     cg_iters: int = _f(10, "conjugate-gradient iterations for F s = g")
     cg_damping: float = _f(0.1, "damping added to the Fisher matrix: (F + damping·I)")
     line_search_steps: int = _f(10, "backtracking line-search trials")

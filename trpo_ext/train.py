@@ -295,24 +295,10 @@ _MAX_NUM_THREADS = 1024
 _MAX_ABS_INIT_LOG_STD = 20
 
 
-MAX_KL_SCHEDULES = ("constant", "linear")
-
-
-def _max_kl_now(cfg: TRPOConfig, steps_done: int, total_steps: int) -> float:
-    """δ of the update after ``steps_done`` steps: ``max_kl``, or on the linear schedule
-    max_kl·(1 − steps_done / total_steps), which is still positive at the last update."""
-    if cfg.max_kl_schedule == "constant":
-        return cfg.max_kl
-    return cfg.max_kl * max(1.0 - steps_done / total_steps, 0.0)
-
-
 def _validate(cfg: TRPOConfig) -> None:
     _checks.require_int(cfg.n_envs, "n_envs", 1)
     _checks.require_int(cfg.n_steps, "n_steps", 1)
     _checks.require_positive(cfg.max_kl, "max_kl")
-    if cfg.max_kl_schedule not in MAX_KL_SCHEDULES:
-        raise ValueError(f"max_kl_schedule must be one of {MAX_KL_SCHEDULES}, got "
-                         f"{cfg.max_kl_schedule!r}")
     _checks.require_int(cfg.cg_iters, "cg_iters", 1)
     _checks.require_nonnegative(cfg.cg_damping, "cg_damping")
     _checks.require_int(cfg.line_search_steps, "line_search_steps", 1)
@@ -631,11 +617,10 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, worl
             advantages, returns = _advantages(batch, cfg, run.reward_normalizer)
             t2 = time.perf_counter()
             # 3–7. The policy step and the value fit.
-            max_kl = _max_kl_now(cfg, run.steps_done, total_steps)
             metrics = trpo_update(policy, value_fn, run.optimizer,
                                   flatten_time(batch.obs, local_samples),
                                   flatten_time(batch.actions, local_samples), advantages, returns,
-                                  dataclasses.replace(cfg, max_kl=max_kl), run.cpu_generator)
+                                  cfg, run.cpu_generator)
             # Then the normaliser takes in this batch; the next rollout sees the new statistics.
             policy.encoder.update(batch.raw_features)
             run.steps_done += samples
