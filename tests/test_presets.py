@@ -1,6 +1,8 @@
 """trpo_ext.presets: every preset is valid train() settings with its measurements, get() hands out
 a copy, and `trpo-ext train --preset` applies one under the explicit flags."""
+import json
 import math
+import os
 import statistics
 
 import gymnasium as gym
@@ -50,3 +52,19 @@ def test_cli_preset_under_explicit_flags(tmp_path, monkeypatch, capsys):
     assert ckpt["config"]["n_envs"] == 2 and ckpt["config"]["hidden_sizes"] == [8]
     assert cli.main(["train", "--preset", "Nope-v0", "-q"]) == 1
     assert "no preset 'Nope-v0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_each_presets_measurements_are_on_record(name):
+    # Every return a preset claims is a run in the benchmark's records, with the preset's settings.
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "results", "mujoco_1m.jsonl")
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    settings = json.loads(json.dumps(presets.get(name)))  # tuples as the records hold them
+    m = presets.PRESETS[name]["measured"]
+    for seed, ret in zip(m["seeds"], m["returns"]):
+        runs = [r for r in records if r["task"] == name and r["seed"] == seed
+                and r.get("status") == "ok" and r["steps"] == m["steps"]
+                and r["settings"] == settings]
+        assert any(abs(r["return"] - ret) < 0.05 for r in runs), (name, seed, ret)
