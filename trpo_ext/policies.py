@@ -173,11 +173,16 @@ class RunningMeanStd(nn.Module):
 Features = Union[torch.Tensor, Dict[str, torch.Tensor]]
 
 
+def _index_layout(part: dict) -> Tuple[np.ndarray, np.ndarray]:
+    """(nvec, start) of a MultiDiscrete observation, or of a Discrete one as one element."""
+    return (np.asarray(part.get("obs_nvec", [part["obs_dim"]]), dtype=np.int64),
+            np.asarray(part.get("obs_start", 0), dtype=np.int64).reshape(-1))
+
+
 def _check_indices(arr, part: dict, where: str) -> None:
     """A clear error for Discrete or MultiDiscrete observations outside the space."""
     multi = part["obs_kind"] == "multidiscrete"
-    n = np.asarray(part.get("obs_nvec", [part["obs_dim"]]))
-    lo = np.asarray(part.get("obs_start", 0)).reshape(-1)
+    n, lo = _index_layout(part)
     values = np.asarray(arr.cpu() if isinstance(arr, torch.Tensor) else arr).reshape(-1, len(n))
     outside = ((values < lo) | (values >= lo + n)).any(-1)
     if outside.any():
@@ -219,11 +224,10 @@ class ObservationEncoder(nn.Module):
             # A value past its element's range would land in the next element's columns.
             _check_indices(x, part, "the observation")
             arr = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-            nvec = part.get("obs_nvec", [part["obs_dim"]])
+            nvec, start = _index_layout(part)
             idx = arr.to(device).long().reshape(-1, len(nvec))
             # Element j's one-hot occupies columns offset_j .. offset_j + nvec_j − 1.
-            offset = np.concatenate([[0], np.cumsum(nvec[:-1], dtype=np.int64)]) - \
-                np.asarray(part.get("obs_start", 0))
+            offset = np.concatenate([[0], np.cumsum(nvec[:-1])]) - start
             out = torch.zeros(idx.shape[0], part["obs_dim"], device=device)
             return out.scatter_(1, idx + torch.as_tensor(offset, device=device), 1.0)
         t = torch.as_tensor(x, device=device)
