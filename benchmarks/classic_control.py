@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import trpo_ext  # noqa: E402
+from benchmarks import _settings  # noqa: E402
 from benchmarks._common import print_table, sb3_returns  # noqa: E402
 
 TASKS = ["Acrobot-v1", "MountainCar-v0", "MountainCarContinuous-v0", "Pendulum-v1"]
@@ -110,10 +111,15 @@ def _settings_key(settings: Dict[str, Any]) -> str:
     return json.dumps(settings, sort_keys=True)
 
 
+def _ours_settings(rec: Dict[str, Any]) -> Dict[str, Any]:
+    """Our run's learning settings that differ from today's defaults (benchmarks/_settings.py);
+    {} for sb3's runs."""
+    return _settings.relative(rec) if rec["lib"] == "ours" else {}
+
+
 def _key(rec: Dict[str, Any]) -> Tuple:
-    # Records written before --settings existed have no "settings": the defaults.
     return (rec["task"], rec["lib"], rec["seed"], rec["steps"], rec["episodes"], rec["eval_seed"],
-            _settings_key(rec.get("settings", {})))
+            _settings_key(_ours_settings(rec)))
 
 
 def load(path: str) -> List[Dict[str, Any]]:
@@ -156,8 +162,9 @@ def run_all(args) -> None:
                 rec = {"task": task, "lib": lib, "seed": seed, "steps": args.steps,
                        "episodes": args.episodes,
                        "eval_seed": eval_seed(args.eval_seed_base, seed)}
-                if lib == "ours" and args.settings:
+                if lib == "ours":
                     rec["settings"] = args.settings
+                    rec["config"] = _settings.config(args.settings)
                 if _key(rec) in done:
                     print(f"skip {task} {lib} seed {seed}: already in {args.out}", flush=True)
                     continue
@@ -189,11 +196,13 @@ def run_all(args) -> None:
 
 
 def table(args) -> None:
-    wanted = _settings_key(args.settings)
+    wanted = {task: _settings_key(_settings.relative({"task": task,
+                                                      "config": _settings.config(args.settings)}))
+              for task in args.tasks}
     recs = [r for r in load(args.out) if r.get("steps") == args.steps
             and r.get("episodes") == args.episodes and r["task"] in args.tasks
             and r["lib"] in args.libs and r["seed"] in args.seeds
-            and (r["lib"] != "ours" or _settings_key(r.get("settings", {})) == wanted)]
+            and (r["lib"] != "ours" or _settings_key(_ours_settings(r)) == wanted[r["task"]])]
     # The latest record per key wins (a redone run replaces an earlier failure).
     latest: Dict[Tuple, Dict[str, Any]] = {}
     for r in recs:

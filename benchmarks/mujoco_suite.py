@@ -5,11 +5,12 @@ up to ``--jobs`` at a time (default: the usable cores).  Its final policy is eva
 deterministically on ``--episodes`` episodes (20 by default) through ``trpo_ext.evaluate_returns``;
 episode i of training seed s resets with seed ``eval_seed_base + 1000·s + i`` (the rule of
 ``classic_control.py``, so the two files' returns are comparable).  One JSON line per run is
-appended to ``--out`` as soon as the run ends: task, seed, settings, preset, commit (with a dirty
-flag), machine, the evaluation returns and their mean, wall times, and the learning curve
+appended to ``--out`` as soon as the run ends: task, seed, settings, config (every learning setting
+the run used, so that the record stays readable when a default changes), preset, commit (with a
+dirty flag), machine, the evaluation returns and their mean, wall times, and the learning curve
 (``time/total_steps`` and ``rollout/ep_return_mean``, the training episodes' mean return, of every
 iteration).  A run that already has an ``ok`` line in ``--out`` for the same (task, seed, steps,
-episodes, eval seed, settings) is skipped, so an interrupted sweep resumes.
+episodes, eval seed, learning settings) is skipped, so an interrupted sweep resumes.
 
 ``--report TABLE.md`` trains nothing: it writes the table (per task and settings: mean ± std over
 seeds, n, the per-seed returns, the published reference numbers) to TABLE.md and the learning
@@ -39,6 +40,8 @@ from typing import Any, Dict, List, Optional, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+
+from benchmarks import _settings  # noqa: E402
 
 TASKS = ["Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5", "Swimmer-v5"]
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "mujoco_1m.jsonl")
@@ -133,24 +136,26 @@ def load(path: str) -> List[Dict[str, Any]]:
     return recs
 
 
-def _key(task, seed, steps, episodes, ev_seed, settings) -> Tuple:
-    return (task, seed, steps, episodes, ev_seed, settings_key(settings))
+def _key(task, seed, steps, episodes, ev_seed, rec) -> Tuple:
+    return (task, seed, steps, episodes, ev_seed, settings_key(_settings.relative(rec)))
 
 
 def run_all(args) -> None:
-    done = {_key(r["task"], r["seed"], r["steps"], r["episodes"], r["eval_seed"], r["settings"])
+    done = {_key(r["task"], r["seed"], r["steps"], r["episodes"], r["eval_seed"], r)
             for r in load(args.out) if r.get("status") == "ok"}
+    config = _settings.config(args.settings)
     todo = []
     for task in args.tasks:
         for seed in args.seeds:
             ev = eval_seed(args.eval_seed_base, seed)
-            if _key(task, seed, args.steps, args.episodes, ev, args.settings) in done:
+            if _key(task, seed, args.steps, args.episodes, ev,
+                    {"task": task, "config": config}) in done:
                 print(f"skip {task} seed {seed}: already in {args.out}", flush=True)
             else:
                 todo.append((task, seed, ev))
     common = {"steps": args.steps, "episodes": args.episodes, "settings": args.settings,
-              "preset": args.preset, "overrides": args.overrides, **git_commit(args.out),
-              "machine": machine()}
+              "config": config, "preset": args.preset, "overrides": args.overrides,
+              **git_commit(args.out), "machine": machine()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     # Fresh interpreters (spawn): no torch or MuJoCo state is shared through a fork.
     ctx = multiprocessing.get_context("spawn")
@@ -180,15 +185,17 @@ def run_all(args) -> None:
 # --- report --------------------------------------------------------------------------------------
 
 def settings_label(rec: Dict[str, Any]) -> str:
-    """Runs are grouped by the settings they ran with: "preset TASK" where those are the task's
-    preset today (whether they came from --preset or --settings), else the settings themselves."""
+    """Runs are grouped by the learning settings they ran with, read against today's defaults:
+    "defaults", "preset TASK" where they are the task's preset today (whether they came from
+    --preset or --settings), else the settings that differ from the defaults."""
     from trpo_ext import presets
 
-    settings = rec.get("settings") or {}
+    settings = _settings.relative(rec)
     if not settings:
         return "defaults"
     preset = presets.PRESETS.get(rec["task"])
-    if preset is not None and json.loads(json.dumps(preset["settings"])) == settings:
+    if preset is not None and _settings.relative(
+            {"task": rec["task"], "config": _settings.config(preset["settings"])}) == settings:
         return f"preset {rec['task']}"
     return settings_key(settings)
 

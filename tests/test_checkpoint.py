@@ -12,6 +12,7 @@ import torch
 
 import trpo_ext
 from trpo_ext.checkpoint import CheckpointError, load_checkpoint
+from trpo_ext.config import TRPOConfig
 
 SMALL = dict(n_envs=2, n_steps=64)  # 128 steps per iteration
 
@@ -69,7 +70,7 @@ def test_layout_round_trip_and_logger_calls(tmp_path, fake_logger):
     assert logger.args["log_dir"] == log_dir and logger.args["total_steps"] == 384
     assert logger.args["start_steps"] == 0 and logger.args["resumed"] is False
     assert logger.args["history"] is None
-    assert logger.args["config"]["max_kl"] == 0.01
+    assert logger.args["config"]["max_kl"] == TRPOConfig().max_kl
     assert logger.logged == result.history and logger.closed
 
     state = load_checkpoint(os.path.join(ckdir, "last.pt"))

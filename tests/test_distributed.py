@@ -165,8 +165,10 @@ def test_distributed_setting_is_checked(monkeypatch):
 
 # Three iterations of each kind of policy.  CartPole's episodes pass the 100 that the logged mean
 # covers in the second iteration; Pendulum's (200 steps) end in the third.
-EQUIVALENCE = [("CartPole-v1", dict(n_envs=8, n_steps=256)),
-               ("Pendulum-v1", dict(n_envs=8, n_steps=100))]
+# The trust region and std the tolerances below were measured with (the defaults' larger steps
+# amplify the ranks' float32 summation-order differences further).
+EQUIVALENCE = [("CartPole-v1", dict(n_envs=8, n_steps=256, max_kl=0.01)),
+               ("Pendulum-v1", dict(n_envs=8, n_steps=100, max_kl=0.01, init_log_std=0.0))]
 
 
 def test_two_ranks_equal_one_process_and_each_other(tmp_path):

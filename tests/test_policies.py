@@ -146,6 +146,21 @@ def test_closed_form_mlp_path_equals_the_autograd_path(case):
                                fisher_product(policy, lin_a, old_a, v), rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("low, high, expected", [
+    (-1.0, 1.0, [-1.0, -1.0]),                    # MuJoCo's bounds: std e^-1
+    ([-3.0, -0.4], [3.0, 0.4], [np.log(3.0) - 1, np.log(np.float32(0.4)) - 1]),
+    ([0.0, -np.inf], [10.0, np.inf], [np.log(5.0) - 1, -1.0]),  # unbounded: e^-1
+])
+def test_default_initial_std_is_a_fixed_fraction_of_each_actions_half_width(low, high, expected):
+    spec = space_spec(spaces.Box(-1, 1, (3,), np.float32),
+                      spaces.Box(np.array(low, np.float32) * np.ones(2, np.float32),
+                                 np.array(high, np.float32) * np.ones(2, np.float32)))
+    policy = Policy(spec, (8,))
+    np.testing.assert_allclose(policy.log_std.detach().numpy(), expected, rtol=1e-6)
+    assert torch.equal(Policy(spec, (8,), init_log_std=0.25).log_std.detach(),
+                       torch.full((2,), 0.25))  # an explicit value, in the action's units
+
+
 def test_theta_is_the_networks_parameters_in_order_then_the_log_std():
     net = relu_mlp(5, 2)
     names = [n for n, _ in net.named_parameters()]

@@ -250,7 +250,7 @@ examples:
   {PROG} train                                   # CartPole-v1, 100k steps, default settings
   {PROG} train --env InvertedPendulum-v5 --seed 1
   {PROG} train --env Hopper-v5 --steps 1000000 --max-kl 0.02 --hidden-sizes 64,64
-  {PROG} train --preset Ant-v5 --steps 1000000   # the tuned settings of trpo_ext.presets
+  {PROG} train --preset Walker2d-v5 --steps 1000000  # the tuned settings of trpo_ext.presets
   {PROG} train --resume runs/CartPole-v1-0-20250101-120000/checkpoints/last.pt
 
 Files in the log directory: progress.csv (one row per iteration), tb/ (TensorBoard:

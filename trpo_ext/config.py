@@ -29,7 +29,7 @@ class TRPOConfig:
                              "cores run under torchrun or use vector_env='envpool'")
     normalize_obs: bool = _f(True, "normalise observations with running mean/std")
     # the TRPO step
-    max_kl: float = _f(0.01, "trust-region radius δ on the mean KL(π_old ‖ π_new)")
+    max_kl: float = _f(0.04, "trust-region radius δ on the mean KL(π_old ‖ π_new)")
     cg_iters: int = _f(10, "conjugate-gradient iterations for F s = g")
     cg_damping: float = _f(0.1, "damping added to the Fisher matrix: (F + damping·I)")
     line_search_steps: int = _f(10, "backtracking line-search trials")
@@ -43,7 +43,10 @@ class TRPOConfig:
     gae_lambda: float = _f(0.95, "GAE λ")
     # networks
     hidden_sizes: Tuple[int, ...] = _f((64, 64), "hidden layer sizes of policy and value nets (tanh)")
-    init_log_std: float = _f(0.0, "initial log standard deviation of Gaussian policies")
+    init_log_std: Optional[float] = _f(None, "initial log standard deviation of Gaussian policies, "
+                                             "in the action's units; none: the std starts at e^-1 "
+                                             "times half of each action's range (e^-1 where it is "
+                                             "unbounded)")
     # value function
     vf_lr: float = _f(1e-3, "Adam learning rate of the value function")
     vf_epochs: int = _f(5, "passes over the batch per value-function fit")

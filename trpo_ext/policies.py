@@ -509,6 +509,20 @@ class AutogradLinearization:
         return out
 
 
+def initial_log_std(spec: dict, init_log_std: Optional[float] = None) -> torch.Tensor:
+    """The Gaussian's initial log-std ``[A]`` (float64): ``init_log_std`` in every dimension, or
+    for None e^-1 times half the width of each bounded dimension (e^-1 where a bound is infinite),
+    so that the exploration noise starts at the same fraction of every action's range: a unit
+    noise on actions bounded at ±1 is mostly clipped noise whose control cost outweighs the
+    reward (Ant-v5), while on ±3 (InvertedPendulum-v5) e^-1 is too little to learn in time."""
+    n = spec["action_dim"]
+    if init_log_std is not None:
+        return torch.full((n,), float(init_log_std), dtype=torch.float64)
+    half = (torch.tensor(spec["action_high"], dtype=torch.float64)
+            - torch.tensor(spec["action_low"], dtype=torch.float64)) / 2
+    return torch.where(torch.isfinite(half) & (half > 0), half.log(), torch.zeros(())) - 1.0
+
+
 class Policy(_FlatModule):
     """π_θ(a|s): a network (``net``: any ``nn.Module`` from network input to the distribution's
     parameters; None builds the built-in one for the space) plus an action distribution
@@ -520,7 +534,8 @@ class Policy(_FlatModule):
     ``[B, sum(nvec)]``; MultiBinary(n): Bernoulli logits ``[B, n]``.
     """
 
-    def __init__(self, spec: dict, hidden_sizes: Sequence[int] = (64, 64), init_log_std: float = 0.0,
+    def __init__(self, spec: dict, hidden_sizes: Sequence[int] = (64, 64),
+                 init_log_std: Optional[float] = None,
                  normalize_obs: bool = True, generator: Optional[torch.Generator] = None,
                  env_id: Optional[str] = None, net: Optional[nn.Module] = None):
         super().__init__()
@@ -541,8 +556,8 @@ class Policy(_FlatModule):
             # after the network's parameters, as θ holds them.
             ref = next(self.net.parameters())
             self.std = nn.Module()
-            self.std.log_std = nn.Parameter(torch.full((spec["action_dim"],), float(init_log_std),
-                                                       dtype=ref.dtype, device=ref.device))
+            self.std.log_std = nn.Parameter(
+                initial_log_std(spec, init_log_std).to(dtype=ref.dtype, device=ref.device))
             self.register_buffer("action_low", torch.tensor(spec["action_low"], dtype=torch.float32))
             self.register_buffer("action_high", torch.tensor(spec["action_high"], dtype=torch.float32))
         self._init_flat()

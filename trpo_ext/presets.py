@@ -3,13 +3,13 @@
 ``PRESETS[env_id]`` is a dict: ``settings`` (keyword arguments of :func:`trpo_ext.train`), ``note``
 (why they differ from the defaults) and ``measured`` (what they reached: the deterministic
 evaluation return of the final policy, mean of 20 episodes, per training seed, at ``steps``, with
-``benchmarks/mujoco_suite.py``).  A task is listed only where its settings beat the defaults on measured
-seeds.  Use::
+``benchmarks/mujoco_suite.py``).  A task is listed only where its settings beat the defaults on
+measured seeds.  Use::
 
     from trpo_ext import presets
-    trpo_ext.train("Ant-v5", 1_000_000, **presets.get("Ant-v5"))
+    trpo_ext.train("Walker2d-v5", 1_000_000, **presets.get("Walker2d-v5"))
 
-or ``trpo-ext train --preset Ant-v5`` (explicit flags override the preset's settings).
+or ``trpo-ext train --preset Walker2d-v5`` (explicit flags override the preset's settings).
 """
 from __future__ import annotations
 
@@ -18,28 +18,19 @@ from typing import Any, Dict
 
 __all__ = ["PRESETS", "get"]
 
+# Presets measured before the defaults became std e^-1 (times half the action range) and
+# max_kl 0.04 spell out the std and trust region they ran with, so that they stay what was measured.
+_EARLIER = {"init_log_std": 0.0, "max_kl": 0.01}
+
 PRESETS: Dict[str, Dict[str, Any]] = {
-    "HalfCheetah-v5": {
-        "settings": {"init_log_std": -0.5},
-        "note": "std e^-0.5: on the defaults some seeds settle in a ~1700 gait (3314 +- 1439 over "
-                "seeds 0-7 in earlier records); chosen on seeds 0-7 of those records and confirmed "
-                "here on seeds 0-9 (5-9: 5303; no seed in the ~1700 gait). Hurts Hopper and "
-                "Walker2d.",
-        "measured": {"steps": 1_000_000, "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
-                     "returns": [5428.2, 4667.9, 4347.1, 5459.3, 3539.7, 5534.0, 4301.2, 5463.7,
-                                 6189.0, 5024.5],
-                     "return": 4995.5,
-                     "commit": "e25fe78aa4 (seeds 0, 1), 48d996f18d (seeds 2-4), 904e4c64a3 "
-                               "(seeds 5, 6), f5846004ce (seeds 7-9)"},
-    },
     "Hopper-v5": {
-        "settings": {"gamma": 0.995},
-        "note": "a longer horizon: with gamma 0.99 a fall some 500 steps ahead costs almost "
-                "nothing, and some seeds settle in a fast gait that falls (defaults: 5 of seeds "
-                "0-19 below 2000). Chosen on seeds 0-4 (3434 against the defaults' 2517); "
-                "confirmed on seeds 5-9 (3412 against 3296) and 10-19 (3141 against 2786); one "
-                "seed of 20 below 3200 (seed 15: 1793). gamma 0.999 stalls near 980 (4 of seeds "
-                "0-4). Below the published 3618.",
+        "settings": {"gamma": 0.995, **_EARLIER},
+        "note": "a longer horizon, with the earlier std 1 and max_kl 0.01: with gamma 0.99 a fall "
+                "some 500 steps ahead costs almost nothing, and some seeds settle in a fast gait "
+                "that falls (the earlier defaults: 5 of seeds 0-19 below 2000). Chosen on seeds "
+                "0-4 (3434 against those defaults' 2517); confirmed on seeds 5-9 (3412 against "
+                "3296) and 10-19 (3141 against 2786); one seed of 20 below 3200 (seed 15: 1793). "
+                "gamma 0.999 stalls near 980 (4 of seeds 0-4). Below the published 3618.",
         "measured": {"steps": 1_000_000, "seeds": list(range(20)),
                      "returns": [3308.2, 3537.8, 3391.7, 3284.9, 3646.7, 3474.6, 3302.7, 3261.8,
                                  3658.7, 3361.0, 3270.3, 3311.8, 3290.1, 3277.9, 3251.3, 1792.9,
@@ -47,40 +38,27 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                      "commit": "394d383001"},
     },
     "Walker2d-v5": {
-        "settings": {"n_steps": 128},
-        "note": "updates twice as often (8 x 128 samples each): the defaults are still climbing at "
-                "10^6 steps. Chosen on seeds 0, 1 (5252, 4243 against the defaults' 4627, 4673) "
-                "and 2-4 (4489 over 0-4 against the defaults' 3691 and max_kl=0.02's 4423, the "
-                "preset before it); seeds 5-9 confirm (4997 against 3865 and 4410). With "
-                "max_kl=0.02 as well, seed 0 reached 4047. On Hopper and HalfCheetah, seeds 0, 1: "
-                "1949, 3320 and 1871, 5192 (the defaults: 1262, 3431 and 1716, 4140). Below the "
+        "settings": {"n_steps": 128, **_EARLIER},
+        "note": "updates twice as often (8 x 128 samples each), with the earlier std 1 and max_kl "
+                "0.01: those defaults were still climbing at 10^6 steps. Chosen on seeds 0, 1 "
+                "(5252, 4243 against the earlier defaults' 4627, 4673) and 2-4 (4489 over 0-4 "
+                "against those defaults' 3691 and max_kl=0.02's 4423); seeds 5-9 confirm (4997 "
+                "against 3865 and 4410). On Hopper and HalfCheetah, seeds 0, 1: 1949, 3320 and "
+                "1871, 5192 (the earlier defaults: 1262, 3431 and 1716, 4140). Below the "
                 "published 4933.",
         "measured": {"steps": 1_000_000, "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
                      "returns": [5251.8, 4242.6, 3939.1, 4369.5, 4643.9, 4241.2, 5313.6, 5563.5,
                                  4609.4, 5254.9], "return": 4743.0,
                      "commit": "16b0bfbe85 (seeds 0, 1), 394d383001 (seeds 2-9)"},
     },
-    "Ant-v5": {
-        "settings": {"init_log_std": -1.0, "max_kl": 0.04},
-        "note": "std e^-1: with std 1 the clipped actions' control cost (0.5 a^2 summed over 8 "
-                "joints) outweighs Ant-v5's healthy reward of 1, and ending the episode pays; "
-                "the defaults reached 484 and 853 (seeds 0, 1). A trust region four times the "
-                "default's: with std e^-1 alone the curves were still rising at 10^6 steps (2352 "
-                "over seeds 0-4). Chosen on seeds 0, 1; seeds 2-9 confirm. Below the 3500 "
-                "target.",
-        "measured": {"steps": 1_000_000, "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
-                     "returns": [3609.6, 3672.5, 2151.8, 2325.0, 3090.3, 2708.9, 2533.1, 3119.8,
-                                 2645.7, 1603.5], "return": 2746.0,
-                     "commit": "3cb94814ff"},
-    },
     "Humanoid-v5": {
         "settings": {"init_log_std": -1.0, "max_kl": 0.04},
-        "note": "Ant's recipe: std e^-1 (actions are bounded at +-0.4, so std 1 is mostly "
-                "clipped noise) and a trust region four times the default's. Chosen on seeds 0, 1 "
-                "(830, 771; the defaults 500, 579; max_kl 0.02 had reached 857 on seed 0 but 641, "
-                "511 on seeds 1, 5); seeds 5-9 reached 917 (585, 708, 1635, 766, 894; median 766) "
-                "against the defaults' 553 (528, 570, 475, 453, 737), above them on every seed; "
-                "seeds 10-14 reached 737. Still rising at 10^6 steps.",
+        "note": "std e^-1 (actions are bounded at +-0.4, so the earlier std 1 was mostly clipped "
+                "noise) and max_kl 0.04. Chosen on seeds 0, 1 (830, 771; the earlier defaults "
+                "500, 579; max_kl 0.02 had reached 857 on seed 0 but 641, 511 on seeds 1, 5); "
+                "seeds 5-9 reached 917 (585, 708, 1635, 766, 894; median 766) against those "
+                "defaults' 553 (528, 570, 475, 453, 737), above them on every seed; seeds 10-14 "
+                "reached 737. Still rising at 10^6 steps.",
         "measured": {"steps": 1_000_000, "seeds": list(range(15)),
                      "returns": [829.9, 771.1, 850.4, 982.2, 673.0, 584.5, 707.7, 1634.5, 766.1,
                                  893.8, 671.8, 684.6, 686.0, 904.6, 735.2], "return": 825.0,
@@ -89,14 +67,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     },
     "Swimmer-v5": {
         "settings": {"gamma": 0.9999, "normalize_rewards": True, "vf_epochs": 20,
-                     "vf_minibatch_size": 128, "cg_iters": 25, "init_log_std": 0.5},
+                     "vf_minibatch_size": 128, "cg_iters": 25, "init_log_std": 0.5,
+                     "max_kl": 0.01},
         "note": "the RL Zoo's Swimmer recipe: forward progress pays only over hundreds of steps, "
-                "which gamma 0.99 discounts away (the defaults reached 35, 66, 51 on seeds 0, 5, "
-                "6); and std e^0.5: with the default std 1, seeds 4 and 9 stayed in a ~115 gait "
-                "(the recipe alone: 298 over seeds 0-9). Tried first on those two and seeds 0, 1, "
-                "then run on the rest: seeds 0-4 357.5 against the recipe alone's 305.0, 5-9 "
-                "358.9 against 291.3 (5-8, never looked at before: 358.8 against 334.8); every "
-                "seed 356-362. std e^1 gave 354.9, 359.1 (seeds 0, 1). Below the published 366.",
+                "which gamma 0.99 discounts away (the earlier defaults reached 35, 66, 51 on "
+                "seeds 0, 5, 6); std e^0.5: with std 1, seeds 4 and 9 stayed in a ~115 gait (the "
+                "recipe alone: 298 over seeds 0-9); max_kl 0.01, the default it was measured "
+                "with. Tried first on those two and seeds 0, 1, then run on the rest: seeds 0-4 "
+                "357.5 against the recipe alone's 305.0, 5-9 358.9 against 291.3 (5-8, never "
+                "looked at before: 358.8 against 334.8); every seed 356-362. std e^1 gave 354.9, "
+                "359.1 (seeds 0, 1). Below the published 366.",
         "measured": {"steps": 1_000_000, "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
                      "returns": [356.5, 356.8, 356.7, 359.5, 357.8, 356.3, 362.1, 359.5, 357.2,
                                  359.4], "return": 358.2,

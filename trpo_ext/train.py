@@ -313,14 +313,16 @@ def _validate(cfg: TRPOConfig) -> None:
             for h in hs)):
         raise ValueError(f"hidden_sizes must be a sequence of positive ints, got {hs!r}")
     cfg.hidden_sizes = tuple(int(h) for h in hs)
-    if isinstance(cfg.init_log_std, (bool, np.bool_)) or \
-            not isinstance(cfg.init_log_std, numbers.Real) or not math.isfinite(cfg.init_log_std):
-        raise ValueError(f"init_log_std must be a finite number, got {cfg.init_log_std!r}")
-    cfg.init_log_std = float(cfg.init_log_std)
-    if abs(cfg.init_log_std) > _MAX_ABS_INIT_LOG_STD:
-        raise ValueError(f"init_log_std must be in [-{_MAX_ABS_INIT_LOG_STD}, "
-                         f"{_MAX_ABS_INIT_LOG_STD}] (a standard deviation of e^±"
-                         f"{_MAX_ABS_INIT_LOG_STD}), got {cfg.init_log_std}")
+    if cfg.init_log_std is not None:
+        if isinstance(cfg.init_log_std, (bool, np.bool_)) or not isinstance(
+                cfg.init_log_std, numbers.Real) or not math.isfinite(cfg.init_log_std):
+            raise ValueError(f"init_log_std must be a finite number or None, got "
+                             f"{cfg.init_log_std!r}")
+        cfg.init_log_std = float(cfg.init_log_std)
+        if abs(cfg.init_log_std) > _MAX_ABS_INIT_LOG_STD:
+            raise ValueError(f"init_log_std must be in [-{_MAX_ABS_INIT_LOG_STD}, "
+                             f"{_MAX_ABS_INIT_LOG_STD}] (a standard deviation of e^±"
+                             f"{_MAX_ABS_INIT_LOG_STD}), got {cfg.init_log_std}")
     _checks.require_positive(cfg.vf_lr, "vf_lr")
     _checks.require_int(cfg.vf_epochs, "vf_epochs", 0)
     _checks.require_int(cfg.vf_minibatch_size, "vf_minibatch_size", 1)
