@@ -65,6 +65,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                      "commit": "3cb94814ff (seeds 0-5), f5846004ce (seeds 6-9), 48d996f18d "
                                "(seeds 10-14)"},
     },
+    "MountainCarContinuous-v0": {
+        "settings": dict(_EARLIER),
+        "note": "the earlier std 1 and max_kl 0.01: the reward is found only by exploring, and "
+                "the default std e^-1 rarely reaches the flag in 10^5 steps (seeds 0-4: 17.0, "
+                "5-9: 0.0; one seed of ten reaches it). Seeds 0-4 94.0; seeds 5-9 confirm "
+                "(93.7).",
+        "measured": {"steps": 100_000, "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+                     "returns": [94.0, 94.1, 94.2, 94.1, 93.6, 93.7, 93.8, 93.7, 93.8, 93.7],
+                     "return": 93.9, "commit": "96a319ae39"},
+    },
     "Swimmer-v5": {
         "settings": {"gamma": 0.9999, "normalize_rewards": True, "vf_epochs": 20,
                      "vf_minibatch_size": 128, "cg_iters": 25, "init_log_std": 0.5,
