@@ -47,13 +47,30 @@ sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
 import trpo_ext  # noqa: E402
 from benchmarks._common import describe_machine, print_table, sb3_returns  # noqa: E402
 from trpo_ext.config import TRPOConfig  # noqa: E402
+from trpo_ext.policies import initial_log_std, space_spec  # noqa: E402
 
 OURS = TRPOConfig()
 N_ENVS, N_STEPS = OURS.n_envs, OURS.n_steps
 
 
-def sb3_settings(n_envs: int) -> dict:
-    """sb3-contrib TRPO's keyword arguments for the work our defaults do."""
+def log_std_on(env_id: str) -> float:
+    """The initial log σ our defaults give on ``env_id`` (sb3 takes one number for every action
+    dimension; unused for discrete actions)."""
+    env = gym.make(env_id)
+    try:
+        if not isinstance(env.action_space, gym.spaces.Box):
+            return 0.0
+        values = initial_log_std(space_spec(env.observation_space, env.action_space),
+                                 OURS.init_log_std).float()
+    finally:
+        env.close()
+    if not bool((values == values[0]).all()):
+        raise ValueError(f"{env_id}: actions of different ranges; sb3 takes one initial log σ")
+    return float(values[0])
+
+
+def sb3_settings(n_envs: int, env_id: str) -> dict:
+    """sb3-contrib TRPO's keyword arguments for the work our defaults do on ``env_id``."""
     return dict(n_steps=N_ENVS * N_STEPS // n_envs, batch_size=OURS.vf_minibatch_size,
                 n_critic_updates=OURS.vf_epochs, learning_rate=OURS.vf_lr, gamma=OURS.gamma,
                 gae_lambda=OURS.gae_lambda, cg_max_steps=OURS.cg_iters,
@@ -62,11 +79,11 @@ def sb3_settings(n_envs: int) -> dict:
                 normalize_advantage=OURS.normalize_advantages,
                 policy_kwargs=dict(net_arch=dict(pi=list(OURS.hidden_sizes),
                                                  vf=list(OURS.hidden_sizes)),
-                                   activation_fn=torch.nn.Tanh, log_std_init=OURS.init_log_std))
+                                   activation_fn=torch.nn.Tanh, log_std_init=log_std_on(env_id)))
 
 
-def print_settings(n_envs: int, ours_settings: dict) -> None:
-    theirs = sb3_settings(n_envs)
+def print_settings(n_envs: int, ours_settings: dict, env_ids) -> None:
+    theirs = sb3_settings(n_envs, env_ids[0])
     print("ours (TRPOConfig defaults" + (f" + {ours_settings}" if ours_settings else "") + "): "
           + ", ".join(f"{f.name}={getattr(OURS, f.name)!r}" for f in dataclasses.fields(OURS)
                       if f.name in ("n_envs", "n_steps", "max_kl", "cg_iters", "cg_damping",
@@ -77,7 +94,8 @@ def print_settings(n_envs: int, ours_settings: dict) -> None:
     print(f"sb3-contrib TRPO ({n_envs} env(s) in a DummyVecEnv): "
           + ", ".join(f"{k}={v!r}" for k, v in theirs.items() if k != "policy_kwargs")
           + f", net_arch={theirs['policy_kwargs']['net_arch']}, activation Tanh, log_std_init="
-          f"{OURS.init_log_std}; no observation or value-target normalisation")
+          + ", ".join(f"{log_std_on(e):g} ({e})" for e in env_ids)
+          + "; no observation or value-target normalisation")
 
 
 def run_ours(env_id: str, steps: int, seed: int, settings=None):
@@ -102,7 +120,7 @@ def run_sb3(env_id: str, steps: int, seed: int, n_envs: int):
 
     t0 = time.perf_counter()
     venv = make_vec_env(env_id, n_envs=n_envs, seed=seed)
-    model = TRPO("MlpPolicy", venv, seed=seed, device="cpu", **sb3_settings(n_envs))
+    model = TRPO("MlpPolicy", venv, seed=seed, device="cpu", **sb3_settings(n_envs, env_id))
     update_time = [0.0]
     inner_train = model.train
 
@@ -247,7 +265,7 @@ def main(argv=None) -> None:
     print(f"machine: {describe_machine()}; steps {args.steps}, {N_ENVS}×{N_STEPS} samples per "
           f"update; sb3 with {args.sb3_n_envs} env(s); ours on its defaults"
           + (f" but {ours_settings}" if ours_settings else ""))
-    print_settings(args.sb3_n_envs, ours_settings)
+    print_settings(args.sb3_n_envs, ours_settings, args.envs)
     rows, splits, rates, ceilings = [], [], [], []
     for env_id in args.envs:
         run_ours(env_id, N_ENVS * N_STEPS, 0, ours_settings)  # warm-up, untimed
