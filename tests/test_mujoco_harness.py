@@ -5,6 +5,8 @@ import statistics
 import subprocess
 import sys
 
+from trpo_ext.config import TRPOConfig
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,6 +30,7 @@ def test_records_resume_and_report(tmp_path):
         assert r["status"] == "ok", r.get("traceback")
         assert r["task"] == "InvertedPendulum-v5" and r["steps"] == 2048
         assert r["settings"] == {"n_envs": 2, "n_steps": 256} and r["preset"] is None
+        assert r["config"]["n_envs"] == 2 and r["config"]["max_kl"] == TRPOConfig().max_kl
         assert len(r["commit"]) == 40 and isinstance(r["dirty"], bool)
         assert r["machine"]["cpu"] and r["machine"]["cores"] >= 1
         assert len(r["returns"]) == 3 and r["return"] == statistics.fmean(r["returns"])
@@ -39,9 +42,15 @@ def test_records_resume_and_report(tmp_path):
         assert len(r["curve"]["ep_return_mean"]) == 4
     assert recs[0]["returns"] != recs[1]["returns"] or recs[0]["curve"] != recs[1]["curve"]
 
-    # Done runs are skipped; a failing run is recorded as an error, not lost.
+    # Done runs are skipped (also when a default is spelt out: the same learning settings); a
+    # failing run is recorded as an error, not lost.
     log = harness(*common, "--seeds", "0", "1", "--jobs", "1")
     assert log.count("skip") == 2 and len(open(out).readlines()) == 2
+    spelt = harness("--tasks", "InvertedPendulum-v5", "--steps", "2048", "--episodes", "3",
+                    "--settings", json.dumps({"n_envs": 2, "n_steps": 256,
+                                              "max_kl": TRPOConfig().max_kl}),
+                    "--out", out, "--seeds", "0")
+    assert spelt.count("skip") == 1 and len(open(out).readlines()) == 2
     harness("--tasks", "InvertedPendulum-v5", "--steps", "2048", "--episodes", "3", "--seeds", "0",
             "--settings", '{"no_such_setting": 1}', "--out", out)
     bad = json.loads(open(out).readlines()[-1])
@@ -58,3 +67,22 @@ def test_records_resume_and_report(tmp_path):
     png = str(tmp_path / "report" / "table.png")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_records_read_against_todays_defaults(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import _settings
+
+    # A record without "config" ran the defaults of its day: std 1, max_kl 0.01.
+    old = {"task": "Hopper-v5", "settings": {"gamma": 0.995}}
+    assert _settings.relative(old) == {"gamma": 0.995, "init_log_std": 0.0, "max_kl": 0.01}
+    # On ±1 actions the default std is e^-1, so spelling it out is the same run as the defaults;
+    # on InvertedPendulum's ±3 it is not.
+    spelt = {"init_log_std": -1.0, "max_kl": TRPOConfig().max_kl}
+    assert _settings.relative({"task": "Hopper-v5", "settings": spelt}) == {}
+    assert _settings.relative({"task": "Hopper-v5", "config": _settings.config({})}) == {}
+    assert _settings.relative({"task": "InvertedPendulum-v5",
+                               "config": _settings.config(spelt)}) == {"init_log_std": -1.0}
+    # Settings that say where a run executes are not learning settings.
+    assert _settings.relative({"task": "Hopper-v5",
+                               "config": _settings.config({"num_threads": 3})}) == {}
