@@ -186,13 +186,16 @@ def run_all(args) -> None:
 
 def settings_label(rec: Dict[str, Any]) -> str:
     """Runs are grouped by the learning settings they ran with, read against today's defaults:
-    "defaults", "preset TASK" where they are the task's preset today (whether they came from
-    --preset or --settings), else the settings that differ from the defaults."""
+    "defaults", "earlier defaults" (those before the last change, _settings.DEFAULTS_BEFORE_CONFIG),
+    "preset TASK" where they are the task's preset today (whether they came from --preset or
+    --settings), else the settings that differ from the defaults."""
     from trpo_ext import presets
 
     settings = _settings.relative(rec)
     if not settings:
         return "defaults"
+    if settings == _settings.DEFAULTS_BEFORE_CONFIG:
+        return "earlier defaults"
     preset = presets.PRESETS.get(rec["task"])
     if preset is not None and _settings.relative(
             {"task": rec["task"], "config": _settings.config(preset["settings"])}) == settings:
@@ -258,10 +261,10 @@ def figure(grouped, path: str, steps: int) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
     grid = np.linspace(0, steps, 101)
     for ax, task in zip(axes.flat, tasks):
-        # The defaults, the presets and what ran on 5 seeds or more; the rest is in the table.
-        # Colours per panel (ten before they repeat), in the panel's label order.
+        # The defaults, the earlier defaults and the presets; the rest is in the table.
+        # Colours per panel, in the panel's label order.
         labels = sorted(label for t, label in grouped if t == task and (
-            label == "defaults" or label.startswith("preset") or len(grouped[(t, label)]) >= 5))
+            label in ("defaults", "earlier defaults") or label.startswith("preset")))
         colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
         for label in labels:
             rs = grouped[(task, label)]
@@ -296,7 +299,7 @@ def figure(grouped, path: str, steps: int) -> None:
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     fig.suptitle("trpo_ext: mean over seeds (shaded: lowest to highest seed); the defaults, the "
-                 "presets and the settings run on 5 or more seeds", fontsize=10)
+                 "earlier defaults and the presets", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
