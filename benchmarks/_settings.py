@@ -19,8 +19,8 @@ import gymnasium as gym
 from trpo_ext.config import TRPOConfig
 from trpo_ext.policies import initial_log_std, space_spec
 
-# The defaults that differed, for records without "config" (before commit "Defaults: std e^-1 and
-# a trust region of 0.04").
+# The defaults that differed, for records without "config" (written before commit 96a319a changed
+# them).
 DEFAULTS_BEFORE_CONFIG: Dict[str, Any] = {"init_log_std": 0.0, "max_kl": 0.01}
 # Settings that say where and how a run is executed and logged, not what it learns.
 RUN_ONLY = {"device", "num_threads", "log_dir", "progress", "checkpoint_every", "distributed",
