@@ -12,16 +12,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import gymnasium as gym
 
 from trpo_ext.config import TRPOConfig
 from trpo_ext.policies import initial_log_std, space_spec
+from trpo_ext.presets import EARLIER_DEFAULTS
 
 # The defaults that differed, for records without "config" (written before commit 96a319a changed
 # them).
-DEFAULTS_BEFORE_CONFIG: Dict[str, Any] = {"init_log_std": 0.0, "max_kl": 0.01}
+DEFAULTS_BEFORE_CONFIG: Dict[str, Any] = EARLIER_DEFAULTS
 # Settings that say where and how a run is executed and logged, not what it learns.
 RUN_ONLY = {"device", "num_threads", "log_dir", "progress", "checkpoint_every", "distributed",
             "resume", "env_threads", "env_workers"}
@@ -43,24 +44,25 @@ def config(settings: Dict[str, Any]) -> Dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=None)
-def _default_log_std(task: str) -> Optional[float]:
-    """The initial log-std that ``init_log_std=None`` gives on ``task``, where it is one number
-    (the same width in every action dimension); else None."""
+def initial_log_stds(task: str, init_log_std: Optional[float] = None) -> Optional[Tuple[float, ...]]:
+    """The policy's initial log-std per action dimension on ``task`` (float32 values, as the policy
+    holds them) for that ``init_log_std``; None where the actions are not a Box."""
     env = gym.make(task)
     try:
         if not isinstance(env.action_space, gym.spaces.Box):
             return None
-        values = initial_log_std(space_spec(env.observation_space, env.action_space)).float()
+        spec = space_spec(env.observation_space, env.action_space)
     finally:
         env.close()
-    return float(values[0]) if bool((values == values[0]).all()) else None
+    return tuple(float(v) for v in initial_log_std(spec, init_log_std).float())
 
 
 def _resolved(cfg: Dict[str, Any], task: Optional[str]) -> Dict[str, Any]:
+    # init_log_std=None as the number it gives on the task, where that is one number.
     if cfg.get("init_log_std", 0.0) is None and task is not None:
-        value = _default_log_std(task)
-        if value is not None:
-            return {**cfg, "init_log_std": value}
+        values = initial_log_stds(task)
+        if values is not None and len(set(values)) == 1:
+            return {**cfg, "init_log_std": values[0]}
     return cfg
 
 

@@ -45,9 +45,9 @@ import torch
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
     __import__("os").path.abspath(__file__))))
 import trpo_ext  # noqa: E402
+from benchmarks import _settings  # noqa: E402
 from benchmarks._common import describe_machine, print_table, sb3_returns  # noqa: E402
 from trpo_ext.config import TRPOConfig  # noqa: E402
-from trpo_ext.policies import initial_log_std, space_spec  # noqa: E402
 
 OURS = TRPOConfig()
 N_ENVS, N_STEPS = OURS.n_envs, OURS.n_steps
@@ -56,17 +56,12 @@ N_ENVS, N_STEPS = OURS.n_envs, OURS.n_steps
 def log_std_on(env_id: str) -> float:
     """The initial log σ our defaults give on ``env_id`` (sb3 takes one number for every action
     dimension; unused for discrete actions)."""
-    env = gym.make(env_id)
-    try:
-        if not isinstance(env.action_space, gym.spaces.Box):
-            return 0.0
-        values = initial_log_std(space_spec(env.observation_space, env.action_space),
-                                 OURS.init_log_std).float()
-    finally:
-        env.close()
-    if not bool((values == values[0]).all()):
+    values = _settings.initial_log_stds(env_id, OURS.init_log_std)
+    if values is None:
+        return 0.0
+    if len(set(values)) != 1:
         raise ValueError(f"{env_id}: actions of different ranges; sb3 takes one initial log σ")
-    return float(values[0])
+    return values[0]
 
 
 def sb3_settings(n_envs: int, env_id: str) -> dict:

@@ -16,15 +16,15 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict
 
-__all__ = ["PRESETS", "get"]
+__all__ = ["PRESETS", "get", "EARLIER_DEFAULTS"]
 
-# Presets measured before the defaults became std e^-1 (times half the action range) and
-# max_kl 0.04 spell out the std and trust region they ran with, so that they stay what was measured.
-_EARLIER = {"init_log_std": 0.0, "max_kl": 0.01}
+# The defaults before they became std e^-1 (times half the action range) and max_kl 0.04: presets
+# measured then spell them out, so that they stay what was measured.
+EARLIER_DEFAULTS: Dict[str, Any] = {"init_log_std": 0.0, "max_kl": 0.01}
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "Hopper-v5": {
-        "settings": {"gamma": 0.995, **_EARLIER},
+        "settings": {"gamma": 0.995, **EARLIER_DEFAULTS},
         "note": "a longer horizon, with the earlier std 1 and max_kl 0.01: with gamma 0.99 a fall "
                 "some 500 steps ahead costs almost nothing, and some seeds settle in a fast gait "
                 "that falls (the earlier defaults: 5 of seeds 0-19 below 2000). Chosen on seeds "
@@ -38,7 +38,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                      "commit": "394d383001"},
     },
     "Walker2d-v5": {
-        "settings": {"n_steps": 128, **_EARLIER},
+        "settings": {"n_steps": 128, **EARLIER_DEFAULTS},
         "note": "updates twice as often (8 x 128 samples each), with the earlier std 1 and max_kl "
                 "0.01: those defaults were still climbing at 10^6 steps. Chosen on seeds 0, 1 "
                 "(5252, 4243 against the earlier defaults' 4627, 4673) and 2-4 (4489 over 0-4 "
@@ -67,7 +67,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                                "(seeds 10-14)"},
     },
     "MountainCarContinuous-v0": {
-        "settings": dict(_EARLIER),
+        "settings": dict(EARLIER_DEFAULTS),
         "note": "the earlier std 1 and max_kl 0.01: the reward is found only by exploring, and "
                 "the default std e^-1 rarely reaches the flag in 10^5 steps (seeds 0-4: 17.0, "
                 "5-9: 0.0; one seed of ten reaches it). Seeds 0-4 94.0; seeds 5-9 confirm "
