@@ -108,7 +108,8 @@ def run_one(task: str, seed: int, steps: int, episodes: int, ev_seed: int,
     train_s = time.perf_counter() - t0
     h = result.history
     t1 = time.perf_counter()
-    returns = trpo_ext.evaluate_returns(result.policy, task, episodes=episodes, seed=ev_seed,
+    # The policy's own environment: the task made with the run's env_kwargs.
+    returns = trpo_ext.evaluate_returns(result.policy, episodes=episodes, seed=ev_seed,
                                         deterministic=True)
     eval_s = time.perf_counter() - t1
     return {"returns": [float(r) for r in returns], "return": statistics.fmean(returns),

@@ -106,10 +106,12 @@ def test_every_setting_has_a_flag_with_its_default(capsys, monkeypatch):
 def test_flags_parse_to_typed_settings():
     args = cli.build_parser().parse_args([
         "train", "--hidden-sizes", "32,16", "--no-normalize-obs", "--max-kl", "0.02",
-        "--cg-iters", "5", "--async-envs", "--gamma", "1", "--device", "cpu"])
+        "--cg-iters", "5", "--async-envs", "--gamma", "1", "--device", "cpu",
+        "--env-kwargs", '{"max_episode_steps": 50, "render_mode": null}'])
     assert cli.train_settings(args) == {
         "hidden_sizes": (32, 16), "normalize_obs": False, "max_kl": 0.02, "cg_iters": 5,
-        "async_envs": True, "gamma": 1.0, "device": "cpu"}
+        "async_envs": True, "gamma": 1.0, "device": "cpu",
+        "env_kwargs": {"max_episode_steps": 50, "render_mode": None}}
     assert isinstance(cli.train_settings(args)["gamma"], float)
     # Unset settings are not passed: train() keeps its own defaults.
     assert cli.train_settings(cli.build_parser().parse_args(["train"])) == {}
@@ -121,6 +123,8 @@ def test_flags_parse_to_typed_settings():
     (["--hidden-sizes", "64,x"], "--hidden-sizes"),
     (["--hidden-sizes", "8,,8"], "--hidden-sizes"),
     (["--hidden-sizes", "64,"], "--hidden-sizes"),
+    (["--env-kwargs", "[1]"], "--env-kwargs"),
+    (["--env-kwargs", "{max_episode_steps: 5}"], "--env-kwargs"),
     (["--steps", "0"], "--steps"),
     (["--steps", "-5"], "--steps"),
     (["--steps", "12.5"], "--steps"),
@@ -174,8 +178,8 @@ def test_python_dash_m(tmp_path):
 
 # ============================================================= the command against a stand-in driver
 class StandInPolicy:
-    def __init__(self, env_id):
-        self.env_id = env_id
+    def __init__(self, env_id, env_kwargs=None):
+        self.env_id, self.env_kwargs = env_id, env_kwargs or {}
 
 
 class StandInCheckpointError(ValueError):
@@ -211,7 +215,7 @@ def standin(monkeypatch, tmp_path):
         return types.SimpleNamespace(policy=StandInPolicy(env), value_fn=None, history=[],
                                      checkpoint_path=ckpt, log_dir=log_dir)
 
-    def evaluate_returns(policy, env, episodes=10, seed=0, deterministic=True):
+    def evaluate_returns(policy, env=None, episodes=10, seed=0, deterministic=True):
         calls["evaluate"] = dict(policy=policy, env=env, episodes=episodes, seed=seed,
                                  deterministic=deterministic)
         return [1.0 if i % 2 == 0 else 3.0 for i in range(episodes)]
@@ -220,7 +224,8 @@ def standin(monkeypatch, tmp_path):
         calls["load"] = path
         if path in checkpoints and checkpoints[path] is None:
             raise StandInCheckpointError("not a trpo_ext checkpoint (no 'format_version' key)")
-        return StandInPolicy(checkpoints.get(path, {}).get("env_id"))
+        return StandInPolicy(checkpoints.get(path, {}).get("env_id"),
+                             checkpoints.get(path, {}).get("env_kwargs"))
 
     def load_checkpoint(path):
         calls["load_checkpoint"] = path
@@ -399,6 +404,12 @@ def test_eval(standin, capsys, tmp_path):
     assert out.strip() == (f"mean return 2.00 ± 1.00 over 4 episodes (CartPole-v1, deterministic "
                            f"policy, {ckpt})")
     assert standin.calls["evaluate"]["seed"] == 0
+    assert standin.calls["evaluate"]["env"] is None  # the policy's own environment
+    # Made with its run's env_kwargs, which the report names.
+    standin.checkpoints[ckpt]["env_kwargs"] = {"max_episode_steps": 50}
+    rc, out, err = run_main(["eval", ckpt, "--episodes", "4"], capsys)
+    assert rc == 0, err
+    assert '(CartPole-v1 {"max_episode_steps": 50}, deterministic' in out
     # A run directory stands for its last checkpoint; --env and --stochastic are passed on.
     rc, out, err = run_main(["eval", str(tmp_path / "run"), "--env", "CartPole-v0", "--stochastic",
                              "--seed", "9", "--episodes", "1"], capsys)

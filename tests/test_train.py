@@ -405,6 +405,9 @@ class _CountingEnv:
     (dict(init_log_std=100.0), ValueError, r"init_log_std must be in \[-20, 20\]"),
     (dict(init_log_std="wide"), ValueError, "init_log_std must be a finite number or None"),
     (dict(resume=5), TypeError, "resume must be a checkpoint path"),
+    (dict(env_kwargs="x"), TypeError, "env_kwargs must be a dict"),
+    (dict(env_kwargs={"a": object()}), ValueError, "env_kwargs must hold JSON values"),
+    (dict(env_kwargs={"max_episode_steps": 5}), ValueError, "env_kwargs .* env is the callable"),
 ])
 def test_invalid_settings_raise_before_any_work(kwargs, error, match):
     factory = _CountingEnv()
@@ -413,6 +416,25 @@ def test_invalid_settings_raise_before_any_work(kwargs, error, match):
     with pytest.raises(error, match=match):
         trpo_ext.train(factory, total, **kwargs)
     assert factory.calls == 0
+
+
+def test_env_kwargs_make_the_training_and_evaluation_envs_and_stay_with_the_policy(tmp_path):
+    # CartPole's pole takes at least 8 steps to fall: with a time limit of 5 every episode lasts
+    # exactly 5 steps (return 5) in training, in evaluation and after loading the checkpoint.
+    kwargs = {"max_episode_steps": 5}
+    result = trpo_ext.train("CartPole-v1", 512, n_envs=2, n_steps=128, env_kwargs=kwargs,
+                            log_dir=str(tmp_path / "run"))
+    assert result.history[-1]["rollout/ep_length_mean"] == 5
+    assert result.policy.env_kwargs == kwargs
+    assert trpo_ext.evaluate_returns(result.policy, episodes=3) == [5.0] * 3
+    loaded = trpo_ext.load(result.checkpoint_path)
+    assert loaded.env_kwargs == kwargs
+    assert trpo_ext.evaluate_returns(loaded, episodes=3) == [5.0] * 3
+    assert min(trpo_ext.evaluate_returns(loaded, "CartPole-v1", episodes=3)) > 5  # an id: as is
+    with pytest.raises(TypeError, match="env_kwargs {'no_such_option': 1} for 'CartPole-v1'"):
+        trpo_ext.train("CartPole-v1", 256, env_kwargs={"no_such_option": 1})
+    with pytest.raises(ValueError, match="vector_env='envpool' does not take env_kwargs"):
+        trpo_ext.train("CartPole-v1", 256, env_kwargs=kwargs, vector_env="envpool")
 
 
 def test_log_dir_that_cannot_take_the_run_is_refused_before_any_work(tmp_path):

@@ -167,7 +167,8 @@ def policy_from_state(state: Dict[str, Any], policy_net=None):
         raise CheckpointError("this checkpoint was trained with the built-in networks: load it "
                               "without policy_net")
     policy = Policy(state["policy_spec"], hidden_sizes=cfg["hidden_sizes"],
-                    normalize_obs=cfg["normalize_obs"], env_id=state["env_id"], net=policy_net)
+                    normalize_obs=cfg["normalize_obs"], env_id=state["env_id"], net=policy_net,
+                    env_kwargs=cfg.get("env_kwargs"))
     try:
         policy.load_state_dict(upgrade_state(state["policy_state"], policy))
     except RuntimeError as e:

@@ -8,6 +8,7 @@ defaults (or, with ``--resume``, the checkpoint's settings).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -75,6 +76,8 @@ def _type_from_string(text: str) -> Any:
     m = re.fullmatch(r"(?:Tuple|tuple)\[(.*),\s*\.\.\.\]", text)
     if m:
         return Tuple[_type_from_string(m.group(1)), ...]
+    if re.fullmatch(r"(?:Dict|dict)\[.*\]", text):
+        return dict
     return {"int": int, "float": float, "bool": bool, "str": str}.get(text, str)
 
 
@@ -91,6 +94,8 @@ def _split_type(tp: Any) -> Tuple[Any, bool, bool]:
         origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is tuple:
         return (args[0] if args else str), optional, True
+    if origin is dict:
+        return dict, optional, False
     return tp, optional, False
 
 
@@ -104,6 +109,15 @@ def _scalar_parser(element: Any, name: str) -> Callable[[str], Any]:
             if low in ("0", "false", "no", "off"):
                 return False
             raise argparse.ArgumentTypeError(f"{name}: expected true/false, got {text!r}")
+        if element is dict:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = None
+            if not isinstance(value, dict):
+                raise argparse.ArgumentTypeError(f"{name}: expected a JSON object, e.g. "
+                                                 f"'{{\"max_episode_steps\": 500}}', got {text!r}")
+            return value
         if element in (int, float):
             try:
                 return element(text)
@@ -147,7 +161,7 @@ def _show_default(value: Any) -> str:
 
 
 def _metavar(element: Any, is_tuple: bool) -> str:
-    name = {int: "INT", float: "FLOAT", str: "STR"}.get(element, "VALUE")
+    name = {int: "INT", float: "FLOAT", str: "STR", dict: "JSON"}.get(element, "VALUE")
     return f"{name},..." if is_tuple else name
 
 
@@ -474,7 +488,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     run_dir = getattr(result, "log_dir", None) or log_dir
     if args.eval_episodes > 0:
-        returns = trpo_ext.evaluate_returns(result.policy, env, episodes=args.eval_episodes,
+        # The policy's own environment: env made with the run's env_kwargs.
+        returns = trpo_ext.evaluate_returns(result.policy, episodes=args.eval_episodes,
                                             seed=seed + EVAL_SEED_OFFSET, deterministic=True)
         mean, std = _mean_std(list(returns))
         print(f"evaluation: mean return {mean:.2f} ± {std:.2f} over {len(returns)} episodes "
@@ -504,10 +519,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     env = args.env or getattr(policy, "env_id", None)
     if not env:
         raise CLIError(f"checkpoint {path!r} records no environment id: pass --env")
-    returns = list(trpo_ext.evaluate_returns(policy, env, episodes=args.episodes, seed=args.seed,
-                                             deterministic=not args.stochastic))
+    # Without --env, the policy's own environment (made with its run's env_kwargs).
+    returns = list(trpo_ext.evaluate_returns(policy, args.env or None, episodes=args.episodes,
+                                             seed=args.seed, deterministic=not args.stochastic))
     mean, std = _mean_std(returns)
     kind = "stochastic" if args.stochastic else "deterministic"
+    if not args.env and policy.env_kwargs:
+        env = f"{env} {json.dumps(policy.env_kwargs)}"
     print(f"mean return {mean:.2f} ± {std:.2f} over {len(returns)} episodes "
           f"({env}, {kind} policy, {path})")
     return 0

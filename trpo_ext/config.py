@@ -6,7 +6,7 @@ only a field here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 
 def _f(default, help: str, **kw):
@@ -27,6 +27,10 @@ class TRPOConfig:
     async_envs: bool = _f(False, "alias of vector_env='async' (kept for old scripts)")
     env_workers: int = _f(0, "retired, ignored with a warning (kept for old scripts): for more "
                              "cores run under torchrun or use vector_env='envpool'")
+    env_kwargs: Optional[Dict[str, Any]] = _f(None, "keyword arguments of gymnasium.make(env) "
+                                                    "when env is an id, e.g. "
+                                                    "{\"max_episode_steps\": 500}; kept with the "
+                                                    "policy for evaluation")
     normalize_obs: bool = _f(True, "normalise observations with running mean/std")
     # the TRPO step
     max_kl: float = _f(0.04, "trust-region radius δ on the mean KL(π_old ‖ π_new)")

@@ -61,6 +61,11 @@ def envpool_task_id(env: EnvSpec) -> str:
     own way) are not mapped.
     """
     alternatives = "use vector_env='sync' (the default) or 'async'"
+    if isinstance(env, EnvFactory) and isinstance(env.env, str):
+        if env.kwargs:
+            raise ValueError(f"vector_env='envpool' does not take env_kwargs (got "
+                             f"{env.kwargs!r}: they are gymnasium.make's); {alternatives}")
+        env = env.env
     if not isinstance(env, str):
         raise ValueError(f"vector_env='envpool' needs a gymnasium id of a task EnvPool has, got a "
                          f"callable {env!r}; {alternatives}")

@@ -9,6 +9,7 @@ import torch
 from . import _checks
 from .policies import Policy
 from .envs import check_env_id, env_factory
+from .vecenv import EnvFactory
 
 __all__ = ["evaluate", "evaluate_returns"]
 
@@ -21,8 +22,9 @@ def evaluate_returns(policy, env: Union[str, Callable[[], Any], None] = None, ep
                      seed: int = 0, deterministic: bool = True) -> List[float]:
     """The undiscounted return of each of ``episodes`` episodes, episode i seeded ``seed + i``.
 
-    ``env`` is a gymnasium id or a callable returning an Env; None uses ``policy.env_id``.  Actions
-    come from ``policy.act`` (its saved observation normalisation; the distribution's mode when
+    ``env`` is a gymnasium id or a callable returning an Env; None: the policy's own,
+    ``policy.env_id`` made with ``policy.env_kwargs`` (the run's ``env_kwargs``).  Actions come
+    from ``policy.act`` (its saved observation normalisation; the distribution's mode when
     ``deterministic``, else samples drawn from a generator seeded with ``seed``).
     """
     if not isinstance(policy, Policy):
@@ -36,7 +38,10 @@ def evaluate_returns(policy, env: Union[str, Callable[[], Any], None] = None, ep
         env = getattr(policy, "env_id", None)
         if env is None:
             raise ValueError("evaluate: pass env= (the policy records no environment id)")
-    check_env_id(env)
+        check_env_id(env)
+        env = EnvFactory(env, getattr(policy, "env_kwargs", None))
+    else:
+        check_env_id(env)
     generator = torch.Generator(device=policy.flat.device).manual_seed(seed)
     was_training = policy.training
     policy.eval()

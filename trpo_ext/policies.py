@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -537,11 +537,13 @@ class Policy(_FlatModule):
     def __init__(self, spec: dict, hidden_sizes: Sequence[int] = (64, 64),
                  init_log_std: Optional[float] = None,
                  normalize_obs: bool = True, generator: Optional[torch.Generator] = None,
-                 env_id: Optional[str] = None, net: Optional[nn.Module] = None):
+                 env_id: Optional[str] = None, net: Optional[nn.Module] = None,
+                 env_kwargs: Optional[Dict[str, Any]] = None):
         super().__init__()
         self.spec = dict(spec)
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         self.env_id = env_id
+        self.env_kwargs = dict(env_kwargs or {})  # gymnasium.make's, for evaluation
         self.dist = _dist.for_action_spec(spec)
         self.gaussian = isinstance(self.dist, _dist.DiagGaussian)
         self.encoder = ObservationEncoder(spec, normalize_obs)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import numbers
 import os
@@ -37,6 +38,7 @@ from .cg import conjugate_gradient
 from .config import TRPOConfig
 from .gae import gae
 from .envs import check_env_id, make_vector_env
+from .vecenv import EnvFactory
 from .policies import (Adam, Policy, RunningMeanStd, ValueFunction, fisher_product, linearize, space_spec,
                        surrogate_gradient)
 from .rollout import RolloutCollector, _tree_map, flatten_time
@@ -323,6 +325,17 @@ def _validate(cfg: TRPOConfig) -> None:
             raise ValueError(f"init_log_std must be in [-{_MAX_ABS_INIT_LOG_STD}, "
                              f"{_MAX_ABS_INIT_LOG_STD}] (a standard deviation of e^±"
                              f"{_MAX_ABS_INIT_LOG_STD}), got {cfg.init_log_std}")
+    if cfg.env_kwargs is not None:
+        if not isinstance(cfg.env_kwargs, dict) or not all(isinstance(k, str)
+                                                           for k in cfg.env_kwargs):
+            raise TypeError(f"env_kwargs must be a dict of gymnasium.make's keyword arguments "
+                            f"(str keys) or None, got {cfg.env_kwargs!r}")
+        try:  # config.json and the records hold it
+            json.dumps(cfg.env_kwargs)
+        except (TypeError, ValueError):
+            raise ValueError(f"env_kwargs must hold JSON values (numbers, strings, bools, lists, "
+                             f"dicts), got {cfg.env_kwargs!r}") from None
+        cfg.env_kwargs = dict(cfg.env_kwargs)
     _checks.require_positive(cfg.vf_lr, "vf_lr")
     _checks.require_int(cfg.vf_epochs, "vf_epochs", 0)
     _checks.require_int(cfg.vf_minibatch_size, "vf_minibatch_size", 1)
@@ -496,6 +509,9 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: Optional
     total_steps = DEFAULT_TOTAL_STEPS if total_steps is None else total_steps
     seed = 0 if seed is None else seed
     env_id = check_env_id(env)
+    if cfg.env_kwargs and env_id is None:
+        raise ValueError(f"env_kwargs are keyword arguments of gymnasium.make for an environment "
+                         f"id; env is the callable {env!r}: build them into it")
     if ckpt is not None and env_id is not None and ckpt["env_id"] not in (None, env_id):
         raise ValueError(f"resume: env {env_id!r} differs from the checkpoint's {ckpt['env_id']!r}")
 
@@ -570,7 +586,8 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, worl
         raise ValueError(f"async_envs=True (an alias of vector_env='async') contradicts "
                          f"vector_env={cfg.vector_env!r}: set only vector_env")
     _checks.require_int(cfg.env_threads, "env_threads", 0)
-    envs = make_vector_env(env, n_local, engine, cfg.env_threads or None)
+    envs = make_vector_env(EnvFactory(env, cfg.env_kwargs) if cfg.env_kwargs else env, n_local,
+                           engine, cfg.env_threads or None)
     with _closing_on_error(envs):
         spec = space_spec(envs.single_observation_space, envs.single_action_space)
         policy, value_fn = _build_networks(cfg, spec, envs, env_id, seed, ckpt, policy_net,
@@ -678,7 +695,7 @@ def _build_networks(cfg, spec, envs, env_id, seed, ckpt, policy_net, value_net, 
                              "do not pass policy_net / value_net")
     init_gen = torch.Generator().manual_seed(seed)
     policy = Policy(spec, cfg.hidden_sizes, cfg.init_log_std, cfg.normalize_obs, init_gen,
-                    env_id=env_id, net=policy_net).to(device)
+                    env_id=env_id, net=policy_net, env_kwargs=cfg.env_kwargs).to(device)
     value_fn = ValueFunction(spec, cfg.hidden_sizes, init_gen,
                              normalize_targets=cfg.normalize_value_targets,
                              net=value_net).to(device)

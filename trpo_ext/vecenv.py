@@ -14,7 +14,7 @@ environments on a thread pool) and data-parallel training under torchrun (any en
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 
@@ -25,19 +25,32 @@ __all__ = ["EnvFactory", "SameStepVectorEnv", "usable_cpus"]
 
 
 class EnvFactory:
-    """Makes one copy of an environment: ``gymnasium.make(env)`` for an id, else ``env()``
-    checked to be a gymnasium Env.  A class, not a closure, so that it pickles to ``AsyncVectorEnv``'s
-    processes whenever ``env`` does."""
+    """Makes one copy of an environment: ``gymnasium.make(env, **kwargs)`` for an id, else
+    ``env()`` checked to be a gymnasium Env.  A class, not a closure, so that it pickles to
+    ``AsyncVectorEnv``'s processes whenever ``env`` does."""
 
-    def __init__(self, env: "EnvSpec"):
-        self.env = env.env if isinstance(env, EnvFactory) else env
+    def __init__(self, env: "EnvSpec", kwargs: Optional[Dict[str, Any]] = None):
+        if isinstance(env, EnvFactory):
+            env, kwargs = env.env, {**env.kwargs, **(kwargs or {})}
+        if kwargs and not isinstance(env, str):
+            raise ValueError(f"env_kwargs are keyword arguments of gymnasium.make for an "
+                             f"environment id; env is the callable {env!r}: build them into it")
+        self.env, self.kwargs = env, dict(kwargs or {})
+
+    def __repr__(self) -> str:
+        return f"EnvFactory({self.env!r}, {self.kwargs!r})" if self.kwargs else repr(self.env)
 
     def __call__(self):
         import gymnasium as gym
 
         if isinstance(self.env, str):
             # The passive env checker wraps every step in Python checks; the env is a registered one.
-            return gym.make(self.env, disable_env_checker=True)
+            try:
+                return gym.make(self.env, disable_env_checker=True, **self.kwargs)
+            except TypeError as e:
+                if not self.kwargs:
+                    raise
+                raise TypeError(f"env_kwargs {self.kwargs!r} for {self.env!r}: {e}") from None
         env = self.env()
         if not isinstance(env, gym.Env):
             raise TypeError(f"env: the callable {self.env!r} returned {type(env).__name__}, not a "
