@@ -431,6 +431,10 @@ def test_env_kwargs_make_the_training_and_evaluation_envs_and_stay_with_the_poli
     assert loaded.env_kwargs == kwargs
     assert trpo_ext.evaluate_returns(loaded, episodes=3) == [5.0] * 3
     assert min(trpo_ext.evaluate_returns(loaded, "CartPole-v1", episodes=3)) > 5  # an id: as is
+    # The environments of vector_env="async" are made in their own processes, with the same.
+    async_run = trpo_ext.train("CartPole-v1", 256, n_envs=2, n_steps=128, env_kwargs=kwargs,
+                               vector_env="async")
+    assert async_run.history[-1]["rollout/ep_length_mean"] == 5
     with pytest.raises(TypeError, match="env_kwargs {'no_such_option': 1} for 'CartPole-v1'"):
         trpo_ext.train("CartPole-v1", 256, env_kwargs={"no_such_option": 1})
     with pytest.raises(ValueError, match="vector_env='envpool' does not take env_kwargs"):
