@@ -55,9 +55,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "settings": {"env_kwargs": {"include_cfrc_ext_in_observation": False}},
         "note": "the defaults, without the 78 contact-force entries of Ant-v5's observation (27 "
                 "entries left): the published Ant-v3 agents saw zeros there (MuJoCo 2.0 stopped "
-                "filling them), and here they are noise that slows learning. Chosen on seeds "
+                "filling them), and the defaults learn better without them. Chosen on seeds "
                 "0-4 (3884 against the defaults' 2970); seeds 5-9 confirm (3139 against 2522, "
-                "above the defaults on every seed); 3512 over 0-9. It changes the observation, "
+                "above the defaults on every seed); 3511 over 0-9. It changes the observation, "
                 "not the reward: evaluate the policy on its own env (evaluate(policy)).",
         "measured": {"steps": 1_000_000, "seeds": list(range(10)),
                      "returns": [4125.6, 4084.3, 3347.5, 3249.4, 4611.3, 3350.2, 2638.3, 3333.5,
