@@ -40,7 +40,8 @@ def run_train(env_id: str, steps: int, seed: int, **settings):
     # Correctness first: every accepted step inside the trust region with a positive improvement.
     for e in h:
         if e["train/line_search_success"]:
-            assert e["train/kl"] <= 0.01 and e["train/surrogate_improvement"] > 0, e
+            assert e["train/kl"] <= settings.get("max_kl", TRPOConfig().max_kl), e
+            assert e["train/surrogate_improvement"] > 0, e
     return total, sum(e["time/sampling_s"] for e in h)
 
 

@@ -42,3 +42,11 @@ def test_compare_sb3_tiny():
     out = run_benchmark("benchmarks/compare_sb3.py", "--envs", "CartPole-v1", "--steps", "4096",
                         "--repeats", "1")
     assert "CartPole-v1" in out and "Ceiling in one process" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("envpool") is None,
+                    reason="bench_envs.py needs EnvPool (pip install 'trpo_ext[envpool]')")
+def test_bench_envs_tiny():
+    out = run_benchmark("benchmarks/bench_envs.py", "--envs", "Hopper-v5", "--steps", "2048",
+                        "--repeats", "1")
+    assert "Hopper-v5" in out and "speedup" in out
