@@ -509,9 +509,8 @@ def train(env: Union[str, Callable[[], Any], None] = None, total_steps: Optional
     total_steps = DEFAULT_TOTAL_STEPS if total_steps is None else total_steps
     seed = 0 if seed is None else seed
     env_id = check_env_id(env)
-    if cfg.env_kwargs and env_id is None:
-        raise ValueError(f"env_kwargs are keyword arguments of gymnasium.make for an environment "
-                         f"id; env is the callable {env!r}: build them into it")
+    if cfg.env_kwargs:
+        env = EnvFactory(env, cfg.env_kwargs)  # refuses a callable env, before any work
     if ckpt is not None and env_id is not None and ckpt["env_id"] not in (None, env_id):
         raise ValueError(f"resume: env {env_id!r} differs from the checkpoint's {ckpt['env_id']!r}")
 
@@ -586,8 +585,7 @@ def _train(cfg: TRPOConfig, env, env_id, total_steps, seed, callback, ckpt, worl
         raise ValueError(f"async_envs=True (an alias of vector_env='async') contradicts "
                          f"vector_env={cfg.vector_env!r}: set only vector_env")
     _checks.require_int(cfg.env_threads, "env_threads", 0)
-    envs = make_vector_env(EnvFactory(env, cfg.env_kwargs) if cfg.env_kwargs else env, n_local,
-                           engine, cfg.env_threads or None)
+    envs = make_vector_env(env, n_local, engine, cfg.env_threads or None)
     with _closing_on_error(envs):
         spec = space_spec(envs.single_observation_space, envs.single_action_space)
         policy, value_fn = _build_networks(cfg, spec, envs, env_id, seed, ckpt, policy_net,
